@@ -1,0 +1,373 @@
+"""The VoCo-LLaMA model: a LLaMA decoder, a CLIP ViT vision tower and LLaVA's projector, in plain PyTorch.
+
+Mirrors HF transformers' `LlamaForCausalLM` and `CLIPVisionModel` and LLaVA-1.5's `mm_projector`, with HF's
+parameter names inside each module so that loading a checkpoint is renaming (the key maps live in checkpoint.py).
+VoCo-LLaMA (arXiv 2406.12275) adds no module of its own: its VoCo tokens are ordinary vocabulary tokens, and the
+compression comes from the attention mask that training feeds to every layer. So everything here takes an explicit
+boolean mask and explicit position ids, and all attention goes through `F.scaled_dot_product_attention`.
+
+Reading order: configs, LLaMA (RMSNorm, RoPE, attention, MLP, decoder), CLIP vision tower, projector, the VLM.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from nanovoco import checkpoint
+
+# A KV cache is a plain list with one (k, v) pair per decoder layer, each (B, n_kv_heads, L_cached, head_dim).
+# Keys are stored *after* RoPE, so a cached key carries the position it was computed at.
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs. Field names follow HF's config.json so that reading one is a lookup (checkpoint.py does the reading).
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32  # < num_attention_heads: grouped-query attention
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_linear_factor: float = 1.0  # HF rope_scaling {"type": "linear", "factor": f}: positions are divided by f
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+
+    def __post_init__(self):
+        self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
+        assert self.num_attention_heads % self.num_key_value_heads == 0, "query heads must group over KV heads"
+
+
+@dataclass
+class CLIPVisionConfig:
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-5
+    select_layer: int = -2  # LLaVA's mm_vision_select_layer: index into HF's hidden_states (0 = embeddings)
+    select_feature: str = "patch"  # "patch": drop CLS as LLaVA-1.5 does; "cls_patch": keep it
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_layers_run(self) -> int:
+        """Layers needed to reach hidden_states[select_layer]: the ones after it are never computed."""
+        return self.select_layer % (self.num_hidden_layers + 1)
+
+
+@dataclass
+class VoCoLlamaConfig:
+    text: LlamaConfig = field(default_factory=LlamaConfig)
+    vision: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
+    projector_type: str = "mlp2x_gelu"  # LLaVA's mm_projector_type: "linear" or "mlp2x_gelu"
+    image_token_id: int = -200  # LLaVA's IMAGE_TOKEN_INDEX: a placeholder id, replaced before embedding
+
+    @classmethod
+    def from_dicts(cls, text: dict, vision: dict, **rest) -> VoCoLlamaConfig:
+        return cls(text=LlamaConfig(**text), vision=CLIPVisionConfig(**vision), **rest)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Placeholder ids per image in input_ids: each is replaced by one projected vision feature."""
+        return self.vision.num_patches + (self.vision.select_feature == "cls_patch")
+
+
+@dataclass
+class Output:
+    logits: torch.Tensor  # (B, L, vocab)
+    cache: KVCache  # the keys/values of the cached tokens followed by those of this call's tokens
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LLaMA
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (bf16 squares lose too much), scale in the input dtype, as HF LLaMA does
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(position_ids, config: LlamaConfig, dtype):
+    """cos/sin of the rotary embedding for explicit positions: (B, L) -> two (B, L, head_dim) tensors.
+
+    Positions are passed in rather than derived from the sequence length because VoCo-LLaMA's second stage
+    continues *after* tokens that are no longer in the cache (the vision tokens): text keeps its original positions.
+    """
+    d = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, device=position_ids.device).float() / d))
+    inv_freq = inv_freq / config.rope_linear_factor  # linear scaling stretches every wavelength by the factor
+    freqs = position_ids[..., None].float() * inv_freq  # (B, L, d/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # HF layout: the two halves of a head are the rotated pairs
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate (B, H, L, D) by position; HF's rotate_half convention (weights are stored for it)."""
+    cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def causal_mask(L: int, past: int, device) -> torch.Tensor:
+    """(1, 1, L, past + L) bool: the new tokens see every cached key and the new keys up to themselves."""
+    return torch.ones(L, past + L, dtype=torch.bool, device=device).tril(diagonal=past)[None, None]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        q = rearrange(self.q_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
+        k = rearrange(self.k_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
+        v = rearrange(self.v_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past_kv is not None:  # cached keys are already rotated at their own positions: just prepend them
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        # mask: (B or 1, 1, L, L_past + L) bool, True = may attend. GQA: each KV head serves a group of query heads.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(rearrange(y, "b h l d -> b l (h d)")), (k, v)
+
+
+class MLP(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin, mask, past_kv=None):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_kv)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class Llama(nn.Module):
+    """LLaMA / Vicuna decoder with its LM head (HF LlamaForCausalLM)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        # tied: the head reads embed_tokens.weight directly, so there is one tensor to load, shard and save
+        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size,
+                                                                          bias=False)
+
+    def forward(self, input_ids=None, inputs_embeds=None, attn_mask=None, position_ids=None,
+                cache: KVCache | None = None) -> Output:
+        """Logits for new tokens given as ids (B, L) or embeddings (B, L, D).
+
+        attn_mask: bool (B or 1, 1, L, L_cached + L), True where a query may attend; default causal over cache+new.
+        position_ids: (B, L) RoPE positions; default continues after the cache. Every query row must see at
+        least one key (SDPA gives NaN or zeros for an empty row, depending on the kernel).
+        """
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        B, L, _ = x.shape
+        past = 0 if cache is None else cache[0][0].shape[2]
+        if position_ids is None:
+            position_ids = torch.arange(past, past + L, device=x.device).expand(B, L)
+        if attn_mask is None:
+            attn_mask = causal_mask(L, past, x.device)
+        cos, sin = rope_cos_sin(position_ids, self.config, x.dtype)
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, attn_mask, None if cache is None else cache[i])
+            new_cache.append(kv)
+        x = self.norm(x)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return Output(logits=F.linear(x, head), cache=new_cache)
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None) -> Llama:
+        """Load an HF LlamaForCausalLM directory (config.json + safetensors or .bin, sharded or not)."""
+        ckpt = checkpoint.Checkpoint(path)
+        config = LlamaConfig(**checkpoint.llama_config(ckpt.config, ckpt.config_file))
+        return checkpoint.load(cls, config, [(ckpt, checkpoint.llama_keys(config), checkpoint.LLAMA_UNUSED)], dtype,
+                               device)
+
+    def save_pretrained(self, path):
+        """Write config.json + model.safetensors in HF LlamaForCausalLM layout (loadable by transformers too)."""
+        checkpoint.save(path, checkpoint.llama_hf_config(self.config), self, checkpoint.llama_keys(self.config))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLIP ViT vision tower (HF CLIPVisionModel, pre-LayerNorm transformer with quick_gelu)
+
+class CLIPAttention(nn.Module):
+    def __init__(self, c: CLIPVisionConfig):
+        super().__init__()
+        self.head_dim = c.hidden_size // c.num_attention_heads
+        self.q_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.k_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.v_proj = nn.Linear(c.hidden_size, c.hidden_size)
+        self.out_proj = nn.Linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x):
+        q, k, v = (rearrange(p(x), "b n (h d) -> b h n d", d=self.head_dim) for p in (self.q_proj, self.k_proj,
+                                                                                        self.v_proj))
+        y = F.scaled_dot_product_attention(q, k, v)  # every patch sees every patch: no mask
+        return self.out_proj(rearrange(y, "b h n d -> b n (h d)"))
+
+
+class CLIPLayer(nn.Module):
+    def __init__(self, c: CLIPVisionConfig):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.self_attn = CLIPAttention(c)
+        self.layer_norm2 = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.fc1 = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.fc2 = nn.Linear(c.intermediate_size, c.hidden_size)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.layer_norm1(x))
+        h = self.fc1(self.layer_norm2(x))
+        return x + self.fc2(h * torch.sigmoid(1.702 * h))  # quick_gelu, as OpenAI's CLIP was trained
+
+
+class CLIPVisionTower(nn.Module):
+    """Image -> patch features of one hidden layer, the way LLaVA reads CLIP (no final LayerNorm, no pooling)."""
+
+    def __init__(self, config: CLIPVisionConfig):
+        super().__init__()
+        c = self.config = config
+        self.patch_embedding = nn.Conv2d(3, c.hidden_size, c.patch_size, stride=c.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.zeros(c.hidden_size))
+        self.position_embedding = nn.Parameter(torch.zeros(c.num_patches + 1, c.hidden_size))  # learned, CLS first
+        self.pre_layrnorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)  # sic: HF's spelling
+        self.layers = nn.ModuleList(CLIPLayer(c) for _ in range(c.num_layers_run))
+
+    def forward(self, pixel_values):
+        """pixel_values (B, 3, H, W), CLIP-normalised -> features (B, N, C): N = patches (+ CLS for cls_patch)."""
+        c = self.config
+        if pixel_values.shape[1:] != (3, c.image_size, c.image_size):
+            raise ValueError(f"pixel_values must be (B, 3, {c.image_size}, {c.image_size}), got "
+                             f"{tuple(pixel_values.shape)}: resize/crop the image to the vision tower's size first")
+        x = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))  # (B, C, h, w)
+        x = rearrange(x, "b c h w -> b (h w) c")
+        x = torch.cat([self.class_embedding.expand(x.shape[0], 1, -1), x], dim=1) + self.position_embedding
+        x = self.pre_layrnorm(x)  # this is HF's hidden_states[0]
+        for layer in self.layers:  # after layer i this is hidden_states[i + 1]
+            x = layer(x)
+        return x[:, 1:] if c.select_feature == "patch" else x
+
+    @classmethod
+    def from_pretrained(cls, path, select_layer=-2, select_feature="patch", dtype=None, device=None):
+        """Load the vision part of an HF CLIPVisionModel or CLIPModel directory (the text part is ignored)."""
+        ckpt = checkpoint.Checkpoint(path)
+        config = CLIPVisionConfig(**checkpoint.clip_config(ckpt.config, ckpt.config_file),
+                                  select_layer=select_layer, select_feature=select_feature)
+        prefix = checkpoint.clip_prefix(ckpt)
+        part = (ckpt, checkpoint.clip_keys(config, prefix), checkpoint.clip_unused(config, prefix))
+        return checkpoint.load(cls, config, [part], dtype, device)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Projector: vision features -> LLM embeddings (LLaVA's mm_projector)
+
+class Projector(nn.Module):
+    def __init__(self, kind: str, vision_dim: int, text_dim: int):
+        super().__init__()
+        if kind not in ("linear", "mlp2x_gelu"):
+            raise ValueError(f"projector type {kind!r} is not supported: use 'linear' or 'mlp2x_gelu'")
+        self.linear_1 = nn.Linear(vision_dim, text_dim)
+        self.linear_2 = nn.Linear(text_dim, text_dim) if kind == "mlp2x_gelu" else None
+
+    def forward(self, x):
+        x = self.linear_1(x)
+        return x if self.linear_2 is None else self.linear_2(F.gelu(x))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The VLM: image -> vision features -> projector -> embeddings in place of the image placeholders -> LLaMA
+
+class VoCoLlama(nn.Module):
+    """LLaVA-1.5-shaped VLM. The VoCo tokens, their mask and the two-stage inference build on this module."""
+
+    def __init__(self, config: VoCoLlamaConfig):
+        super().__init__()
+        self.config = config
+        self.vision = CLIPVisionTower(config.vision)
+        self.projector = Projector(config.projector_type, config.vision.hidden_size, config.text.hidden_size)
+        self.llm = Llama(config.text)
+
+    def embed(self, input_ids, pixel_values=None):
+        """(B, L) ids with num_image_tokens placeholders per image -> (B, L, D) embeddings.
+
+        Images fill the placeholders in reading order (row by row through the batch). Placeholders are expanded in
+        input_ids already (not by the model), so every token has its final position before the forward pass, which
+        is what an explicit attention mask and explicit position ids need.
+        """
+        is_image = input_ids == self.config.image_token_id
+        x = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if is_image.sum() != n_images * self.config.num_image_tokens:
+            raise ValueError(f"input_ids hold {int(is_image.sum())} image placeholder tokens, but {n_images} image(s)"
+                             f" x {self.config.num_image_tokens} features were given: expand each <image> to "
+                             f"{self.config.num_image_tokens} placeholder ids, one image per <image>")
+        if n_images:
+            features = self.projector(self.vision(pixel_values)).to(x.dtype)  # (n_images, N, D)
+            x = x.masked_scatter(is_image[..., None], features)
+        return x
+
+    def forward(self, input_ids, pixel_values=None, attn_mask=None, position_ids=None, cache=None) -> Output:
+        return self.llm(inputs_embeds=self.embed(input_ids, pixel_values), attn_mask=attn_mask,
+                        position_ids=position_ids, cache=cache)
+
+    @classmethod
+    def from_pretrained(cls, path, vision_path=None, projector_path=None, dtype=None, device=None) -> VoCoLlama:
+        """Load the VLM from any of the layouts people have (checkpoint.vlm_parts says which and how):
+
+        - LLaVA-1.5 / VoCo-LLaMA training output (LLaMA keys + model.mm_projector.*; CLIP from vision_path or the
+          config's mm_vision_tower when that is a local directory);
+        - HF LlavaForConditionalGeneration (language_model.*, vision_tower.*, multi_modal_projector.*);
+        - a LLaMA/Vicuna directory + vision_path (CLIP) + projector_path (LLaVA's stage-1 mm_projector.bin).
+        """
+        config, parts = checkpoint.vlm_parts(path, vision_path, projector_path, VoCoLlamaConfig.from_dicts)
+        return checkpoint.load(cls, config, parts, dtype, device)
+
+    def save_pretrained(self, path):
+        """Write LLaVA-1.5's layout (+ the CLIP in path/vision_tower), which from_pretrained loads back."""
+        checkpoint.save_vlm(path, self)
