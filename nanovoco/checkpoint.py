@@ -250,7 +250,7 @@ def vlm_parts(path, vision_path, projector_path, make_config):
                              vision={**clip_config(vision.config, vision.config_file),
                                      "select_layer": hf.get("mm_vision_select_layer", -2),
                                      "select_feature": hf.get("mm_vision_select_feature", "patch")},
-                             projector_type=kind)
+                             projector_type=kind, image_token_id=hf.get("image_token_index", -200))
         if hf.get("mm_hidden_size", config.vision.hidden_size) != config.vision.hidden_size:
             raise ValueError(f"{file}: mm_hidden_size={hf['mm_hidden_size']} but the CLIP in {vision.path} has "
                              f"hidden_size={config.vision.hidden_size}: pass the vision tower this model was trained with")
@@ -350,7 +350,7 @@ def save_vlm(path, model):
     hf = {**llama_hf_config(c.text), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
           "mm_vision_tower": "vision_tower", "mm_vision_select_layer": -1,
           "mm_vision_select_feature": c.vision.select_feature, "mm_projector_type": c.projector_type,
-          "mm_hidden_size": c.vision.hidden_size}
+          "mm_hidden_size": c.vision.hidden_size, "image_token_index": c.image_token_id}
     keys = {**llama_keys(c.text, "llm."), **projector_keys(c.projector_type, LLAVA_PROJECTOR[c.projector_type],
                                                            "projector.")}
     save(path, hf, model, keys)

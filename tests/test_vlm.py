@@ -1,0 +1,72 @@
+"""The CLIP vision tower and the whole VLM equal transformers' CLIPVisionModel / LlavaForConditionalGeneration,
+from every checkpoint layout nanovoco loads."""
+import pytest
+import torch
+
+from nanovoco.model import CLIPVisionTower, VoCoLlama
+from tiny import IMAGE_TOKEN, NUM_PATCHES, VISION, hf_clip, hf_llava, image_ids, llava_original, stage1
+
+
+@pytest.mark.parametrize("select_layer", [-2, -1, 1])
+@pytest.mark.parametrize("full", [False, True], ids=["CLIPVisionModel", "CLIPModel"])
+def test_vision_features_match_hidden_states(tmp_path, full, select_layer):
+    hf = hf_clip(tmp_path, full=full)
+    ours = CLIPVisionTower.from_pretrained(tmp_path, select_layer=select_layer)
+    pixels = torch.randn(2, 3, VISION["image_size"], VISION["image_size"], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = (hf.vision_model if full else hf)(pixels, output_hidden_states=True)
+        feats = ours(pixels)
+    assert feats.shape == (2, NUM_PATCHES, VISION["hidden_size"])  # CLS dropped, as LLaVA does
+    torch.testing.assert_close(feats, out.hidden_states[select_layer][:, 1:], atol=1e-4, rtol=0)
+    assert len(ours.layers) == select_layer % (VISION["num_hidden_layers"] + 1)  # later layers are never run
+
+
+def test_cls_patch_keeps_cls(tmp_path):
+    hf = hf_clip(tmp_path)
+    ours = CLIPVisionTower.from_pretrained(tmp_path, select_feature="cls_patch")
+    pixels = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(pixels), hf(pixels, output_hidden_states=True).hidden_states[-2],
+                                   atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_llava_hf_logits_match(tmp_path, strategy):
+    hf = hf_llava(tmp_path, vision_feature_select_strategy=strategy)
+    ours = VoCoLlama.from_pretrained(tmp_path)
+    n = NUM_PATCHES + (strategy == "full")
+    assert ours.config.num_image_tokens == n and ours.config.image_token_id == IMAGE_TOKEN
+    ids, pixels = image_ids()
+    ids = torch.cat([ids[:, :1], torch.full((2, n), IMAGE_TOKEN), ids[:, 1 + NUM_PATCHES:]], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, pixels).logits, hf(input_ids=ids, pixel_values=pixels).logits,
+                                   atol=1e-4, rtol=0)
+
+
+def test_llava_original_layout_and_stage1_projector_match(tmp_path):
+    """LLaVA-1.5's own layout (VoCo-LLaMA's training output) and Vicuna + CLIP + mm_projector.bin (the official
+    recipe's starting point) give the same model as the llava-hf checkpoint they were cut from."""
+    hf = hf_llava(tmp_path / "hf")
+    original = llava_original(tmp_path / "hf", tmp_path / "original")
+    projector = stage1(original, tmp_path / "vicuna")
+    ids, pixels = image_ids()
+    with torch.no_grad():
+        ref = hf(input_ids=ids, pixel_values=pixels).logits
+        ids = ids.masked_fill(ids == IMAGE_TOKEN, -200)  # LLaVA's IMAGE_TOKEN_INDEX placeholder
+        for model in (VoCoLlama.from_pretrained(original),
+                      VoCoLlama.from_pretrained(tmp_path / "vicuna", vision_path=original / "clip",
+                                                projector_path=projector)):
+            assert model.config.image_token_id == -200
+            torch.testing.assert_close(model(ids, pixels).logits, ref, atol=1e-4, rtol=0)
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    hf_llava(tmp_path / "hf")
+    model = VoCoLlama.from_pretrained(tmp_path / "hf")
+    model.save_pretrained(tmp_path / "saved")
+    again = VoCoLlama.from_pretrained(tmp_path / "saved")  # finds saved/vision_tower through mm_vision_tower
+    for (k, a), (k2, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    ids, pixels = image_ids()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, pixels).logits, model(ids, pixels).logits, atol=0, rtol=0)

@@ -1,0 +1,102 @@
+"""Tiny random-init reference checkpoints, written by transformers' own save_pretrained (offline, no hub).
+
+Each builder returns the transformers model (the reference the tests compare against) after saving it to `path`.
+The LLaVA-1.5 original layout and the stage-1 projector file are not written by transformers 5; they are produced
+here by renaming a saved llava-hf checkpoint's tensors, independently of nanovoco's own writer.
+"""
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+TEXT = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=56,
+              patch_size=14)  # 4 x 4 = 16 patches
+IMAGE_TOKEN = 150  # llava-hf's image_token_index inside the tiny vocabulary
+NUM_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
+
+
+def hf_llama(path, seed=0, **overrides):
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TEXT, **overrides})).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def hf_clip(path, full=False, seed=0, **overrides):
+    """CLIPVisionModel, or with full=True a whole CLIPModel (vision + text) like openai/clip-vit-large-patch14-336."""
+    torch.manual_seed(seed)
+    vision = transformers.CLIPVisionConfig(**{**VISION, **overrides})
+    if full:
+        text = transformers.CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, max_position_embeddings=16)
+        model = transformers.CLIPModel(transformers.CLIPConfig(text_config=text.to_dict(),
+                                                               vision_config=vision.to_dict(), projection_dim=16))
+    else:
+        model = transformers.CLIPVisionModel(vision)
+    model.eval().save_pretrained(path)
+    return model
+
+
+def hf_llava(path, seed=0, text=None, vision=None, **overrides):
+    torch.manual_seed(seed)
+    config = transformers.LlavaConfig(text_config=transformers.LlamaConfig(**{**TEXT, **(text or {})}),
+                                      vision_config=transformers.CLIPVisionConfig(**{**VISION, **(vision or {})}),
+                                      image_token_index=IMAGE_TOKEN, **overrides)
+    model = transformers.LlavaForConditionalGeneration(config).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def llava_original(llava_hf_dir, path):
+    """Rewrite a saved llava-hf checkpoint in LLaVA-1.5's own layout (what VoCo-LLaMA's training writes):
+    path/ holds LLaMA keys + model.mm_projector.{0,2}.*, path/clip/ the vision tower (vision_model.* keys)."""
+    src, path = Path(llava_hf_dir), Path(path)
+    hf = json.loads((src / "config.json").read_text())
+    state = load_file(src / "model.safetensors")
+    llm, clip = {}, {}
+    for key, t in state.items():
+        if key.startswith("language_model.model."):
+            llm["model." + key.removeprefix("language_model.model.")] = t
+        elif key == "language_model.lm_head.weight":
+            llm["lm_head.weight"] = t
+        elif key.startswith("multi_modal_projector.linear_"):
+            llm[key.replace("multi_modal_projector.linear_1", "model.mm_projector.0")
+                   .replace("multi_modal_projector.linear_2", "model.mm_projector.2")] = t
+        else:
+            clip["vision_model." + key.removeprefix("vision_tower.")] = t
+    (path / "clip").mkdir(parents=True)
+    save_file(clip, path / "clip" / "model.safetensors")
+    (path / "clip" / "config.json").write_text(json.dumps({**hf["vision_config"], "architectures": ["CLIPVisionModel"]}))
+    save_file(llm, path / "model.safetensors")
+    config = {**hf["text_config"], "architectures": ["LlavaLlamaForCausalLM"], "mm_vision_tower": str(path / "clip"),
+              "mm_vision_select_layer": hf["vision_feature_layer"], "mm_vision_select_feature": "patch",
+              "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": hf["vision_config"]["hidden_size"]}
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def stage1(llava_original_dir, path):
+    """Split a LLaVA-1.5 original checkpoint into what the official VoCo-LLaMA recipe starts from: a plain
+    LLaMA directory and LLaVA's stage-1 `mm_projector.bin` (a torch pickle of the projector's tensors)."""
+    src, path = Path(llava_original_dir), Path(path)
+    state = load_file(src / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    path.mkdir(parents=True)
+    save_file({k: t for k, t in state.items() if "mm_projector" not in k}, path / "model.safetensors")
+    config = {k: v for k, v in config.items() if not k.startswith("mm_")} | {"architectures": ["LlamaForCausalLM"]}
+    (path / "config.json").write_text(json.dumps(config))
+    torch.save({k: t for k, t in state.items() if "mm_projector" in k}, path / "mm_projector.bin")
+    return path / "mm_projector.bin"
+
+
+def image_ids(batch=2, text_len=5, seed=0, image_token=IMAGE_TOKEN):
+    """(B, L) prompt ids: BOS, NUM_PATCHES image placeholders, text. And (B, 3, H, W) pixel values."""
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(3, IMAGE_TOKEN, (batch, text_len), generator=g)
+    ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, NUM_PATCHES), image_token), text], 1)
+    pixels = torch.randn(batch, 3, VISION["image_size"], VISION["image_size"], generator=g)
+    return ids, pixels
