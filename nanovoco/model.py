@@ -89,6 +89,20 @@ class VoCoLlamaConfig:
         return self.vision.num_patches + (self.vision.select_feature == "cls_patch")
 
 
+def preset(name: str, vocab_size: int = 32000) -> VoCoLlamaConfig:
+    """Named shapes. 'llava-7b': Vicuna-7B + CLIP ViT-L/14-336 (576 patches), the paper's model. 'tiny': a few
+    million parameters that train and generate on a laptop CPU in seconds."""
+    if name == "llava-7b":
+        return VoCoLlamaConfig(text=LlamaConfig(vocab_size=vocab_size))
+    if name == "tiny":
+        return VoCoLlamaConfig(
+            text=LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
+            vision=CLIPVisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                                    image_size=112, patch_size=14))  # 8 x 8 = 64 patches
+    raise ValueError(f"unknown preset {name!r}: use 'tiny' or 'llava-7b'")
+
+
 @dataclass
 class Output:
     logits: torch.Tensor  # (B, L, vocab)

@@ -8,9 +8,11 @@ Also here: the Vicuna v1 chat template (LLaVA's `conv_vicuna_v1`) and a tiny on-
 import io
 import os
 import re
-import tempfile
+from pathlib import Path
 
 import sentencepiece as spm
+
+from nanovoco.checkpoint import atomic_write
 
 # LLaVA's conv_vicuna_v1, the template behind `--version v1` (training) and `--conv-mode vicuna_v1` (evaluation).
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -75,6 +77,15 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids
 
+    def encode_with_images(self, text, image_token_id, num_image_tokens, bos=True):
+        """encode(), with every <image> expanded to num_image_tokens placeholder ids (LLaVA's tokenizer_image_token,
+        expanded up front): the model replaces each placeholder by one projected vision feature."""
+        image = self.special_ids["<image>"]
+        ids = []
+        for i in self.encode(text, bos=bos):
+            ids.extend([image_token_id] * num_image_tokens if i == image else [i])
+        return ids
+
     def decode(self, ids):
         """Text of `ids` for display: special ids as their strings, runs of other ids through sentencepiece."""
         out, run = [], []
@@ -122,16 +133,6 @@ def train_tiny_tokenizer(texts, out_path, vocab_size=400):
         # a small corpus cannot fill the vocabulary: let it come out smaller instead of failing
         hard_vocab_limit=False,
         num_threads=1, minloglevel=2)  # one thread for byte-identical output; no training log
-    out_path = os.fspath(out_path)
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    os.makedirs(out_dir, exist_ok=True)
-    # write next to the target, then rename, so that a reader never sees half a file
-    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
-        os.replace(tmp, out_path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return out_path
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(Path(out_path), lambda tmp: Path(tmp).write_bytes(model.getvalue()))
+    return str(out_path)

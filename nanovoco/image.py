@@ -1,0 +1,57 @@
+"""Images -> CLIP pixel values, as LLaVA-1.5 prepares them (no torchvision): pad to a square with the mean colour,
+resize (bicubic) and center-crop to the vision tower's size, scale to [0, 1], normalise with CLIP's mean and std."""
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Modes PIL converts to RGB faithfully. 16-bit and float modes ("I;16", "I", "F") would be clipped to white.
+CONVERTIBLE = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"}
+
+
+def load_image(path) -> Image.Image:
+    """Open an image file as RGB, with a clear error for a missing, unreadable or unsupported file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"image {path} does not exist")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ValueError(f"{path} is not a readable image ({e}): pass a PNG or JPEG file") from e
+    return to_rgb(img, str(path))
+
+
+def to_rgb(img: Image.Image, name="image") -> Image.Image:
+    if img.mode not in CONVERTIBLE:
+        raise ValueError(f"{name} has mode {img.mode!r}, which does not convert to RGB faithfully: save it as an "
+                         f"8-bit RGB or grayscale image")
+    return img.convert("RGB")
+
+
+def expand_to_square(img: Image.Image) -> Image.Image:
+    """LLaVA-1.5's image_aspect_ratio='pad': centre the image on a square of CLIP's mean colour, so that the
+    center crop that follows cuts nothing off."""
+    w, h = img.size
+    if w == h:
+        return img
+    square = Image.new("RGB", (max(w, h),) * 2, tuple(int(m * 255) for m in CLIP_MEAN))
+    square.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return square
+
+
+def preprocess(img: Image.Image, size: int, pad: bool = True) -> torch.Tensor:
+    """PIL image -> (3, size, size) float pixel values (CLIPImageProcessor with shortest_edge = crop = size)."""
+    img = to_rgb(img)
+    if pad:
+        img = expand_to_square(img)
+    w, h = img.size
+    scale = size / min(w, h)  # shortest edge to `size`, the other edge in proportion
+    img = img.resize((max(size, int(w * scale)), max(size, int(h * scale))), Image.BICUBIC)
+    left, top = (img.size[0] - size) // 2, (img.size[1] - size) // 2
+    img = img.crop((left, top, left + size, top + size))
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)  # (3, H, W)
+    return (x - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None]

@@ -1,0 +1,69 @@
+"""Generation with the KV cache: equal to transformers' greedy generate and to decoding without a cache."""
+import torch
+
+from nanovoco.generate import generate, sample, stream
+from nanovoco.model import Llama, VoCoLlama
+from tiny import hf_llama, hf_llava, image_ids
+
+
+def greedy_without_cache(model, ids, n):
+    for _ in range(n):
+        ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+def test_greedy_matches_transformers_and_no_cache(tmp_path):
+    hf = hf_llama(tmp_path)
+    ours = Llama.from_pretrained(tmp_path)
+    ids = torch.randint(3, 160, (3, 9), generator=torch.Generator().manual_seed(0))
+    key_mask = torch.ones(3, 9, dtype=torch.bool)
+    key_mask[1, :2] = key_mask[2, :5] = False  # left padding
+    ids = ids.masked_fill(~key_mask, 0)
+    got = generate(ours, ids, key_mask=key_mask, max_new_tokens=20)
+    ref = hf.generate(ids, attention_mask=key_mask.long(), max_new_tokens=20, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[:, 9:]
+    assert got == ref.tolist()
+    with torch.no_grad():
+        for row in range(3):  # the uncached reference on the unpadded prompt
+            prompt = ids[row:row + 1, key_mask[row]]
+            assert got[row] == greedy_without_cache(ours, prompt, 20)[0, prompt.shape[1]:].tolist()
+
+
+def test_stops_at_eos(tmp_path):
+    hf_llama(tmp_path)
+    ours = Llama.from_pretrained(tmp_path)
+    ids = torch.randint(3, 160, (1, 6), generator=torch.Generator().manual_seed(1))
+    free = generate(ours, ids, max_new_tokens=12)[0]
+    eos = free[4]
+    cut = generate(ours, ids, max_new_tokens=12, eos_id=eos)[0]
+    assert cut == free[:free.index(eos)]
+    steps = list(stream(ours, ids, max_new_tokens=12, eos_id=eos))
+    assert len(steps) == free.index(eos) + 1  # stops right after the eos token
+
+
+def test_vlm_greedy_matches_llava(tmp_path):
+    hf = hf_llava(tmp_path)
+    vlm = VoCoLlama.from_pretrained(tmp_path)
+    ids, pixels = image_ids()
+    with torch.no_grad():
+        got = generate(vlm.llm, inputs_embeds=vlm.embed(ids, pixels), max_new_tokens=10)
+    ref = hf.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                      pad_token_id=0)[:, ids.shape[1]:]
+    assert got == ref.tolist()
+
+
+def test_sampling_is_seeded_and_top_p_truncates(tmp_path):
+    hf_llama(tmp_path)
+    ours = Llama.from_pretrained(tmp_path)
+    ids = torch.randint(3, 160, (2, 6), generator=torch.Generator().manual_seed(2))
+    runs = [generate(ours, ids, max_new_tokens=8, temperature=1.0, generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+    assert generate(ours, ids, max_new_tokens=8, temperature=1.0, top_p=1e-6) == generate(ours, ids, max_new_tokens=8)
+
+    logits = torch.tensor([[0.6, 0.3, 0.1]]).log().expand(2000, 3)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample(logits, 1.0, top_p=0.5, generator=g).tolist()) == {0}
+    drawn = sample(logits, 1.0, top_p=0.8, generator=g)
+    assert set(drawn.tolist()) == {0, 1}  # the 0.1 token is outside the 0.8 nucleus
+    assert abs((drawn == 0).float().mean().item() - 2 / 3) < 0.05  # renormalised 0.6 / 0.9
