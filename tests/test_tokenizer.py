@@ -81,6 +81,11 @@ def test_specials_whole_and_chunks_encoded_independently(tok, sp):
     assert tok.encode(text, bos=False) != sp.encode(text)
 
 
+def test_encode_with_images_expands_each_image(tok, sp):
+    ids = tok.encode_with_images("<image>\nA<image>", image_token_id=-200, num_image_tokens=3)
+    assert ids == [tok.bos_id, -200, -200, -200] + sp.encode("\nA") + [-200, -200, -200]
+
+
 def test_eos_and_bos_strings(tok):
     assert tok.encode("</s>", bos=False) == [tok.eos_id]
     assert tok.encode("<s>hi</s>", bos=False) == [tok.bos_id] + tok.encode("hi", bos=False) + [tok.eos_id]
