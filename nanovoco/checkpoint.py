@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -22,9 +23,10 @@ WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_mo
 
 
 class Checkpoint:
-    """The tensors of one checkpoint: a directory (config.json + weights, sharded or not) or one weights file."""
+    """The tensors of one checkpoint: a directory (config.json + weights, sharded or not), or with
+    `weights_file=True` a single weights file (LLaVA's mm_projector.bin)."""
 
-    def __init__(self, path):
+    def __init__(self, path, weights_file=False):
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} does not exist: pass a local checkpoint directory (config.json + "
@@ -37,8 +39,10 @@ class Checkpoint:
             if not found:
                 raise FileNotFoundError(f"{self.path} holds no weights: expected one of {', '.join(WEIGHT_FILES)}")
             weights = found[0]
-        else:
+        elif weights_file:
             weights = self.path
+        else:
+            raise ValueError(f"{self.path} is a file: pass the checkpoint directory that holds it and config.json")
         self._open = {}  # file -> safe_open handle, or the dict of tensors of a .bin
         if weights.name.endswith(".index.json"):  # sharded: the index maps every key to its shard
             index = read_json(weights, "the shard index")
@@ -46,24 +50,17 @@ class Checkpoint:
             for shard in sorted(set(self.files.values())):
                 if not shard.exists():
                     raise FileNotFoundError(f"shard {shard} named in {weights} is missing: download every shard")
-                self._handle(shard)  # open now, so a corrupt shard is reported before any loading starts
+                # open every shard now: a corrupt one, or one that disagrees with the index, is reported up front
+                listed = {k for k, f in self.files.items() if f == shard}
+                if set(self._handle(shard).keys()) != listed:
+                    raise ValueError(f"{shard} does not hold the tensors that {weights} lists for it: the index and "
+                                     f"the shards come from different downloads; download them again together")
         else:
             self.files = {k: weights for k in self._handle(weights).keys()}
 
     def _handle(self, f: Path):
         if f not in self._open:
-            if f.suffix == ".safetensors":
-                try:
-                    self._open[f] = safe_open(f, framework="pt")
-                except (SafetensorError, OSError) as e:
-                    raise ValueError(f"{f} is not a readable safetensors file ({e}): it is corrupt or truncated; "
-                                     f"download or save it again") from e
-            else:
-                try:
-                    self._open[f] = torch.load(f, map_location="cpu", weights_only=True)
-                except Exception as e:  # weights_only raises UnpicklingError for anything but tensors
-                    raise ValueError(f"{f} could not be loaded as plain tensors ({type(e).__name__}: {e}); nanovoco "
-                                     f"does not unpickle arbitrary objects: convert it to safetensors") from e
+            self._open[f] = open_safetensors(f) if f.suffix == ".safetensors" else load_bin(f)
         return self._open[f]
 
     def get(self, key) -> torch.Tensor:
@@ -75,6 +72,34 @@ class Checkpoint:
         return tuple(h[key].shape) if isinstance(h, dict) else tuple(h.get_slice(key).get_shape())
 
 
+def open_safetensors(f: Path):
+    try:
+        return safe_open(f, framework="pt")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{f} is not a readable safetensors file ({e}): it is corrupt or truncated; "
+                         f"download or save it again") from e
+
+
+def load_bin(f: Path) -> dict:
+    """A PyTorch pickle of tensors, read with weights_only=True: anything but tensors is refused, never executed."""
+    if f.suffix not in (".bin", ".pt", ".pth"):
+        raise ValueError(f"{f} is not a weights file: expected .safetensors or a PyTorch .bin")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's message is long advice to turn weights_only off; keep only what was refused
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed|\n|$)", str(e))
+        raise ValueError(f"{f} could not be read as plain tensors ({detail[1] if detail else 'not a weights file'}): "
+                         f"it is corrupt, or holds objects other than tensors, which nanovoco does not unpickle; "
+                         f"download it again, or convert it to safetensors where it was made") from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{f} is not a readable PyTorch file ({e}): it is corrupt or truncated; download it "
+                         f"again") from e
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise ValueError(f"{f} is not a dict of tensors (a state dict): it is not a checkpoint nanovoco can read")
+    return state
+
+
 def read_json(path: Path, what: str) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: {what} must be there")
@@ -82,6 +107,27 @@ def read_json(path: Path, what: str) -> dict:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path} is not valid JSON ({e}): it is corrupt; download or save it again") from e
+
+
+LOADERS = {"llama": "Llama.from_pretrained", "clip": "CLIPVisionTower.from_pretrained",
+           "llava-hf": "VoCoLlama.from_pretrained", "llava": "VoCoLlama.from_pretrained"}
+
+
+def require_kind(ckpt: Checkpoint, *allowed) -> str:
+    """What a checkpoint directory holds, judged from its config.json; an error when it is not one of `allowed`."""
+    hf = ckpt.config
+    if str(hf.get("model_type", "")).startswith("clip"):  # clip (CLIPModel) or clip_vision_model
+        kind = "clip"
+    elif "text_config" in hf:
+        kind = "llava-hf"
+    elif "mm_projector_type" in hf or "mm_vision_tower" in hf:
+        kind = "llava"
+    else:
+        kind = "llama"
+    if kind not in allowed:
+        raise ValueError(f"{ckpt.config_file} describes a {kind} checkpoint (architectures="
+                         f"{hf.get('architectures')}): load it with {LOADERS[kind]}")
+    return kind
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,6 +147,9 @@ def llama_config(hf: dict, file) -> dict:
     if rope_type not in ("default", "linear"):
         raise unsupported(f"rope type {rope_type!r} (only 'default' and 'linear')")
     heads = hf.get("num_attention_heads", 32)
+    if heads % (hf.get("num_key_value_heads") or heads):
+        raise ValueError(f"{file}: num_attention_heads={heads} is not a multiple of num_key_value_heads="
+                         f"{hf['num_key_value_heads']}: the config is inconsistent")
     eos = hf.get("eos_token_id", 2)
     return dict(vocab_size=hf.get("vocab_size", 32000), hidden_size=hf.get("hidden_size", 4096),
                 intermediate_size=hf.get("intermediate_size", 11008),
@@ -221,15 +270,26 @@ def projector_keys(kind: str, on_disk: tuple, ours="") -> dict:
 LLAVA_PROJECTOR = {"mlp2x_gelu": ("model.mm_projector.0", "model.mm_projector.2"), "linear": ("model.mm_projector",)}
 
 
-def vlm_parts(path, vision_path, projector_path, make_config):
-    """Recognise a VLM checkpoint's layout; return (config, parts for `load`). make_config(text=, vision=, **rest)
+def vlm_parts(path, vision_path, projector_path, build_config):
+    """Recognise a VLM checkpoint's layout; return (config, parts for `load`). build_config(text=, vision=, **rest)
     builds the VoCoLlamaConfig from config dicts."""
     ckpt = Checkpoint(path)
     hf, file = ckpt.config, ckpt.config_file
-    if "text_config" in hf:  # HF LlavaForConditionalGeneration (llava-hf): everything in one checkpoint
+    kind = require_kind(ckpt, "llava-hf", "llava", "llama")
+
+    def make_config(**fields):  # a value the config refuses is reported with the file it came from
+        try:
+            return build_config(**fields)
+        except ValueError as e:
+            raise ValueError(f"{file}: {e}") from e
+
+    if kind == "llava-hf":  # HF LlavaForConditionalGeneration (llava-hf): everything in one checkpoint
         if hf.get("projector_hidden_act", "gelu") != "gelu" or not isinstance(hf.get("vision_feature_layer", -2), int):
             raise ValueError(f"{file}: only LLaVA-1.5's projector (gelu) and a single vision_feature_layer are supported")
-        strategy = {"default": "patch", "full": "cls_patch"}[hf.get("vision_feature_select_strategy", "default")]
+        strategy = {"default": "patch", "full": "cls_patch"}.get(hf.get("vision_feature_select_strategy", "default"))
+        if strategy is None:
+            raise ValueError(f"{file}: vision_feature_select_strategy={hf['vision_feature_select_strategy']!r} is not "
+                             f"supported: use 'default' or 'full'")
         config = make_config(text=llama_config(hf["text_config"], file),
                              vision={**clip_config(hf["vision_config"], file), "select_feature": strategy,
                                      "select_layer": hf.get("vision_feature_layer", -2)},
@@ -241,7 +301,7 @@ def vlm_parts(path, vision_path, projector_path, make_config):
                                  "projector.")}
         return config, [(ckpt, keys, LLAMA_UNUSED + clip_unused(config.vision, vp))]
 
-    if "mm_projector_type" in hf or "mm_vision_tower" in hf:  # LLaVA-1.5 / VoCo-LLaMA training output
+    if kind == "llava":  # LLaVA-1.5 / VoCo-LLaMA training output
         vision = Checkpoint(vision_dir(vision_path, hf.get("mm_vision_tower"), ckpt))
         kind = hf.get("mm_projector_type", "linear")
         if kind not in LLAVA_PROJECTOR:
@@ -262,7 +322,7 @@ def vlm_parts(path, vision_path, projector_path, make_config):
         raise ValueError(f"{path} is a plain LLaMA checkpoint (config.json has no mm_projector_type): pass "
                          f"vision_path=<CLIP directory> and projector_path=<LLaVA-1.5 mm_projector.bin>, or a LLaVA "
                          f"checkpoint directory")
-    vision, projector = Checkpoint(vision_path), Checkpoint(projector_path)
+    vision, projector = Checkpoint(vision_path), Checkpoint(projector_path, weights_file=True)
     kind = "mlp2x_gelu" if "model.mm_projector.0.weight" in projector.files else "linear"
     config = make_config(text=llama_config(hf, file), vision=clip_config(vision.config, vision.config_file),
                          projector_type=kind)
@@ -306,16 +366,22 @@ def load(cls, config, parts, dtype=None, device=None):
         mapped = set(keys.values())
         extra = [k for k in ckpt.files if k not in mapped and not any(re.fullmatch(u, k) for u in unused)]
         if extra:
-            raise KeyError(f"{where}: {len(extra)} unexpected tensor(s), e.g. {extra[:3]}: this is not the layout "
-                           f"nanovoco expected here (num_hidden_layers in config.json wrong, or another model type?)")
+            raise KeyError(f"{where}: {len(extra)} unexpected tensor(s), e.g. {extra[:3]}: the weights hold more than "
+                           f"{ckpt.config_file or 'the model'} describes (num_hidden_layers or tie_word_embeddings "
+                           f"wrong?), or this is another kind of checkpoint")
         for ours, theirs in keys.items():
             if ckpt.shape(theirs) != tuple(expected[ours].shape):
-                raise ValueError(f"{ckpt.files[theirs]}: {theirs} has shape {ckpt.shape(theirs)}, but the config "
-                                 f"({ckpt.config_file or 'given'}) needs {tuple(expected[ours].shape)}")
+                raise ValueError(f"{ckpt.files[theirs]}: {theirs} has shape {ckpt.shape(theirs)}, but the model "
+                                 f"built from {config_source(parts)} needs {tuple(expected[ours].shape)}: these "
+                                 f"weights were saved for another configuration (or another vision tower)")
             state[ours] = ckpt.get(theirs).to(device=device, dtype=dtype or torch.float32)
     assert state.keys() == expected.keys(), f"key map does not cover {set(expected) ^ set(state)}"
     model.load_state_dict(state, strict=True, assign=True)
     return model
+
+
+def config_source(parts) -> str:
+    return " + ".join(str(ckpt.config_file) for ckpt, _, _ in parts if ckpt.config_file)
 
 
 def save(path, hf_config: dict, model, keys: dict, name="model.safetensors"):

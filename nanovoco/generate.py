@@ -1,21 +1,16 @@
 """Text generation with a KV cache, as two named stages: `prefill` the prompt once, then `decode_one_token` per step.
 
 Works on the bare decoder (`Llama`): a VLM's prompt goes in as embeddings, `vlm.embed(input_ids, pixel_values)`.
-Batches are left-padded; `key_mask` says which prompt tokens are real.
+The prompt is described by the segment labels of voco.py, so a VoCo prompt is generated from under exactly the mask
+it was trained with: the prompt runs under `voco_mask`, and every generated token sees the TEXT and VOCO keys but
+never the VISION ones. Plain text is all TEXT; a left-padded batch marks its padding PAD.
 """
 from __future__ import annotations
 
 import torch
 
 from nanovoco.model import KVCache, Llama, Output
-
-
-def padded_causal_mask(key_mask):
-    """(B, L) bool, False at padding -> (B, 1, L, L): causal, padding keys hidden. A pad query still sees itself,
-    because SDPA returns NaN (CUDA) or zeros (CPU) for a row with no key; pad rows are never read."""
-    L = key_mask.shape[1]
-    causal = torch.ones(L, L, dtype=torch.bool, device=key_mask.device).tril()
-    return (causal & (key_mask[:, None, :] | torch.eye(L, dtype=torch.bool, device=key_mask.device)))[:, None]
+from nanovoco.voco import PAD, TEXT, VOCO, voco_mask
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -31,28 +26,24 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     return order.gather(-1, choice)[:, 0]
 
 
-def prefill(llm: Llama, input_ids=None, inputs_embeds=None, key_mask=None) -> tuple[Output, torch.Tensor]:
-    """Run the whole prompt once. Returns the output (logits, cache) and the position ids it used."""
-    x = input_ids if inputs_embeds is None else inputs_embeds
-    B, L = x.shape[:2]
-    if key_mask is None:
-        key_mask = torch.ones(B, L, dtype=torch.bool, device=x.device)
+def prefill(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None) -> tuple[Output, torch.Tensor]:
+    """Run the whole prompt once under the VoCo mask of its labels. Returns the output and the position ids used."""
     # positions count real tokens only, so a left-padded row continues exactly as it would unpadded
-    position_ids = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-    out = llm(input_ids, inputs_embeds, attn_mask=padded_causal_mask(key_mask), position_ids=position_ids)
+    position_ids = ((segments != PAD).long().cumsum(-1) - 1).clamp(min=0)
+    out = llm(input_ids, inputs_embeds, attn_mask=voco_mask(segments, groups), position_ids=position_ids)
     return out, position_ids
 
 
-def decode_one_token(llm: Llama, token, position, key_mask, cache: KVCache) -> Output:
-    """token (B,), position (B,), key_mask (B, L_cached + 1) -> logits for the next token, cache grown by one."""
-    return llm(token[:, None], attn_mask=key_mask[:, None, None, :], position_ids=position[:, None], cache=cache)
+def decode_one_token(llm: Llama, token, position, visible, cache: KVCache) -> Output:
+    """token (B,), position (B,), visible (B, L_cached + 1) keys it may see -> next logits, cache grown by one."""
+    return llm(token[:, None], attn_mask=visible[:, None, None, :], position_ids=position[:, None], cache=cache)
 
 
 @torch.no_grad()
-def stream(llm: Llama, input_ids=None, inputs_embeds=None, key_mask=None, max_new_tokens=32, temperature=0.0,
-           top_p=1.0, eos_id=None, generator=None):
-    """Yield the next token of every row, (B,), until max_new_tokens or every row has produced eos_id.
-    A row that has finished keeps yielding eos_id."""
+def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, max_new_tokens=32,
+           temperature=0.0, top_p=1.0, eos_id=None, generator=None):
+    """Yield the next token of every row, (B,), until max_new_tokens or every row has produced eos_id (a finished
+    row keeps yielding eos_id). segments/groups: (B, L) labels of the prompt (voco.py); default: all TEXT."""
     x = input_ids if inputs_embeds is None else inputs_embeds
     B, L = x.shape[:2]
     limit = llm.config.max_position_embeddings
@@ -61,10 +52,13 @@ def stream(llm: Llama, input_ids=None, inputs_embeds=None, key_mask=None, max_ne
     if L + max_new_tokens > limit:
         raise ValueError(f"prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds the model's context of "
                          f"{limit} positions: shorten the prompt or lower max_new_tokens")
-    if key_mask is None:
-        key_mask = torch.ones(B, L, dtype=torch.bool, device=x.device)
-    out, position_ids = prefill(llm, input_ids, inputs_embeds, key_mask)
+    if segments is None:
+        segments = torch.full((B, L), TEXT, device=x.device)
+    if groups is None:
+        groups = torch.full_like(segments, -1)
+    out, position_ids = prefill(llm, input_ids, inputs_embeds, segments, groups)
     position = position_ids[:, -1]
+    visible = (segments == TEXT) | (segments == VOCO)  # what generated text may see: never VISION, never PAD
     done = torch.zeros(B, dtype=torch.bool, device=x.device)
     for step in range(max_new_tokens):
         token = sample(out.logits[:, -1], temperature, top_p, generator)
@@ -74,15 +68,15 @@ def stream(llm: Llama, input_ids=None, inputs_embeds=None, key_mask=None, max_ne
         yield token
         if done.all() or step == max_new_tokens - 1:
             return
-        key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
+        visible = torch.cat([visible, torch.ones_like(visible[:, :1])], dim=1)
         position = position + 1
-        out = decode_one_token(llm, token, position, key_mask, out.cache)
+        out = decode_one_token(llm, token, position, visible, out.cache)
 
 
-def generate(llm: Llama, input_ids=None, inputs_embeds=None, key_mask=None, max_new_tokens=32, temperature=0.0,
-             top_p=1.0, eos_id=None, generator=None) -> list[list[int]]:
+def generate(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, max_new_tokens=32,
+             temperature=0.0, top_p=1.0, eos_id=None, generator=None) -> list[list[int]]:
     """The generated tokens of every row, without the eos token (see `stream` for the arguments)."""
-    steps = list(stream(llm, input_ids, inputs_embeds, key_mask, max_new_tokens, temperature, top_p, eos_id,
+    steps = list(stream(llm, input_ids, inputs_embeds, segments, groups, max_new_tokens, temperature, top_p, eos_id,
                         generator))
     rows = torch.stack(steps, dim=1).tolist()
     return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]

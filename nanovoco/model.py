@@ -47,7 +47,9 @@ class LlamaConfig:
 
     def __post_init__(self):
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
-        assert self.num_attention_heads % self.num_key_value_heads == 0, "query heads must group over KV heads"
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                             f"num_key_value_heads={self.num_key_value_heads} (query heads share KV heads in groups)")
 
 
 @dataclass
@@ -61,6 +63,14 @@ class CLIPVisionConfig:
     layer_norm_eps: float = 1e-5
     select_layer: int = -2  # LLaVA's mm_vision_select_layer: index into HF's hidden_states (0 = embeddings)
     select_feature: str = "patch"  # "patch": drop CLS as LLaVA-1.5 does; "cls_patch": keep it
+
+    def __post_init__(self):
+        n = self.num_hidden_layers
+        if not -(n + 1) <= self.select_layer <= n:
+            raise ValueError(f"select_layer={self.select_layer} is out of range for a CLIP with {n} layers: "
+                             f"use -{n + 1}..{n} (an index into hidden_states, 0 = the embeddings)")
+        if self.select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"select_feature={self.select_feature!r} is not supported: use 'patch' or 'cls_patch'")
 
     @property
     def num_patches(self) -> int:
@@ -238,6 +248,7 @@ class Llama(nn.Module):
     def from_pretrained(cls, path, dtype=None, device=None) -> Llama:
         """Load an HF LlamaForCausalLM directory (config.json + safetensors or .bin, sharded or not)."""
         ckpt = checkpoint.Checkpoint(path)
+        checkpoint.require_kind(ckpt, "llama")
         config = LlamaConfig(**checkpoint.llama_config(ckpt.config, ckpt.config_file))
         return checkpoint.load(cls, config, [(ckpt, checkpoint.llama_keys(config), checkpoint.LLAMA_UNUSED)], dtype,
                                device)
@@ -311,6 +322,7 @@ class CLIPVisionTower(nn.Module):
     def from_pretrained(cls, path, select_layer=-2, select_feature="patch", dtype=None, device=None):
         """Load the vision part of an HF CLIPVisionModel or CLIPModel directory (the text part is ignored)."""
         ckpt = checkpoint.Checkpoint(path)
+        checkpoint.require_kind(ckpt, "clip")
         config = CLIPVisionConfig(**checkpoint.clip_config(ckpt.config, ckpt.config_file),
                                   select_layer=select_layer, select_feature=select_feature)
         prefix = checkpoint.clip_prefix(ckpt)
@@ -354,6 +366,8 @@ class VoCoLlama(nn.Module):
         input_ids already (not by the model), so every token has its final position before the forward pass, which
         is what an explicit attention mask and explicit position ids need.
         """
+        if pixel_values is not None and pixel_values.ndim != 4:
+            raise ValueError(f"pixel_values must be (n_images, 3, H, W), got {tuple(pixel_values.shape)}")
         is_image = input_ids == self.config.image_token_id
         x = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))
         n_images = 0 if pixel_values is None else pixel_values.shape[0]

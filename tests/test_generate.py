@@ -3,6 +3,7 @@ import torch
 
 from nanovoco.generate import generate, sample, stream
 from nanovoco.model import Llama, VoCoLlama
+from nanovoco.voco import PAD, TEXT
 from tiny import hf_llama, hf_llava, image_ids
 
 
@@ -19,7 +20,7 @@ def test_greedy_matches_transformers_and_no_cache(tmp_path):
     key_mask = torch.ones(3, 9, dtype=torch.bool)
     key_mask[1, :2] = key_mask[2, :5] = False  # left padding
     ids = ids.masked_fill(~key_mask, 0)
-    got = generate(ours, ids, key_mask=key_mask, max_new_tokens=20)
+    got = generate(ours, ids, segments=torch.where(key_mask, TEXT, PAD), max_new_tokens=20)
     ref = hf.generate(ids, attention_mask=key_mask.long(), max_new_tokens=20, do_sample=False, eos_token_id=None,
                       pad_token_id=0)[:, 9:]
     assert got == ref.tolist()

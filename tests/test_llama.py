@@ -5,9 +5,9 @@ import pytest
 import torch
 import transformers
 
-from nanovoco.generate import padded_causal_mask
+from nanovoco.voco import PAD, TEXT, causal_pad_mask
 from nanovoco.model import Llama
-from tiny import TEXT, hf_llama
+from tiny import TEXT_CONFIG, hf_llama
 
 CONFIGS = {
     "gqa": {},
@@ -38,7 +38,8 @@ def test_left_padded_batch_matches_transformers(tmp_path):
     with torch.no_grad():
         # transformers with the same 4D mask in float form (its sdpa path), and with its own 2D padding mask
         ref = hf(ids, attention_mask=key_mask.long(), position_ids=position_ids).logits
-        got = ours(ids, attn_mask=padded_causal_mask(key_mask), position_ids=position_ids).logits
+        mask = causal_pad_mask(torch.where(key_mask, TEXT, PAD))
+        got = ours(ids, attn_mask=mask, position_ids=position_ids).logits
     torch.testing.assert_close(got[key_mask], ref[key_mask], atol=1e-4, rtol=0)
     # and a padded row equals the same row without its padding
     with torch.no_grad():
@@ -60,7 +61,7 @@ def test_explicit_4d_bool_mask_matches_transformers(tmp_path):
 
 
 def test_sharded_checkpoint(tmp_path):
-    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEXT)).eval()
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TEXT_CONFIG)).eval()
     hf.save_pretrained(tmp_path, max_shard_size="100KB")
     assert (tmp_path / "model.safetensors.index.json").exists() and len(list(tmp_path.glob("*.safetensors"))) > 2
     ours = Llama.from_pretrained(tmp_path)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanovoco.model import CLIPVisionTower, VoCoLlama
-from tiny import IMAGE_TOKEN, NUM_PATCHES, VISION, hf_clip, hf_llava, image_ids, llava_original, stage1
+from tiny import IMAGE_TOKEN, NUM_PATCHES, VISION_CONFIG, hf_clip, hf_llava, image_ids, llava_original, stage1
 
 
 @pytest.mark.parametrize("select_layer", [-2, -1, 1])
@@ -12,13 +12,13 @@ from tiny import IMAGE_TOKEN, NUM_PATCHES, VISION, hf_clip, hf_llava, image_ids,
 def test_vision_features_match_hidden_states(tmp_path, full, select_layer):
     hf = hf_clip(tmp_path, full=full)
     ours = CLIPVisionTower.from_pretrained(tmp_path, select_layer=select_layer)
-    pixels = torch.randn(2, 3, VISION["image_size"], VISION["image_size"], generator=torch.Generator().manual_seed(0))
+    pixels = torch.randn(2, 3, VISION_CONFIG["image_size"], VISION_CONFIG["image_size"], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = (hf.vision_model if full else hf)(pixels, output_hidden_states=True)
         feats = ours(pixels)
-    assert feats.shape == (2, NUM_PATCHES, VISION["hidden_size"])  # CLS dropped, as LLaVA does
+    assert feats.shape == (2, NUM_PATCHES, VISION_CONFIG["hidden_size"])  # CLS dropped, as LLaVA does
     torch.testing.assert_close(feats, out.hidden_states[select_layer][:, 1:], atol=1e-4, rtol=0)
-    assert len(ours.layers) == select_layer % (VISION["num_hidden_layers"] + 1)  # later layers are never run
+    assert len(ours.layers) == select_layer % (VISION_CONFIG["num_hidden_layers"] + 1)  # later layers are never run
 
 
 def test_cls_patch_keeps_cls(tmp_path):

@@ -11,17 +11,17 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-TEXT = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
+TEXT_CONFIG = dict(vocab_size=160, hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256)
-VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=56,
+VISION_CONFIG = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, image_size=56,
               patch_size=14)  # 4 x 4 = 16 patches
 IMAGE_TOKEN = 150  # llava-hf's image_token_index inside the tiny vocabulary
-NUM_PATCHES = (VISION["image_size"] // VISION["patch_size"]) ** 2
+NUM_PATCHES = (VISION_CONFIG["image_size"] // VISION_CONFIG["patch_size"]) ** 2
 
 
 def hf_llama(path, seed=0, **overrides):
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TEXT, **overrides})).eval()
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TEXT_CONFIG, **overrides})).eval()
     model.save_pretrained(path)
     return model
 
@@ -29,7 +29,7 @@ def hf_llama(path, seed=0, **overrides):
 def hf_clip(path, full=False, seed=0, **overrides):
     """CLIPVisionModel, or with full=True a whole CLIPModel (vision + text) like openai/clip-vit-large-patch14-336."""
     torch.manual_seed(seed)
-    vision = transformers.CLIPVisionConfig(**{**VISION, **overrides})
+    vision = transformers.CLIPVisionConfig(**{**VISION_CONFIG, **overrides})
     if full:
         text = transformers.CLIPTextConfig(vocab_size=99, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                            num_attention_heads=2, max_position_embeddings=16)
@@ -43,8 +43,8 @@ def hf_clip(path, full=False, seed=0, **overrides):
 
 def hf_llava(path, seed=0, text=None, vision=None, **overrides):
     torch.manual_seed(seed)
-    config = transformers.LlavaConfig(text_config=transformers.LlamaConfig(**{**TEXT, **(text or {})}),
-                                      vision_config=transformers.CLIPVisionConfig(**{**VISION, **(vision or {})}),
+    config = transformers.LlavaConfig(text_config=transformers.LlamaConfig(**{**TEXT_CONFIG, **(text or {})}),
+                                      vision_config=transformers.CLIPVisionConfig(**{**VISION_CONFIG, **(vision or {})}),
                                       image_token_index=IMAGE_TOKEN, **overrides)
     model = transformers.LlavaForConditionalGeneration(config).eval()
     model.save_pretrained(path)
@@ -98,5 +98,5 @@ def image_ids(batch=2, text_len=5, seed=0, image_token=IMAGE_TOKEN):
     g = torch.Generator().manual_seed(seed)
     text = torch.randint(3, IMAGE_TOKEN, (batch, text_len), generator=g)
     ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, NUM_PATCHES), image_token), text], 1)
-    pixels = torch.randn(batch, 3, VISION["image_size"], VISION["image_size"], generator=g)
+    pixels = torch.randn(batch, 3, VISION_CONFIG["image_size"], VISION_CONFIG["image_size"], generator=g)
     return ids, pixels

@@ -1,0 +1,164 @@
+"""A Sort-of-CLEVR-like visual QA set, generated from a seed with no download, written in LLaVA's JSON format.
+
+Sort-of-CLEVR (Santoro et al. 2017, "A simple neural network module for relational reasoning"): a few flat shapes of
+distinct colours on a white canvas, and one-word questions about them. Non-relational questions ask about one object
+(its shape, which half of the image it is in) or count a shape; relational ones ask about an object through another
+(the closest, the farthest, how many share its shape). The answers depend on the image only, so a model that learns
+them must read the image through whatever it is given of it: here, a few VoCo tokens.
+
+    python -m nanovoco.synthetic --out data/sort_of_clevr --n-images 10000 --seed 0
+
+writes out/images/000000.png, ... and out/data.json, one LLaVA record per question:
+    {"id": "000000_0", "image": "images/000000.png", "type": "closest",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is the colour of ...?"}, {"from": "gpt", "value": "blue"}],
+     "scene": [{"color": "red", "shape": "circle", "x": 14, "y": 42}, ...]}
+"type" and "scene" are ours (LLaVA ignores extra keys): per-type accuracy, and answers that can be checked.
+"""
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from nanovoco.checkpoint import atomic_write
+
+PALETTE = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "orange": (245, 140, 20),
+           "gray": (128, 128, 128), "yellow": (230, 200, 20), "purple": (140, 60, 170), "cyan": (30, 190, 200)}
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")  # counts go up to len(PALETTE)
+GRID = 4  # objects sit at the centres of a GRID x GRID grid of cells, at most one per cell: they never overlap
+QUESTION_TYPES = ("shape", "horizontal", "vertical", "count",  # non-relational
+                  "closest", "farthest", "same_shape_count")  # relational
+ANSWERS = SHAPES + ("left", "right", "top", "bottom") + tuple(PALETTE) + NUMBERS
+
+
+def make_scene(rng: random.Random, image_size: int, n_objects: int) -> list[dict]:
+    """n_objects objects, each of its own colour, a random shape, in distinct grid cells (centres in pixels)."""
+    cell = image_size / GRID
+    cells = rng.sample(range(GRID * GRID), n_objects)
+    colors = rng.sample(list(PALETTE), n_objects)
+    return [{"color": color, "shape": rng.choice(SHAPES),
+             "x": round((k % GRID + 0.5) * cell), "y": round((k // GRID + 0.5) * cell)}
+            for color, k in zip(colors, cells)]
+
+
+def draw(scene: list[dict], image_size: int) -> Image.Image:
+    img = Image.new("RGB", (image_size, image_size), "white")
+    canvas = ImageDraw.Draw(img)
+    r = 0.35 * image_size / GRID  # objects fill 70% of a cell, so neighbours never touch
+    for o in scene:
+        x, y, fill = o["x"], o["y"], PALETTE[o["color"]]
+        if o["shape"] == "circle":
+            canvas.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+        elif o["shape"] == "square":
+            canvas.rectangle((x - r, y - r, x + r, y + r), fill=fill)
+        else:
+            canvas.polygon([(x, y - r), (x + r, y + r), (x - r, y + r)], fill=fill)
+    return img
+
+
+def extreme(scene: list[dict], i: int, qtype: str, image_size: int):
+    """Index of the object closest to (qtype "closest") or farthest from ("farthest") object i, or None when the
+    runner-up is about as close (as far): on a grid distances often tie, e.g. one neighbour left and one above."""
+    others = sorted((math.dist((scene[i]["x"], scene[i]["y"]), (o["x"], o["y"])), j)
+                    for j, o in enumerate(scene) if j != i)
+    if qtype == "farthest":
+        others.reverse()
+    if len(others) > 1 and abs(others[0][0] - others[1][0]) <= 0.1 * image_size / GRID:
+        return None
+    return others[0][1]
+
+
+def ask(rng: random.Random, scene: list[dict], qtype: str, image_size: int):
+    """(question, answer) of type qtype about a uniformly drawn target, or None if this scene has no fair one."""
+    if qtype == "count":
+        shape = rng.choice(SHAPES)
+        return f"How many {shape}s are there?", NUMBERS[sum(o["shape"] == shape for o in scene)]
+    targets = list(range(len(scene)))
+    if qtype in ("closest", "farthest"):
+        targets = [i for i in targets if extreme(scene, i, qtype, image_size) is not None]
+        if not targets:
+            return None
+    i = rng.choice(targets)
+    o, color = scene[i], scene[i]["color"]
+    if qtype == "shape":
+        return f"What shape is the {color} object?", o["shape"]
+    if qtype == "horizontal":
+        return f"Is the {color} object on the left or the right?", "left" if o["x"] < image_size / 2 else "right"
+    if qtype == "vertical":
+        return f"Is the {color} object at the top or the bottom?", "top" if o["y"] < image_size / 2 else "bottom"
+    if qtype == "closest":
+        nearest = scene[extreme(scene, i, qtype, image_size)]
+        return f"What is the colour of the object closest to the {color} object?", nearest["color"]
+    if qtype == "farthest":
+        farthest = scene[extreme(scene, i, qtype, image_size)]
+        return f"What shape is the object farthest from the {color} object?", farthest["shape"]
+    if qtype == "same_shape_count":
+        same = sum(p["shape"] == o["shape"] for p in scene) - 1
+        return f"How many other objects have the same shape as the {color} object?", NUMBERS[same]
+    raise ValueError(f"unknown question type {qtype!r}: use one of {QUESTION_TYPES}")
+
+
+def questions(rng: random.Random, scene: list[dict], n: int, image_size: int) -> list[tuple[str, str, str]]:
+    """n (type, question, answer) about one scene. Types are dealt from shuffled decks of all types, so an image
+    gets different kinds of questions and every type is about equally frequent."""
+    out, deck = [], []
+    while len(out) < n:
+        if not deck:
+            deck = rng.sample(QUESTION_TYPES, len(QUESTION_TYPES))
+        qtype = deck.pop()
+        qa = ask(rng, scene, qtype, image_size)
+        if qa is not None:  # only closest/farthest can fail, and "shape" never does: the loop ends
+            out.append((qtype, *qa))
+    return out
+
+
+def generate(out_dir, n_images: int = 1000, questions_per_image: int = 4, seed: int = 0, image_size: int = 112,
+             n_objects: int = 6) -> Path:
+    """Write n_images PNGs to out_dir/images/ and one LLaVA record per question to out_dir/data.json; return the
+    JSON's path. The same arguments give byte-identical files; image i depends only on (seed, i)."""
+    if not 2 <= n_objects <= min(len(PALETTE), GRID * GRID):
+        raise ValueError(f"n_objects={n_objects}: use 2..{len(PALETTE)} (one colour per object)")
+    if image_size < 8 * GRID:
+        raise ValueError(f"image_size={image_size} is too small for a {GRID}x{GRID} grid: use at least {8 * GRID}")
+    if n_images < 1 or questions_per_image < 1:
+        raise ValueError(f"n_images={n_images}, questions_per_image={questions_per_image}: both must be >= 1")
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in tqdm(range(n_images), desc="sort-of-clevr", unit="image"):
+        rng = random.Random(f"{seed}/{i}")  # a string seed hashes (sha512) to the same state on every platform
+        scene = make_scene(rng, image_size, n_objects)
+        image = f"images/{i:06d}.png"
+        img = draw(scene, image_size)
+        # PIL picks the format from the name's suffix, and the temporary name has none
+        atomic_write(out_dir / image, lambda tmp: img.save(tmp, format="PNG"))
+        for q, (qtype, question, answer) in enumerate(questions(rng, scene, questions_per_image, image_size)):
+            records.append({"id": f"{i:06d}_{q}", "image": image, "type": qtype,
+                            "conversations": [{"from": "human", "value": "<image>\n" + question},
+                                              {"from": "gpt", "value": answer}],
+                            "scene": scene})
+    path = out_dir / "data.json"
+    text = json.dumps(records, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate a Sort-of-CLEVR visual QA set in LLaVA's JSON format.")
+    p.add_argument("--out", required=True, type=Path, help="output directory (images/ and data.json)")
+    p.add_argument("--n-images", type=int, default=1000)
+    p.add_argument("--questions-per-image", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=112)
+    p.add_argument("--n-objects", type=int, default=6)
+    a = p.parse_args(argv)
+    path = generate(a.out, a.n_images, a.questions_per_image, a.seed, a.image_size, a.n_objects)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
