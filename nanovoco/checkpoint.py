@@ -29,9 +29,13 @@ class Checkpoint:
     def __init__(self, path, weights_file=False):
         self.path = Path(path)
         if not self.path.exists():
-            raise FileNotFoundError(f"{self.path} does not exist: pass a local checkpoint directory (config.json + "
-                                    f"model.safetensors); nanovoco never downloads from the Hugging Face hub")
+            what = "weights file (e.g. mm_projector.bin)" if weights_file else \
+                "checkpoint directory (config.json + model.safetensors)"
+            raise FileNotFoundError(f"{self.path} does not exist: pass a local {what}; nanovoco never downloads from "
+                                    f"the Hugging Face hub")
         self.config, self.config_file = None, None
+        if weights_file and self.path.is_dir():
+            raise ValueError(f"{self.path} is a directory: pass the weights file itself (e.g. mm_projector.bin)")
         if self.path.is_dir():
             self.config_file = self.path / "config.json"
             self.config = read_json(self.config_file, "the checkpoint's config.json")
@@ -42,7 +46,7 @@ class Checkpoint:
         elif weights_file:
             weights = self.path
         else:
-            raise ValueError(f"{self.path} is a file: pass the checkpoint directory that holds it and config.json")
+            raise ValueError(f"{self.path} is a file: pass the checkpoint directory (with config.json and weights)")
         self._open = {}  # file -> safe_open handle, or the dict of tensors of a .bin
         if weights.name.endswith(".index.json"):  # sharded: the index maps every key to its shard
             index = read_json(weights, "the shard index")
@@ -303,6 +307,7 @@ def vlm_parts(path, vision_path, projector_path, build_config):
 
     if kind == "llava":  # LLaVA-1.5 / VoCo-LLaMA training output
         vision = Checkpoint(vision_dir(vision_path, hf.get("mm_vision_tower"), ckpt))
+        require_kind(vision, "clip")
         kind = hf.get("mm_projector_type", "linear")
         if kind not in LLAVA_PROJECTOR:
             raise ValueError(f"{file}: mm_projector_type={kind!r} is not supported: use 'linear' or 'mlp2x_gelu'")
@@ -310,11 +315,15 @@ def vlm_parts(path, vision_path, projector_path, build_config):
                              vision={**clip_config(vision.config, vision.config_file),
                                      "select_layer": hf.get("mm_vision_select_layer", -2),
                                      "select_feature": hf.get("mm_vision_select_feature", "patch")},
-                             projector_type=kind, image_token_id=hf.get("image_token_index", -200))
+                             projector_type=kind, image_token_id=hf.get("image_token_index", -200),
+                             voco_token_id=hf.get("voco_token_id", -1), num_voco=hf.get("num_voco", 0),
+                             compressor=hf.get("compressor", "none"),
+                             compressor_tokens=hf.get("compressor_tokens", 0))
         if hf.get("mm_hidden_size", config.vision.hidden_size) != config.vision.hidden_size:
             raise ValueError(f"{file}: mm_hidden_size={hf['mm_hidden_size']} but the CLIP in {vision.path} has "
                              f"hidden_size={config.vision.hidden_size}: pass the vision tower this model was trained with")
-        keys = {**llama_keys(config.text, "llm."), **projector_keys(kind, LLAVA_PROJECTOR[kind], "projector.")}
+        keys = {**llama_keys(config.text, "llm."), **projector_keys(kind, LLAVA_PROJECTOR[kind], "projector."),
+                **compressor_keys(k.removeprefix("model.") for k in ckpt.files)}
         return config, [(ckpt, keys, LLAMA_UNUSED), vision_part(vision, config.vision)]
 
     # A plain LLaMA/Vicuna + CLIP + LLaVA's stage-1 mm_projector.bin: where VoCo-LLaMA's official recipe starts.
@@ -323,6 +332,7 @@ def vlm_parts(path, vision_path, projector_path, build_config):
                          f"vision_path=<CLIP directory> and projector_path=<LLaVA-1.5 mm_projector.bin>, or a LLaVA "
                          f"checkpoint directory")
     vision, projector = Checkpoint(vision_path), Checkpoint(projector_path, weights_file=True)
+    require_kind(vision, "clip")
     kind = "mlp2x_gelu" if "model.mm_projector.0.weight" in projector.files else "linear"
     config = make_config(text=llama_config(hf, file), vision=clip_config(vision.config, vision.config_file),
                          projector_type=kind)
@@ -375,7 +385,11 @@ def load(cls, config, parts, dtype=None, device=None):
                                  f"built from {config_source(parts)} needs {tuple(expected[ours].shape)}: these "
                                  f"weights were saved for another configuration (or another vision tower)")
             state[ours] = ckpt.get(theirs).to(device=device, dtype=dtype or torch.float32)
-    assert state.keys() == expected.keys(), f"key map does not cover {set(expected) ^ set(state)}"
+    if state.keys() != expected.keys():
+        missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
+        raise KeyError(f"{config_source(parts)}: the checkpoint has no tensors for {missing[:3]} (of {len(missing)}) "
+                       f"and extra ones for {extra[:3]}: it was saved with another configuration (e.g. without the "
+                       f"baseline compressor)")
     model.load_state_dict(state, strict=True, assign=True)
     return model
 
@@ -384,11 +398,10 @@ def config_source(parts) -> str:
     return " + ".join(str(ckpt.config_file) for ckpt, _, _ in parts if ckpt.config_file)
 
 
-def save(path, hf_config: dict, model, keys: dict, name="model.safetensors"):
+def save(path, hf_config: dict, state: dict, keys: dict, name="model.safetensors"):
     """Write config.json + safetensors under their on-disk names (the inverse of `keys`), each file atomically."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    state = model.state_dict()
     tensors = {theirs: state[ours].detach().contiguous().cpu() for ours, theirs in keys.items()}
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     atomic_write(path / name, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
@@ -406,17 +419,25 @@ def atomic_write(path: Path, write):
         tmp.unlink(missing_ok=True)
 
 
-def save_vlm(path, model):
-    """Write the VLM in LLaVA-1.5's own layout (what VoCo-LLaMA's official training writes): LLaMA keys +
-    model.mm_projector.* in path/, and the CLIP layers that run in path/vision_tower/ (CLIPVisionModel layout),
-    which config.json names as mm_vision_tower. Only the layers up to the selected one are kept, so the saved
-    select layer is -1 (the last of those)."""
-    c, path = model.config, Path(path)
-    save(path / "vision_tower", clip_hf_config(c.vision), model, clip_keys(c.vision, "vision_model.", "vision."))
+def save_vlm(path, c, state: dict):
+    """Write the VLM (config `c`, full state dict `state`) in LLaVA-1.5's own layout, what VoCo-LLaMA's official
+    training writes: LLaMA keys + model.mm_projector.* in path/, and the CLIP layers that run in
+    path/vision_tower/ (CLIPVisionModel layout), which config.json names as mm_vision_tower. Only the layers up to
+    the selected one are kept, so the saved select layer is -1 (the last of those). nanovoco's own fields (VoCo
+    token, baseline compressor under model.compressor.*) are extra config keys that LLaVA's code ignores."""
+    path = Path(path)
+    save(path / "vision_tower", clip_hf_config(c.vision), state, clip_keys(c.vision, "vision_model.", "vision."))
     hf = {**llama_hf_config(c.text), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
           "mm_vision_tower": "vision_tower", "mm_vision_select_layer": -1,
           "mm_vision_select_feature": c.vision.select_feature, "mm_projector_type": c.projector_type,
-          "mm_hidden_size": c.vision.hidden_size, "image_token_index": c.image_token_id}
+          "mm_hidden_size": c.vision.hidden_size, "image_token_index": c.image_token_id,
+          "voco_token_id": c.voco_token_id, "num_voco": c.num_voco, "compressor": c.compressor,
+          "compressor_tokens": c.compressor_tokens}
     keys = {**llama_keys(c.text, "llm."), **projector_keys(c.projector_type, LLAVA_PROJECTOR[c.projector_type],
-                                                           "projector.")}
-    save(path, hf, model, keys)
+                                                           "projector."), **compressor_keys(state)}
+    save(path, hf, state, keys)
+
+
+def compressor_keys(names) -> dict:
+    """A baseline compressor keeps nanovoco's own names, under model.compressor.* (no other format has one)."""
+    return {k: "model." + k for k in names if k.startswith("compressor.")}

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from nanovoco import checkpoint
+from nanovoco.baselines import COMPRESSORS
 
 # A KV cache is a plain list with one (k, v) pair per decoder layer, each (B, n_kv_heads, L_cached, head_dim).
 # Keys are stored *after* RoPE, so a cached key carries the position it was computed at.
@@ -88,6 +89,19 @@ class VoCoLlamaConfig:
     vision: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
     projector_type: str = "mlp2x_gelu"  # LLaVA's mm_projector_type: "linear" or "mlp2x_gelu"
     image_token_id: int = -200  # LLaVA's IMAGE_TOKEN_INDEX: a placeholder id, replaced before embedding
+    # VoCo-LLaMA: the <voco> token (an ordinary vocabulary entry, id 32000 on Vicuna) and how many of them follow
+    # each image. They change no module: only the sequence layout and the attention mask (voco.py).
+    voco_token_id: int = -1
+    num_voco: int = 0
+    # The paper's baselines: an external compressor (baselines.py) that shrinks each image to compressor_tokens
+    compressor: str = "none"  # "none", "avgpool" or "qformer"
+    compressor_tokens: int = 0
+
+    def __post_init__(self):
+        if self.compressor not in ("none", *COMPRESSORS):
+            raise ValueError(f"compressor={self.compressor!r} is not supported: use 'none', 'avgpool' or 'qformer'")
+        if self.compressor != "none" and self.compressor_tokens < 1:
+            raise ValueError(f"compressor={self.compressor!r} needs compressor_tokens >= 1")
 
     @classmethod
     def from_dicts(cls, text: dict, vision: dict, **rest) -> VoCoLlamaConfig:
@@ -95,7 +109,9 @@ class VoCoLlamaConfig:
 
     @property
     def num_image_tokens(self) -> int:
-        """Placeholder ids per image in input_ids: each is replaced by one projected vision feature."""
+        """Placeholder ids per image in input_ids: each is replaced by one projected (compressed) vision feature."""
+        if self.compressor != "none":
+            return self.compressor_tokens
         return self.vision.num_patches + (self.vision.select_feature == "cls_patch")
 
 
@@ -255,7 +271,22 @@ class Llama(nn.Module):
 
     def save_pretrained(self, path):
         """Write config.json + model.safetensors in HF LlamaForCausalLM layout (loadable by transformers too)."""
-        checkpoint.save(path, checkpoint.llama_hf_config(self.config), self, checkpoint.llama_keys(self.config))
+        checkpoint.save(path, checkpoint.llama_hf_config(self.config), self.state_dict(),
+                        checkpoint.llama_keys(self.config))
+
+    def resize_vocab(self, vocab_size: int):
+        """Grow the vocabulary for added tokens (VoCo-LLaMA's <voco>): new embedding and head rows are drawn from
+        N(0, 0.02), transformers' default init for new rows when the official code was written."""
+        old = self.config.vocab_size
+        if vocab_size < old:
+            raise ValueError(f"resize_vocab only grows the vocabulary ({old} -> {vocab_size} requested)")
+        for name in ("embed_tokens", "lm_head"):
+            module = getattr(self, name)
+            if module is not None:
+                rows = torch.randn(vocab_size - old, self.config.hidden_size, dtype=module.weight.dtype,
+                                   device=module.weight.device) * 0.02
+                module.weight = nn.Parameter(torch.cat([module.weight.data, rows]))
+        self.config.vocab_size = vocab_size
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -357,6 +388,8 @@ class VoCoLlama(nn.Module):
         self.config = config
         self.vision = CLIPVisionTower(config.vision)
         self.projector = Projector(config.projector_type, config.vision.hidden_size, config.text.hidden_size)
+        self.compressor = None if config.compressor == "none" else COMPRESSORS[config.compressor](
+            config.text.hidden_size, config.compressor_tokens)
         self.llm = Llama(config.text)
 
     def embed(self, input_ids, pixel_values=None):
@@ -376,8 +409,10 @@ class VoCoLlama(nn.Module):
                              f" x {self.config.num_image_tokens} features were given: expand each <image> to "
                              f"{self.config.num_image_tokens} placeholder ids, one image per <image>")
         if n_images:
-            features = self.projector(self.vision(pixel_values)).to(x.dtype)  # (n_images, N, D)
-            x = x.masked_scatter(is_image[..., None], features)
+            features = self.projector(self.vision(pixel_values))  # (n_images, N, D)
+            if self.compressor is not None:
+                features = self.compressor(features)  # (n_images, K, D)
+            x = x.masked_scatter(is_image[..., None], features.to(x.dtype))
         return x
 
     def forward(self, input_ids, pixel_values=None, attn_mask=None, position_ids=None, cache=None) -> Output:
@@ -398,4 +433,4 @@ class VoCoLlama(nn.Module):
 
     def save_pretrained(self, path):
         """Write LLaVA-1.5's layout (+ the CLIP in path/vision_tower), which from_pretrained loads back."""
-        checkpoint.save_vlm(path, self)
+        checkpoint.save_vlm(path, self.config, self.state_dict())

@@ -10,7 +10,8 @@ them must read the image through whatever it is given of it: here, a few VoCo to
 
 writes out/images/000000.png, ... and out/data.json, one LLaVA record per question:
     {"id": "000000_0", "image": "images/000000.png", "type": "closest",
-     "conversations": [{"from": "human", "value": "<image>\\nWhat is the colour of ...?"}, {"from": "gpt", "value": "blue"}],
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is the colour of ...?"},
+                       {"from": "gpt", "value": "blue"}],
      "scene": [{"color": "red", "shape": "circle", "x": 14, "y": 42}, ...]}
 "type" and "scene" are ours (LLaVA ignores extra keys): per-type accuracy, and answers that can be checked.
 """

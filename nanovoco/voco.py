@@ -40,9 +40,14 @@ def voco_mask(segments: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     return (allowed | (q_seg == PAD) & torch.eye(L, dtype=torch.bool, device=segments.device))[:, None]
 
 
+def without_compression(segments: torch.Tensor) -> torch.Tensor:
+    """Relabel every real token TEXT: the same sequence seen without VoCo compression (plain causal attention)."""
+    return torch.where(segments == PAD, PAD, TEXT)
+
+
 def causal_pad_mask(segments: torch.Tensor) -> torch.Tensor:
     """The mask without VoCo compression (the `full` and `lower_bound` training modes): causal, PAD keys hidden."""
-    return voco_mask(torch.where(segments == PAD, PAD, TEXT), torch.full_like(segments, -1))
+    return voco_mask(without_compression(segments), torch.full_like(segments, -1))
 
 
 def render_mask(mask: torch.Tensor, segments: torch.Tensor, path=None) -> str:

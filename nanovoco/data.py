@@ -1,0 +1,214 @@
+"""LLaVA-format visual instruction data, laid out the way VoCo-LLaMA trains on it.
+
+The JSON is LLaVA's (e.g. llava_v1_5_mix665k.json): a list of records {"id", "image"?, "conversations": [{"from":
+"human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}. The token layout is VoCo-LLaMA's
+(train_compress.py), which puts the image and the VoCo tokens before the Vicuna system prompt and removes every "\\n"
+and "<image>" from the conversation:
+
+    [BOS] [image x N] [\\n] [<voco> x num_voco] [\\n] system USER: u1 ASSISTANT: a1</s>USER: u2 ASSISTANT: a2</s>
+    '------ VISION, group 0 ------' VOCO, group 0 '----------------------- TEXT, group -1 ---------------------'
+
+Labels are LLaVA's preprocess_v1: loss on each answer and its </s> only. Both codebases tokenize the whole prompt and
+then find the answer spans again from the lengths of separately tokenized rounds (off by a token wherever the
+tokenizer merges across a boundary: LLaVA's "tokenization mismatch" warning). Here the sequence is built chunk by
+chunk, so labels and segments are right by construction. Text-only records (no "image" key) are plain Vicuna.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanovoco.image import load_image, preprocess
+from nanovoco.tokenizer import VOCO_SYSTEM
+from nanovoco.voco import PAD, TEXT, VISION, VOCO
+
+IGNORE_INDEX = -100  # label of tokens without loss (PyTorch cross_entropy's default ignore_index)
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    labels: list[int]  # the token itself where it is trained on (answers and their </s>), IGNORE_INDEX elsewhere
+    segments: list[int]  # voco.TEXT / VISION / VOCO of each token
+    groups: list[int]  # 0 for the image and its VoCo tokens, -1 for text
+
+
+def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int, voco_token_id: int, num_voco: int,
+                 has_image: bool = True, max_len: int = 2048) -> Sample:
+    """One training sample (or, when the last turn's answer is None, an inference prompt) from turns, a list of
+    (user_text, assistant_text) pairs. See the module docstring for the layout.
+
+    num_voco=0 keeps the image but no VoCo tokens: the uncompressed `full` mode, to be run with
+    voco.causal_pad_mask (voco_mask would hide the image from the text). "<image>" is removed from user texts, as
+    the official code does; any other special token written in a text ("<voco>", "<s>", "</s>", "<image>" in an
+    answer) is a ValueError rather than silently stripped: it would otherwise be encoded as the control token itself.
+    A training sample longer than max_len loses the tail of its text; the image/VoCo prefix is never cut.
+    """
+    if not turns:
+        raise ValueError("a sample needs at least one (user, assistant) turn")
+    forbidden = {tokenizer.bos_id, tokenizer.eos_id, voco_token_id, *tokenizer.special_ids.values()}
+
+    def encode(text, where):
+        ids = tokenizer.encode(text, bos=False)
+        bad = [i for i in ids if i in forbidden]
+        if bad:
+            raise ValueError(f"{where} contains the special token {tokenizer.decode(bad[:1])!r} as text: remove it "
+                             f"from the data (only '<image>' in a user text is allowed, and removed)")
+        return ids
+
+    s = Sample([], [], [], [])
+
+    def add(ids, segment, group=-1, loss=False):
+        s.input_ids += ids
+        s.labels += ids if loss else [IGNORE_INDEX] * len(ids)
+        s.segments += [segment] * len(ids)
+        s.groups += [group] * len(ids)
+
+    if has_image:
+        # BOS is VISION on purpose: in the official mask it sits before the VoCo tokens, so text never sees it, and
+        # a model trained without BOS in the text's view must be run that way. The "\n" after the image too.
+        add([tokenizer.bos_id] + [image_token_id] * num_image_tokens + tokenizer.encode("\n", bos=False), VISION, 0)
+        add([voco_token_id] * num_voco, VOCO, 0)
+        lead = "\n"  # the official prompt is "<image>\n" + "<voco>" * N + "\n" + conversation
+    else:
+        add([tokenizer.bos_id], TEXT)
+        lead = ""
+    prefix = len(s.input_ids)
+    if prefix > max_len:
+        raise ValueError(f"the image/VoCo prefix alone is {prefix} tokens ({num_image_tokens} image, {num_voco} VoCo), "
+                         f"more than max_len={max_len}: raise max_len")
+
+    for k, (user, assistant) in enumerate(turns):
+        system = lead + VOCO_SYSTEM + " " if k == 0 else ""
+        add(encode(system + "USER: " + user.replace("<image>", "").replace("\n", "") + " ASSISTANT:",
+                   f"turn {k}'s user text"), TEXT)
+        if assistant is None:
+            if k != len(turns) - 1:
+                raise ValueError(f"turn {k} has no answer but is not the last turn: only the last turn can be open")
+            if len(s.input_ids) > max_len:  # cutting a prompt would cut the question or " ASSISTANT:"
+                raise ValueError(f"the prompt is {len(s.input_ids)} tokens, more than max_len={max_len}; prompts "
+                                 f"are not truncated: shorten the conversation or raise max_len")
+            return s
+        add(encode(assistant.replace("\n", ""), f"turn {k}'s assistant text") + [tokenizer.eos_id], TEXT, loss=True)
+
+    for field in (s.input_ids, s.labels, s.segments, s.groups):  # LLaVA's model_max_length: cut the tail
+        del field[max_len:]
+    return s
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """A LLaVA-format JSON + image folder. Items: dict(sample=Sample, pixel_values=(3, H, W) tensor or None,
+    type=the record's "type" or None); prompt(i) gives the first question alone, for evaluation.
+
+    config is the VoCoLlamaConfig (image_token_id, num_image_tokens, vision.image_size); the VoCo id is the
+    tokenizer's "<voco>". The whole file is checked at construction, images included, so that a bad record stops a
+    run before training starts rather than hours into it; every error names the file and the record.
+    """
+
+    def __init__(self, json_path, image_folder, tokenizer, config, *, num_voco: int = 2, max_len: int = 2048):
+        self.json_path, self.image_folder = Path(json_path), Path(image_folder)
+        self.tokenizer, self.num_voco, self.max_len = tokenizer, num_voco, max_len
+        self.image_token_id, self.num_image_tokens = config.image_token_id, config.num_image_tokens
+        self.image_size, self.voco_token_id = config.vision.image_size, tokenizer.special_ids["<voco>"]
+        self.records = self._read()
+
+    def where(self, i, record, file=True) -> str:
+        """How errors name a record: "data.json: record 3 (id '000001_2')"."""
+        name = f"record {i}" + (f" (id {record['id']!r})" if isinstance(record, dict) and "id" in record else "")
+        return f"{self.json_path}: {name}" if file else name
+
+    def _read(self) -> list:
+        path = self.json_path
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} does not exist: pass a LLaVA-format JSON file (a list of records)")
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e})") from e
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
+        # special tokens a text must not spell out ("<image>" is handled on its own)
+        forbidden = [self.tokenizer.decode([i]) for i in (self.tokenizer.bos_id, self.tokenizer.eos_id,
+                                                           self.voco_token_id)]
+        missing = []
+        for i, record in enumerate(records):
+            self._check(i, record, forbidden)
+            if "image" in record and not (self.image_folder / record["image"]).is_file():
+                missing.append(f"{self.where(i, record, file=False)}: {record['image']}")
+        if missing:
+            raise FileNotFoundError(f"{path}: {len(missing)} image(s) missing under {self.image_folder}, e.g.\n  "
+                                    + "\n  ".join(missing[:3]))
+        return records
+
+    def _check(self, i, record, forbidden):
+        where = self.where(i, record)
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} is a {type(record).__name__}, not an object")
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not turns:
+            raise ValueError(f"{where} has no 'conversations' list")
+        for j, turn in enumerate(turns):
+            expected = ("human", "gpt")[j % 2]
+            if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+                raise ValueError(f"{where}: turn {j} is not an object with a string 'value'")
+            if turn.get("from") != expected:
+                raise ValueError(f"{where}: turn {j} is from {turn.get('from')!r}, expected {expected!r}: roles must "
+                                 f"alternate human, gpt, human, ... starting with human")
+            if expected == "gpt" and "<image>" in turn["value"]:
+                raise ValueError(f"{where}: turn {j} (gpt) contains '<image>': the tag belongs in a human turn")
+            for token in forbidden:
+                if token in turn["value"]:
+                    raise ValueError(f"{where}: turn {j} contains the special token {token!r} as text")
+        if len(turns) % 2:
+            raise ValueError(f"{where} ends with a human turn that has no gpt answer")
+        n_tags = sum(turn["value"].count("<image>") for turn in turns)
+        if n_tags > 1:
+            raise ValueError(f"{where} has {n_tags} '<image>' tags: at most one image per record")
+        if "image" not in record and n_tags:
+            raise ValueError(f"{where} has an '<image>' tag but no 'image' key")
+        if "image" in record and not isinstance(record["image"], str):
+            raise ValueError(f"{where}: 'image' must be a file name relative to the image folder, got "
+                             f"{record['image']!r}")
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        c = self.records[i]["conversations"]
+        return self._item(i, [(c[j]["value"], c[j + 1]["value"]) for j in range(0, len(c), 2)])
+
+    def prompt(self, i):
+        """The record's first question as an inference prompt (open after " ASSISTANT:"), for evaluation: the
+        item of __getitem__ plus answer=the reference answer to that question."""
+        question, answer = (turn["value"] for turn in self.records[i]["conversations"][:2])
+        return {**self._item(i, [(question, None)]), "answer": answer}
+
+    def _item(self, i, turns):
+        record = self.records[i]
+        try:
+            sample = build_sample(self.tokenizer, turns, image_token_id=self.image_token_id,
+                                  num_image_tokens=self.num_image_tokens, voco_token_id=self.voco_token_id,
+                                  num_voco=self.num_voco, has_image="image" in record, max_len=self.max_len)
+            pixel_values = None
+            if "image" in record:  # LLaVA-1.5's image_aspect_ratio="pad": the whole image, centred on a square
+                pixel_values = preprocess(load_image(self.image_folder / record["image"]), self.image_size)
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(f"{self.where(i, record)}: {e}") from e
+        return dict(sample=sample, pixel_values=pixel_values, type=record.get("type"))
+
+
+def collate(batch, pad_id: int = 0) -> dict:
+    """Items of LlavaDataset -> a right-padded batch: input_ids, labels (IGNORE_INDEX on pad), segments (PAD on pad),
+    groups (-1 on pad), all (B, L); pixel_values (n_images, 3, H, W) in batch order, or None; types, a list.
+    pad_id 0 is LLaMA's <unk>, the pad LLaVA uses; no loss and no attention ever touch it."""
+    L = max(len(item["sample"].input_ids) for item in batch)
+
+    def pad(field, value):
+        return torch.tensor([getattr(item["sample"], field) + [value] * (L - len(item["sample"].input_ids))
+                             for item in batch])  # (B, L)
+
+    images = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]
+    return dict(input_ids=pad("input_ids", pad_id), labels=pad("labels", IGNORE_INDEX), segments=pad("segments", PAD),
+                groups=pad("groups", -1), pixel_values=torch.stack(images) if images else None,
+                types=[item["type"] for item in batch])

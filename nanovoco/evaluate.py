@@ -1,0 +1,52 @@
+"""Visual QA accuracy: greedy answers to held-out questions, exact match with the reference, per question type.
+
+The prompt is run the way the model was trained to read it: under the VoCo mask (`compressed=True`, the voco and
+lower_bound modes), so the answer can use the image only through the VoCo tokens, or with plain causal attention
+(the full, avgpool and qformer modes). Generation is single-pass masked inference (generate.py).
+"""
+import torch
+from tqdm import tqdm
+
+from nanovoco.generate import generate
+from nanovoco.voco import PAD, without_compression
+
+
+def left_pad(samples, pad_id=0):
+    """Prompts -> (B, L) input_ids, segments, groups, padded on the left so that every row ends where generation
+    starts."""
+    L = max(len(s.input_ids) for s in samples)
+
+    def pad(field, value):
+        return torch.tensor([[value] * (L - len(s.input_ids)) + getattr(s, field) for s in samples])
+
+    return pad("input_ids", pad_id), pad("segments", PAD), pad("groups", -1)
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.lower().strip().rstrip(".").split())
+
+
+@torch.no_grad()
+def vqa_accuracy(vlm, dataset, compressed: bool, limit: int = 0, batch_size: int = 32, max_new_tokens: int = 8,
+                 progress: bool = False) -> dict:
+    """Accuracy on the first question of each record of `dataset` (a data.LlavaDataset), the first `limit` records
+    when limit > 0. Returns {"overall": float, "by_type": {type: float}, "n": int}."""
+    vlm.eval()
+    tokenizer = dataset.tokenizer
+    device = next(vlm.parameters()).device
+    n = min(limit, len(dataset)) if limit else len(dataset)
+    correct, total = {}, {}
+    for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
+        items = [dataset.prompt(i) for i in range(start, min(n, start + batch_size))]
+        ids, segments, groups = (t.to(device) for t in left_pad([it["sample"] for it in items]))
+        images = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
+        pixels = torch.stack(images).to(device) if images else None
+        answers = generate(vlm.llm, inputs_embeds=vlm.embed(ids, pixels),
+                           segments=segments if compressed else without_compression(segments), groups=groups,
+                           max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
+        for it, answer in zip(items, answers):
+            kind = it["type"] or "all"
+            total[kind] = total.get(kind, 0) + 1
+            correct[kind] = correct.get(kind, 0) + (normalise(tokenizer.decode(answer)) == normalise(it["answer"]))
+    return {"overall": sum(correct.values()) / max(1, sum(total.values())),
+            "by_type": {k: correct[k] / total[k] for k in sorted(total)}, "n": sum(total.values())}

@@ -1,0 +1,246 @@
+"""The VoCo-LLaMA sequence layout (against the Vicuna template and the VoCo mask) and LLaVA-JSON loading errors."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from nanovoco import synthetic
+from nanovoco.data import IGNORE_INDEX, LlavaDataset, build_sample, collate
+from nanovoco.model import preset
+from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, render_vicuna, train_tiny_tokenizer
+from nanovoco.voco import PAD, TEXT, VISION, VOCO, voco_mask
+
+IMAGE, N_IMAGE = -200, 4  # LLaVA's placeholder id; 4 vision tokens keep the sequences readable
+CORPUS = [VOCO_SYSTEM, "USER: What is this? ASSISTANT: A cat.</s>USER: And that? ASSISTANT: A dog on a mat.</s>",
+          "What shape is the red object? How many squares are there? circle square triangle left right"] * 20
+TURNS = [("<image>\nWhat is\nthis?", "A cat."), ("And that?", "A dog\non a mat.")]
+CLEAN = [("What isthis?", "A cat."), ("And that?", "A dogon a mat.")]  # the official .replace("\n", "")
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return Tokenizer(train_tiny_tokenizer(CORPUS, tmp_path_factory.mktemp("tok") / "tokenizer.model"))
+
+
+def build(tok, turns=TURNS, **kw):
+    return build_sample(tok, turns, **{**dict(image_token_id=IMAGE, num_image_tokens=N_IMAGE,
+                                              voco_token_id=tok.special_ids["<voco>"], num_voco=2), **kw})
+
+
+def spans(sample):
+    """Runs of consecutive labelled positions, as lists of label ids."""
+    out, run = [], []
+    for label in sample.labels + [IGNORE_INDEX]:
+        if label != IGNORE_INDEX:
+            run.append(label)
+        elif run:
+            out, run = out + [run], []
+    return out
+
+
+def test_layout_is_the_official_one(tok):
+    s = build(tok)
+    newline = tok.encode("\n", bos=False)
+    n_vision = 1 + N_IMAGE + len(newline)
+    assert s.input_ids[:n_vision + 2] == [tok.bos_id] + [IMAGE] * N_IMAGE + newline + [tok.special_ids["<voco>"]] * 2
+    n_text = len(s.input_ids) - n_vision - 2
+    assert s.segments == [VISION] * n_vision + [VOCO] * 2 + [TEXT] * n_text
+    assert s.groups == [0] * (n_vision + 2) + [-1] * n_text
+    assert len(s.labels) == len(s.input_ids)
+    # the text part is exactly "\n" + the Vicuna template with VoCo's system prompt, "\n" and "<image>" removed
+    assert tok.decode(s.input_ids[n_vision + 2:]) == "\n" + render_vicuna(CLEAN, system=VOCO_SYSTEM)
+    # loss on the answers and their </s>, nowhere else, with labels equal to the tokens
+    assert [tok.decode(run) for run in spans(s)] == ["A cat.</s>", "A dogon a mat.</s>"]
+    assert all(label in (IGNORE_INDEX, i) for label, i in zip(s.labels, s.input_ids))
+    assert all(seg == TEXT for seg, label in zip(s.segments, s.labels) if label != IGNORE_INDEX)
+
+
+def test_newlines_are_removed_from_the_conversation(tok):
+    s = build(tok, [("a\nb\n\nc", "d\ne")])
+    text = tok.decode(s.input_ids[s.segments.index(TEXT):])
+    assert text.count("\n") == 1 and text.startswith("\n")  # only the official one after the VoCo tokens
+    assert "USER: abc ASSISTANT: de</s>" in text
+
+
+def test_full_mode_has_no_voco_tokens(tok):
+    s = build(tok, num_voco=0)
+    assert VOCO not in s.segments and tok.special_ids["<voco>"] not in s.input_ids
+    assert s.segments[:1 + N_IMAGE] == [VISION] * (1 + N_IMAGE)
+    assert tok.decode(s.input_ids[s.segments.index(TEXT):]) == "\n" + render_vicuna(CLEAN, system=VOCO_SYSTEM)
+
+
+def test_prompt_only_sample(tok):
+    s = build(tok, [TURNS[0], ("And that?", None)])
+    text = tok.decode(s.input_ids[s.segments.index(TEXT):])
+    assert text == "\n" + render_vicuna([CLEAN[0], ("And that?", None)], system=VOCO_SYSTEM)
+    assert text.endswith("USER: And that? ASSISTANT:")
+    assert [tok.decode(run) for run in spans(s)] == ["A cat.</s>"]
+    with pytest.raises(ValueError, match="turn 0 has no answer but is not the last"):
+        build(tok, [("q", None), ("q", "a")])
+    with pytest.raises(ValueError, match="prompts are not truncated"):
+        build(tok, [("What is this?", None)], max_len=1 + N_IMAGE + 2 + 2 + 5)
+
+
+def test_text_only_sample(tok):
+    s = build(tok, has_image=False)
+    assert s.input_ids[0] == tok.bos_id and IMAGE not in s.input_ids
+    assert set(s.segments) == {TEXT} and set(s.groups) == {-1}
+    assert tok.decode(s.input_ids[1:]) == render_vicuna(CLEAN, system=VOCO_SYSTEM)
+    assert [tok.decode(run) for run in spans(s)] == ["A cat.</s>", "A dogon a mat.</s>"]
+
+
+def test_truncation_cuts_text_only(tok):
+    full = build(tok)
+    prefix = full.segments.index(TEXT)
+    cut = build(tok, max_len=prefix + 5)
+    assert len(cut.input_ids) == prefix + 5
+    for field in ("input_ids", "labels", "segments", "groups"):
+        assert getattr(cut, field) == getattr(full, field)[:prefix + 5]
+    assert build(tok, max_len=prefix).input_ids == full.input_ids[:prefix]  # the prefix alone still fits
+    with pytest.raises(ValueError, match=rf"prefix alone is {prefix} tokens .*max_len={prefix - 1}"):
+        build(tok, max_len=prefix - 1)
+
+
+def test_special_tokens_in_text(tok):
+    # "<image>" in a user text is removed (the official behaviour); the others would become control tokens
+    plain = build(tok, [("What is this?", "A cat.")])
+    assert build(tok, [("What <image>is this?", "A cat.")]).input_ids == plain.input_ids
+    assert tok.special_ids["<image>"] not in build(tok, [("<image>\nhi", "a")]).input_ids
+    with pytest.raises(ValueError, match="turn 0's user text contains the special token '<voco>'"):
+        build(tok, [("What <voco> is this?", "A cat.")])
+    with pytest.raises(ValueError, match="turn 1's assistant text contains the special token '</s>'"):
+        build(tok, [("a", "b"), ("c", "d</s>e")])
+    with pytest.raises(ValueError, match="'<image>'"):
+        build(tok, [("a", "an <image> here")])
+
+
+def test_collate_pads_and_links_to_the_mask(tok):
+    long, short, text = build(tok), build(tok, [("Hi", "A cat.")]), build(tok, [("Hi", "A cat.")], has_image=False)
+    pixels = torch.randn(3, 8, 8)
+    batch = collate([dict(sample=long, pixel_values=pixels, type="a"), dict(sample=short, pixel_values=pixels * 2,
+                     type=None), dict(sample=text, pixel_values=None, type="c")])
+    B, L = 3, len(long.input_ids)
+    for key in ("input_ids", "labels", "segments", "groups"):
+        assert batch[key].shape == (B, L) and batch[key].dtype == torch.long
+    n = len(short.input_ids)
+    assert batch["input_ids"][1].tolist() == short.input_ids + [0] * (L - n)
+    assert batch["labels"][1, n:].eq(IGNORE_INDEX).all() and batch["segments"][1, n:].eq(PAD).all()
+    assert batch["groups"][1, n:].eq(-1).all() and batch["segments"][1, :n].tolist() == short.segments
+    assert torch.equal(batch["pixel_values"], torch.stack([pixels, pixels * 2]))  # (n_images, 3, H, W), in order
+    assert batch["types"] == ["a", None, "c"]
+    assert collate([dict(sample=text, pixel_values=None, type=None)], pad_id=7)["pixel_values"] is None
+
+    mask = voco_mask(batch["segments"], batch["groups"])[:, 0]  # (B, L, L)
+    seg = batch["segments"][0]
+    row = L - 1  # the last answer token of the longest sample
+    assert mask[0, row, seg == VOCO].all() and not mask[0, row, seg == VISION].any()
+    voco = int((seg == VOCO).nonzero()[-1])
+    assert mask[0, voco, :voco + 1].all()  # the last VoCo token sees BOS, the image, the "\n", the VoCo before it
+    assert mask[2, len(text.input_ids) - 1, :len(text.input_ids)].all()  # text-only: plain causal
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LlavaDataset
+
+CONFIG = preset("tiny")  # 112 px images, 64 vision tokens
+
+
+def record(**kw):
+    return {"id": "r1", "image": "a.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Red."}], **kw}
+
+
+def write(tmp_path, records, text=None):
+    Image.new("RGB", (30, 20), "red").save(tmp_path / "a.png")
+    path = tmp_path / "data.json"
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text if text is not None else json.dumps(records))
+    return path
+
+
+def dataset(tok, path, **kw):
+    return LlavaDataset(path, path.parent, tok, CONFIG, **kw)
+
+
+def test_dataset_items(tok, tmp_path):
+    text_only = {"id": "t", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]}
+    ds = dataset(tok, write(tmp_path, [record(type="shape"), text_only]), num_voco=1)
+    assert len(ds) == 2
+    item = ds[0]
+    assert item["type"] == "shape" and item["pixel_values"].shape == (3, 112, 112)
+    s = item["sample"]
+    assert s.input_ids.count(CONFIG.image_token_id) == CONFIG.num_image_tokens
+    assert s.input_ids.count(tok.special_ids["<voco>"]) == 1
+    assert [tok.decode(run) for run in spans(s)] == ["Red.</s>"]
+    assert ds[1]["pixel_values"] is None and ds[1]["type"] is None and set(ds[1]["sample"].segments) == {TEXT}
+
+    prompt = ds.prompt(0)  # the first question alone, for evaluation: the training sample up to " ASSISTANT:"
+    assert prompt["answer"] == "Red." and prompt["type"] == "shape"
+    assert torch.equal(prompt["pixel_values"], item["pixel_values"])
+    p = prompt["sample"]
+    assert p.input_ids == s.input_ids[:len(p.input_ids)] and p.segments == s.segments[:len(p.input_ids)]
+    assert tok.decode(p.input_ids[p.segments.index(TEXT):]).endswith("ASSISTANT:") and set(p.labels) == {IGNORE_INDEX}
+
+
+def test_dataset_on_synthetic_data(tok, tmp_path):
+    synthetic.generate(tmp_path, n_images=3, questions_per_image=2, seed=0)
+    ds = dataset(tok, tmp_path / "data.json")
+    batch = collate([ds[i] for i in range(len(ds))])
+    assert batch["pixel_values"].shape == (6, 3, 112, 112)
+    assert (batch["input_ids"] == CONFIG.image_token_id).sum() == 6 * CONFIG.num_image_tokens
+    assert set(batch["types"]) <= set(synthetic.QUESTION_TYPES)
+
+
+@pytest.mark.parametrize("records, text, error, match", [
+    (None, "[{", ValueError, r"data\.json is not valid JSON"),
+    (None, b"\xff\xfe[]", ValueError, "is not valid JSON"),
+    ({"a": 1}, None, ValueError, "expected a JSON list of records, got a dict"),
+    ([record(), "x"], None, ValueError, "record 1 is a str, not an object"),
+    ([{"id": 7, "image": "a.png"}], None, ValueError, "record 0 \\(id 7\\) has no 'conversations' list"),
+    ([record(conversations=[{"from": "gpt", "value": "x"}, {"from": "human", "value": "y"}])], None, ValueError,
+     "record 0 \\(id 'r1'\\): turn 0 is from 'gpt', expected 'human'"),
+    ([record(conversations=[{"from": "human", "value": "x"}, {"from": "human", "value": "y"}])], None, ValueError,
+     "turn 1 is from 'human', expected 'gpt': roles must alternate"),
+    ([record(conversations=[{"from": "human", "value": "x"}])], None, ValueError, "ends with a human turn"),
+    ([record(conversations=[{"from": "human", "value": 3}, {"from": "gpt", "value": "y"}])], None, ValueError,
+     "turn 0 is not an object with a string 'value'"),
+    ([record(conversations=[{"from": "human", "value": "<image><image>"}, {"from": "gpt", "value": "y"}])], None,
+     ValueError, "has 2 '<image>' tags: at most one image per record"),
+    ([record(conversations=[{"from": "human", "value": "<image>x"}, {"from": "gpt", "value": "y"},
+                            {"from": "human", "value": "<image>z"}, {"from": "gpt", "value": "w"}])], None,
+     ValueError, "has 2 '<image>' tags"),
+    ([record(), {"id": "t", "conversations": record()["conversations"]}], None, ValueError,
+     "record 1 \\(id 't'\\) has an '<image>' tag but no 'image' key"),
+    ([record(conversations=[{"from": "human", "value": "x"}, {"from": "gpt", "value": "<image>"}])], None,
+     ValueError, "turn 1 \\(gpt\\) contains '<image>'"),
+    ([record(conversations=[{"from": "human", "value": "x <voco>"}, {"from": "gpt", "value": "y"}])], None,
+     ValueError, "turn 0 contains the special token '<voco>' as text"),
+    ([record(conversations=[{"from": "human", "value": "x"}, {"from": "gpt", "value": "y</s>"}])], None,
+     ValueError, "turn 1 contains the special token '</s>'"),
+    ([record(image=["a.png"])], None, ValueError, "'image' must be a file name"),
+])
+def test_dataset_errors(tok, tmp_path, records, text, error, match):
+    with pytest.raises(error, match=match):
+        dataset(tok, write(tmp_path, records, text))
+
+
+def test_dataset_file_errors(tok, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nope\.json does not exist"):
+        dataset(tok, tmp_path / "nope.json")
+    records = [record(id=f"r{i}", image=f"gone{i}.png") for i in range(5)] + [record()]
+    with pytest.raises(FileNotFoundError, match=r"data\.json: 5 image\(s\) missing under .*\n  record 0 \(id 'r0'\): "
+                                                r"gone0\.png\n  record 1 .*gone1\.png\n  record 2 .*gone2\.png$"):
+        dataset(tok, write(tmp_path, records))
+
+
+def test_dataset_item_errors_name_the_record(tok, tmp_path):
+    path = write(tmp_path, [record(), record(id="bad", image="bad.png")])
+    (tmp_path / "bad.png").write_text("not a png")
+    ds = dataset(tok, path)
+    with pytest.raises(ValueError, match=r"record 1 \(id 'bad'\): .*bad\.png is not a readable image"):
+        ds[1]
+    with pytest.raises(ValueError, match=r"record 0 \(id 'r1'\): the image/VoCo prefix alone is 69 tokens"):
+        dataset(tok, path, max_len=50)[0]

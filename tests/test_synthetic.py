@@ -1,0 +1,148 @@
+"""The Sort-of-CLEVR generator: deterministic, correct (answers recomputed here from each stored scene, scenes checked
+against the pixels), balanced, and written atomically."""
+import collections
+import json
+import math
+
+import pytest
+from PIL import Image
+
+from nanovoco import synthetic
+from nanovoco.synthetic import ANSWERS, PALETTE, QUESTION_TYPES, generate
+
+N_IMAGES, PER_IMAGE = 300, 7
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    out = tmp_path_factory.mktemp("soc")
+    return out, json.loads(generate(out, N_IMAGES, PER_IMAGE, seed=0).read_text())
+
+
+def files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a, b, c, short = (files(generate(tmp_path / name, 6, 3, seed=seed).parent)
+                      for name, seed in [("a", 1), ("b", 1), ("c", 2), ("short", 1)])
+    assert a == b
+    assert a["data.json"] != c["data.json"]
+    assert all(a[name] != c[name] for name in a if name.endswith(".png"))
+    # image i depends on (seed, i) only: a shorter run is a prefix of a longer one
+    assert all(short[name] == a[name] for name in short if name.endswith(".png"))
+
+
+def test_records_are_llava_records(big):
+    out, records = big
+    assert len(records) == N_IMAGES * PER_IMAGE
+    assert len({r["id"] for r in records}) == len(records)
+    for r in records[:50]:
+        human, gpt = r["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert human["value"].count("<image>") == 1
+        assert gpt["from"] == "gpt" and gpt["value"] in ANSWERS and " " not in gpt["value"]
+        assert (out / r["image"]).is_file() and r["type"] in QUESTION_TYPES
+        assert len(r["scene"]) == 6 and len({o["color"] for o in r["scene"]}) == 6
+
+
+def expected_answer(record):
+    """The answer, recomputed from the question text and the stored scene (independently of the generator)."""
+    question, scene = record["conversations"][0]["value"].removeprefix("<image>\n"), record["scene"]
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+    if record["type"] == "count":
+        shape = question.split()[2].removesuffix("s")
+        return words[sum(o["shape"] == shape for o in scene)]
+    target = next(o for o in scene if f"the {o['color']} object" in question)
+    half = 112 / 2
+    if record["type"] == "shape":
+        return target["shape"]
+    if record["type"] == "horizontal":
+        return "left" if target["x"] < half else "right"
+    if record["type"] == "vertical":
+        return "top" if target["y"] < half else "bottom"
+    if record["type"] == "same_shape_count":
+        return words[sum(o["shape"] == target["shape"] for o in scene if o is not target)]
+    others = sorted(scene, key=lambda o: math.hypot(o["x"] - target["x"], o["y"] - target["y"]))[1:]
+    if record["type"] == "farthest":
+        others.reverse()
+    d = [math.hypot(o["x"] - target["x"], o["y"] - target["y"]) for o in others[:2]]
+    assert abs(d[0] - d[1]) > 2, f"{record['id']}: ambiguous {record['type']} question"
+    return others[0]["color"] if record["type"] == "closest" else others[0]["shape"]
+
+
+def test_every_answer_is_right(big):
+    for r in big[1]:
+        assert r["conversations"][1]["value"] == expected_answer(r), r["id"]
+
+
+def test_scene_is_what_is_drawn(big):
+    out, records = big
+    white = (255, 255, 255)
+    for r in records[::PER_IMAGE][:40]:
+        img = Image.open(out / r["image"]).convert("RGB")
+        assert img.size == (112, 112)
+        for o in r["scene"]:
+            x, y, fill = o["x"], o["y"], PALETTE[o["color"]]
+            # the top-left and bottom-left corners tell the shapes apart: square both, triangle bottom only
+            corners = tuple(img.getpixel((x - 8, y + dy)) == fill for dy in (-8, 8))
+            assert img.getpixel((x, y)) == fill
+            assert corners == {"square": (True, True), "triangle": (False, True), "circle": (False, False)}[o["shape"]]
+            assert img.getpixel((x - 8, y - 8)) in (fill, white)
+        assert img.getpixel((0, 0)) == white
+
+
+def test_types_are_all_present_and_answers_balanced(big):
+    by_type = collections.defaultdict(collections.Counter)
+    for r in big[1]:
+        by_type[r["type"]][r["conversations"][1]["value"]] += 1
+    assert set(by_type) == set(QUESTION_TYPES)
+    for qtype, answers in by_type.items():
+        n = sum(answers.values())
+        assert n > 200, qtype
+        assert answers.most_common(1)[0][1] / n <= 0.6, (qtype, answers)
+    assert len(by_type["closest"]) == len(PALETTE) and len(by_type["farthest"]) == 3
+
+
+def test_question_text_alone_does_not_give_the_answer(big):
+    """A guesser that reads only the question (the majority answer of each question string, fit on one half) does
+    no better on the other half than the base rate of its type: only the image can answer."""
+    question, answer = (lambda r: r["conversations"][0]["value"]), (lambda r: r["conversations"][1]["value"])
+    fit, held_out = big[1][::2], big[1][1::2]
+    by_question, by_type = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
+    for r in fit:
+        by_question[question(r)][answer(r)] += 1
+        by_type[r["type"]][answer(r)] += 1
+    for qtype in QUESTION_TYPES:
+        rs = [r for r in held_out if r["type"] == qtype]
+        text = sum(answer(r) == by_question[question(r)].most_common(1)[0][0] for r in rs if question(r) in by_question)
+        base = sum(answer(r) == by_type[qtype].most_common(1)[0][0] for r in rs)
+        # "closest to the red object" is never red: 1/7 instead of 1/8, a fair base-rate difference
+        assert text / len(rs) <= base / len(rs) + 0.1, (qtype, text, base, len(rs))
+
+
+def test_writes_are_atomic(tmp_path, monkeypatch):
+    out = tmp_path / "ok"
+    generate(out, 4, 2, seed=0)
+    assert sorted(files(out)) == ["data.json"] + [f"images/{i:06d}.png" for i in range(4)]  # no temp file left
+
+    def broken(scene, image_size):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(synthetic, "draw", broken)
+    with pytest.raises(OSError, match="disk full"):
+        generate(tmp_path / "failed", 4, 2, seed=0)
+    assert files(tmp_path / "failed") == {}  # no half-written data.json or image
+
+
+def test_cli_and_argument_checks(tmp_path, capsys):
+    synthetic.main(["--out", str(tmp_path), "--n-images", "2", "--seed", "3", "--image-size", "64",
+                    "--n-objects", "3", "--questions-per-image", "5"])
+    assert "data.json" in capsys.readouterr().out
+    records = json.loads((tmp_path / "data.json").read_text())
+    assert len(records) == 10 and all(len(r["scene"]) == 3 for r in records)
+    assert Image.open(tmp_path / "images/000001.png").size == (64, 64)
+    for kw, match in [(dict(n_objects=1), "n_objects=1"), (dict(n_objects=len(PALETTE) + 1), "one colour per object"),
+                      (dict(image_size=16), "too small"), (dict(n_images=0), "must be >= 1")]:
+        with pytest.raises(ValueError, match=match):
+            generate(tmp_path / "x", **{"n_images": 1, **kw})

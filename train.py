@@ -1,0 +1,431 @@
+"""Train VoCo-LLaMA, or one of the paper's baselines, with a hand-written loop (no Trainer, Accelerate or DeepSpeed).
+
+One process, on the CPU or one GPU (a tiny model on synthetic visual QA, a few CPU minutes):
+    python train.py --preset=tiny-cpu
+Several GPUs with FSDP2, one process per GPU (the official recipe, from Vicuna + CLIP + LLaVA's stage-1 projector):
+    torchrun --standalone --nproc_per_node=8 train.py --preset=llava-7b --init=vicuna-7b-v1.5 \
+        --vision_path=clip-vit-large-patch14-336 --projector_path=llava-v1.5-7b-pretrain/mm_projector.bin \
+        --data=llava_v1_5_mix665k.json --image_folder=data
+An interrupted run (Ctrl-C, a crash) goes on from its last checkpoint: the same command with --resume=true.
+Every field of TrainConfig can be set as --name=value, on top of a --preset.
+
+Modes (Table 1 of the paper): full (no compression, the upper bound), voco (K VoCo tokens under the VoCo mask),
+lower_bound (K VoCo tokens trained without the VoCo mask, evaluated with it), avgpool and qformer (external
+compressors to K tokens). The loss is plain next-token cross-entropy on the answers: VoCo-LLaMA's "attention
+distillation" is the mask alone.
+"""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from tqdm import tqdm
+
+from nanovoco import checkpoint, synthetic
+from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate
+from nanovoco.evaluate import vqa_accuracy
+from nanovoco.model import VoCoLlama, VoCoLlamaConfig, preset
+from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
+from nanovoco.voco import causal_pad_mask, voco_mask
+
+MODES = ("full", "voco", "lower_bound", "avgpool", "qformer")
+
+
+@dataclass
+class TrainConfig:
+    # what to train
+    mode: str = "voco"  # one of MODES
+    num_voco: int = 2  # K: VoCo tokens per image (voco, lower_bound) or compressed tokens (avgpool, qformer)
+    init: str = "tiny"  # a model preset trained from scratch ("tiny"), or a checkpoint directory
+    vision_path: str = ""  # CLIP directory, for a LLaVA or plain LLaMA checkpoint
+    projector_path: str = ""  # LLaVA's stage-1 mm_projector.bin, for a plain LLaMA checkpoint
+    tokenizer: str = ""  # tokenizer.model; default: the init checkpoint's, or a tiny one trained on the data
+    # data
+    data: str = "synthetic"  # a LLaVA-format JSON, or "synthetic" (generated into out_dir/data)
+    image_folder: str = ""  # default: the JSON's directory
+    eval_data: str = ""  # held-out LLaVA-format JSON for VQA accuracy; synthetic: generated with another seed
+    synthetic_images: int = 2000
+    synthetic_dir: str = ""  # where the synthetic data is generated (default out_dir/data); runs can share it
+    max_len: int = 2048
+    # optimisation (official recipe: AdamW, lr 2e-5, cosine, 3% warmup, no weight decay, global batch 128)
+    batch_size: int = 128  # samples per optimizer step, over all processes
+    micro_batch_size: int = 4  # samples per forward/backward in each process
+    lr: float = 2e-5
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    epochs: float = 1.0
+    max_steps: int = 0  # > 0: stop after this many optimizer steps
+    activation_checkpointing: bool = False
+    # bookkeeping
+    out_dir: str = "runs/train"
+    log_every: int = 1
+    save_every: int = 200  # steps between checkpoints (also saved at the end and on Ctrl-C)
+    eval_every: int = 0  # steps between VQA evaluations (0: at the end only)
+    eval_limit: int = 500  # held-out questions per evaluation
+    resume: bool = False
+    seed: int = 0
+
+
+PRESETS = {
+    "tiny-cpu": dict(init="tiny", data="synthetic", synthetic_images=2000, max_len=256, batch_size=32,
+                     micro_batch_size=16, lr=1e-3, warmup_ratio=0.05, epochs=3.0, save_every=100, eval_limit=300),
+    "llava-7b": dict(init="", data="", batch_size=128, micro_batch_size=4, lr=2e-5, warmup_ratio=0.03, epochs=1.0,
+                     max_len=2048, activation_checkpointing=True, save_every=500, log_every=10),
+}
+
+
+def parse_args(argv) -> TrainConfig:
+    """--preset=name, then --field=value overrides, each converted to the type of the field's default."""
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    values, overrides = {}, []
+    for arg in argv:
+        if not arg.startswith("--") or "=" not in arg:
+            raise SystemExit(f"arguments are --name=value, got {arg!r}")
+        name, value = arg[2:].split("=", 1)
+        if name == "preset":
+            if value not in PRESETS:
+                raise SystemExit(f"unknown preset {value!r}: choose from {', '.join(PRESETS)}")
+            values.update(PRESETS[value])
+        elif name not in fields:
+            raise SystemExit(f"unknown option --{name}: TrainConfig has {', '.join(fields)}")
+        else:
+            overrides.append((name, value))
+    for name, value in overrides:
+        kind = type(fields[name].default)
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise SystemExit(f"--{name} takes true or false, got {value!r}")
+            values[name] = value.lower() in ("true", "1")
+        else:
+            try:
+                values[name] = kind(value)
+            except ValueError:
+                raise SystemExit(f"--{name} takes a {kind.__name__}, got {value!r}") from None
+    cfg = TrainConfig(**values)
+    if cfg.mode not in MODES:
+        raise SystemExit(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Distributed set-up: torchrun sets RANK/WORLD_SIZE; without them this is one plain process.
+
+def setup_distributed():
+    if "RANK" not in os.environ:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
+
+
+def all_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(x)
+    return x
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data, tokenizer and model
+
+def prepare_synthetic(cfg, out: Path, rank: int):
+    """Generate the synthetic train and held-out sets (rank 0 only), and a tiny tokenizer for a model from scratch."""
+    data = Path(cfg.synthetic_dir) if cfg.synthetic_dir else out / "data"
+    if rank == 0:
+        for split, n, seed in (("train", cfg.synthetic_images, cfg.seed), ("eval", 200, cfg.seed + 10_000)):
+            if not (data / split / "data.json").exists():
+                synthetic.generate(data / split, n_images=n, seed=seed, image_size=preset("tiny").vision.image_size)
+        if cfg.init == "tiny" and not cfg.tokenizer and not (out / "tokenizer.model").exists():
+            records = json.loads((data / "train" / "data.json").read_text())
+            corpus = [VOCO_SYSTEM] + [t["value"].replace("<image>\n", "") for r in records for t in
+                                      r["conversations"]]
+            train_tiny_tokenizer(corpus, out / "tokenizer.model", vocab_size=512)
+    barrier()
+    return data / "train" / "data.json", data / "eval" / "data.json"
+
+
+def init_weights(module: nn.Module):
+    """LLaMA-style init for a model trained from scratch: N(0, 0.02) weights, zero biases, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            m.reset_parameters()
+    if isinstance(module, VoCoLlama):  # CLIP's learned embeddings are bare parameters
+        nn.init.normal_(module.vision.class_embedding, std=0.02)
+        nn.init.normal_(module.vision.position_embedding, std=0.02)
+
+
+def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
+    """The model to train: from a checkpoint (or a preset, from scratch), set up for the mode. VoCo modes add the
+    <voco> token to the vocabulary; the baselines get a new compressor; nothing else changes."""
+    if source is None:
+        torch.manual_seed(cfg.seed)
+        vlm = VoCoLlama(preset(cfg.init, vocab_size=tokenizer.vocab_size))
+        init_weights(vlm)
+    else:
+        vlm = VoCoLlama.from_pretrained(source, vision_path=cfg.vision_path or None,
+                                        projector_path=cfg.projector_path or None)
+    c = vlm.config
+    if cfg.mode in ("voco", "lower_bound") and c.num_voco == 0:
+        if tokenizer.vocab_size > c.text.vocab_size:
+            vlm.llm.resize_vocab(tokenizer.vocab_size)  # <voco> becomes id 32000 on Vicuna's vocabulary
+        c.voco_token_id, c.num_voco = tokenizer.special_ids["<voco>"], cfg.num_voco
+    if cfg.mode in ("avgpool", "qformer") and c.compressor == "none":
+        torch.manual_seed(cfg.seed)
+        new = VoCoLlama(dataclasses.replace(c, compressor=cfg.mode, compressor_tokens=cfg.num_voco))
+        missing, unexpected = new.load_state_dict(vlm.state_dict(), strict=False)
+        assert not unexpected and all(k.startswith("compressor.") for k in missing), (missing, unexpected)
+        vlm = new
+    vlm.vision.requires_grad_(False)  # the paper freezes CLIP and trains the LLM and the projector
+    return vlm
+
+
+def shard(vlm: VoCoLlama, device, world: int, activation_checkpointing: bool) -> VoCoLlama:
+    """Apply activation checkpointing and FSDP2 from outside the model, torchtitan-style: one FSDP unit per decoder
+    block and one for the vision tower, then the root (embeddings, projector, norm, head). bf16 compute with fp32
+    gradient reduction on CUDA; fp32 on the CPU."""
+    from torch.distributed._composable import checkpoint as activation_checkpoint
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if activation_checkpointing:
+        for layer in vlm.llm.layers:
+            activation_checkpoint(layer)  # recompute the block in backward; keeps the parameter names
+    if world == 1:
+        return vlm.to(device)
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
+        else MixedPrecisionPolicy()
+    vlm.to(device)
+    for layer in vlm.llm.layers:
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(vlm.vision, mp_policy=mp)
+    fully_shard(vlm, mp_policy=mp)
+    return vlm
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: model weights as safetensors in LLaVA's layout (from_pretrained loads them), optimizer state as a
+# sharded DCP checkpoint, the step in state.json. Written to checkpoint.tmp and renamed, so an interruption at any
+# moment leaves the previous checkpoint whole.
+
+def save_checkpoint(out: Path, vlm, optim, step: int, cfg: TrainConfig, tokenizer_path, rank: int):
+    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    barrier()
+    full = get_model_state_dict(vlm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        checkpoint.save_vlm(tmp / "model", vlm.config, full)
+        shutil.copyfile(tokenizer_path, tmp / "model" / "tokenizer.model")
+    dcp.save({"optimizer": get_optimizer_state_dict(vlm, optim)}, checkpoint_id=str(tmp / "optimizer"))
+    if rank == 0:
+        (tmp / "state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=2))
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()
+
+
+def find_checkpoint(out: Path):
+    """The last complete checkpoint: checkpoint/, or checkpoint.old/ if the run died between the two renames."""
+    for d in (out / "checkpoint", out / "checkpoint.old"):
+        if (d / "state.json").exists():
+            return d
+    return None
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, where: Path):
+    changed = {k: (v, getattr(cfg, k)) for k, v in saved.items()
+               if k not in ("resume", "max_steps", "eval_every", "eval_limit", "log_every", "save_every")
+               and getattr(cfg, k) != v}
+    if changed:
+        raise SystemExit(f"{where}/state.json was trained with other settings {changed} (saved, now): resume with "
+                         f"the original options or start a new --out_dir")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop
+
+def schedule(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warmup over warmup_ratio of the steps, then cosine decay to 0 (transformers' cosine schedule)."""
+    warmup = max(1, math.ceil(cfg.warmup_ratio * total))
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+def sample_order(n: int, total_steps: int, batch_size: int, seed: int) -> list[int]:
+    """The dataset indices of every global batch, epoch after epoch in a seeded random order: the same for any
+    number of processes, and a resumed run picks it up at its step."""
+    order, epoch = [], 0
+    while len(order) < total_steps * batch_size:
+        order += torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        epoch += 1
+    return order
+
+
+def evaluate(vlm, eval_set, compressed: bool, limit: int, progress=False) -> dict:
+    """VQA accuracy in the middle of training. Every process evaluates the same questions, so that FSDP's
+    collectives line up; the root's own parameters (embeddings, projector, head) are gathered by hand because
+    generation calls vlm.embed and vlm.llm rather than vlm.forward, which is what triggers FSDP's gathering."""
+    if hasattr(vlm, "unshard"):
+        vlm.unshard()
+    result = vqa_accuracy(vlm, eval_set, compressed, limit=limit, progress=progress)
+    if hasattr(vlm, "reshard"):
+        vlm.reshard()
+    vlm.train()
+    return result
+
+
+def main(argv=None):
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    rank, world, device = setup_distributed()
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.batch_size % (world * cfg.micro_batch_size):
+        raise SystemExit(f"batch_size={cfg.batch_size} must be a multiple of processes x micro_batch_size = "
+                         f"{world} x {cfg.micro_batch_size}")
+    accumulation = cfg.batch_size // (world * cfg.micro_batch_size)
+
+    resume_from = find_checkpoint(out) if cfg.resume else None
+    if resume_from:
+        saved = json.loads((resume_from / "state.json").read_text())
+        check_resumable(saved["config"], cfg, resume_from)
+    elif (out / "checkpoint").exists():
+        raise SystemExit(f"{out} already holds a checkpoint: pass --resume=true to continue it, or another --out_dir")
+
+    # data and tokenizer
+    if cfg.data == "synthetic":
+        train_json, eval_json = prepare_synthetic(cfg, out, rank)
+    elif not cfg.data:
+        raise SystemExit("--data=<LLaVA-format JSON> is required by this preset")
+    else:
+        train_json, eval_json = Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
+    tokenizer_path = (resume_from / "model" / "tokenizer.model" if resume_from else
+                      Path(cfg.tokenizer) if cfg.tokenizer else
+                      out / "tokenizer.model" if cfg.init in ("tiny",) else Path(cfg.init) / "tokenizer.model")
+    tokenizer = Tokenizer(tokenizer_path)
+
+    # model
+    source = resume_from / "model" if resume_from else (None if cfg.init == "tiny" else cfg.init)
+    vlm = build_model(cfg, tokenizer, source)
+    config: VoCoLlamaConfig = vlm.config
+    num_voco = cfg.num_voco if cfg.mode in ("voco", "lower_bound") else 0
+    folder = lambda j: Path(cfg.image_folder) if cfg.image_folder else j.parent  # noqa: E731
+    train_set = LlavaDataset(train_json, folder(train_json), tokenizer, config, num_voco=num_voco, max_len=cfg.max_len)
+    eval_set = LlavaDataset(eval_json, folder(eval_json), tokenizer, config, num_voco=num_voco,
+                            max_len=cfg.max_len) if eval_json else None
+    train_mask = voco_mask if cfg.mode == "voco" else lambda segments, groups: causal_pad_mask(segments)
+    eval_compressed = cfg.mode in ("voco", "lower_bound")  # lower_bound: trained without the mask, tested with it
+
+    vlm = shard(vlm, device, world, cfg.activation_checkpointing)
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+    total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)
+    step = 0
+    if resume_from:
+        state = {"optimizer": get_optimizer_state_dict(vlm, optim)}
+        dcp.load(state, checkpoint_id=str(resume_from / "optimizer"))
+        set_optimizer_state_dict(vlm, optim, state["optimizer"])
+        step = saved["step"]
+    order = sample_order(len(train_set), total_steps, cfg.batch_size, cfg.seed)
+    log_path = out / "log.jsonl"
+    if rank == 0:  # a resumed run rewrites history from its checkpoint on: drop the lines of the lost steps
+        lines = log_path.read_text().splitlines() if log_path.exists() and resume_from else []
+        log_path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < step))
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and world == 1)
+
+    stop = []  # Ctrl-C asks for a checkpoint at the end of the current step, not a dead run
+    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    if rank == 0:
+        n_train = sum(p.numel() for p in params)
+        print(f"{cfg.mode}: {n_train / 1e6:.1f}M trainable parameters, {len(train_set)} samples, {total_steps} steps "
+              f"of {cfg.batch_size} ({world} process(es) x {accumulation} x {cfg.micro_batch_size}) on {device}")
+    bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=cfg.mode)
+    while step < total_steps:
+        t0 = time.perf_counter()
+        lr = schedule(step, total_steps, cfg)
+        for group in optim.param_groups:
+            group["lr"] = lr
+        mine = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
+        micro = [collate([train_set[i] for i in mine[k:k + cfg.micro_batch_size]])
+                 for k in range(0, len(mine), cfg.micro_batch_size)]
+        # normalise by the answer tokens of the whole global batch, so that any split over processes and
+        # micro-batches gives the same gradient; FSDP averages over processes, hence the factor `world`
+        n_tokens = all_sum(torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
+                                        dtype=torch.float64, device=device)).item()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        for k, b in enumerate(micro):
+            if world > 1:
+                vlm.set_requires_gradient_sync(k == len(micro) - 1)  # reduce gradients once, after the last
+            ids, labels = b["input_ids"].to(device), b["labels"].to(device)
+            pixels = None if b["pixel_values"] is None else b["pixel_values"].to(device)
+            with autocast:
+                logits = vlm(ids, pixels, attn_mask=train_mask(b["segments"], b["groups"]).to(device)).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            (loss * world / max(n_tokens, 1)).backward()
+            loss_sum += loss.detach()
+        loss = all_sum(loss_sum).item() / max(n_tokens, 1)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise FloatingPointError(f"step {step}: loss {loss}, gradient norm {grad_norm}: stopping before the "
+                                     f"optimizer step, so the weights are not corrupted. The last good checkpoint is "
+                                     f"{find_checkpoint(out) or 'none'}; lower --lr or check the data of this step")
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        tokens = all_sum(torch.tensor(sum(b["input_ids"].numel() for b in micro), device=device)).item()
+        record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt}
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and eval_set is not None:
+            record["eval"] = evaluate(vlm, eval_set, eval_compressed, cfg.eval_limit)
+        if rank == 0:
+            if step % cfg.log_every == 0 or "eval" in record:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
+        interrupted = all_sum(torch.tensor(float(bool(stop)), device=device)).item() > 0
+        if step % cfg.save_every == 0 or step == total_steps or interrupted:
+            save_checkpoint(out, vlm, optim, step, cfg, tokenizer_path, rank)
+        if interrupted:
+            if rank == 0:
+                print(f"\ninterrupted: saved step {step} to {out / 'checkpoint'}; continue with --resume=true")
+            break
+    bar.close()
+    if step == total_steps and eval_set is not None:
+        result = evaluate(vlm, eval_set, eval_compressed, cfg.eval_limit, progress=rank == 0)
+        if rank == 0:
+            print(f"VQA accuracy {result['overall']:.3f} on {result['n']} held-out questions: {result['by_type']}")
+            (out / "eval.json").write_text(json.dumps(result, indent=2))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
