@@ -22,6 +22,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,8 @@ from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
 from nanovoco.voco import causal_pad_mask, voco_mask
 
 MODES = ("full", "voco", "lower_bound", "avgpool", "qformer")
+# DCP warns on every save/load in a single process that it is not distributed; that is the intended use here
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 @dataclass
@@ -52,6 +55,7 @@ class TrainConfig:
     init: str = "tiny"  # a model preset trained from scratch ("tiny"), or a checkpoint directory
     vision_path: str = ""  # CLIP directory, for a LLaVA or plain LLaMA checkpoint
     projector_path: str = ""  # LLaVA's stage-1 mm_projector.bin, for a plain LLaMA checkpoint
+    freeze_vision: bool = True  # the paper freezes its pretrained CLIP; a tiny model from scratch must train it
     tokenizer: str = ""  # tokenizer.model; default: the init checkpoint's, or a tiny one trained on the data
     # data
     data: str = "synthetic"  # a LLaVA-format JSON, or "synthetic" (generated into out_dir/data)
@@ -77,11 +81,12 @@ class TrainConfig:
     eval_every: int = 0  # steps between VQA evaluations (0: at the end only)
     eval_limit: int = 500  # held-out questions per evaluation
     resume: bool = False
+    stop_after: int = 0  # > 0: checkpoint and stop after this many steps of this invocation (time-limited jobs)
     seed: int = 0
 
 
 PRESETS = {
-    "tiny-cpu": dict(init="tiny", data="synthetic", synthetic_images=2000, max_len=256, batch_size=32,
+    "tiny-cpu": dict(init="tiny", data="synthetic", freeze_vision=False, synthetic_images=2000, max_len=256, batch_size=32,
                      micro_batch_size=16, lr=1e-3, warmup_ratio=0.05, epochs=3.0, save_every=100, eval_limit=300),
     "llava-7b": dict(init="", data="", batch_size=128, micro_batch_size=4, lr=2e-5, warmup_ratio=0.03, epochs=1.0,
                      max_len=2048, activation_checkpointing=True, save_every=500, log_every=10),
@@ -148,20 +153,34 @@ def barrier():
 # ----------------------------------------------------------------------------------------------------------------
 # Data, tokenizer and model
 
-def prepare_synthetic(cfg, out: Path, rank: int):
-    """Generate the synthetic train and held-out sets (rank 0 only), and a tiny tokenizer for a model from scratch."""
+def prepare_data(cfg, out: Path, rank: int):
+    """The train and held-out LLaVA JSON files: the user's, or the synthetic sets, generated once by rank 0."""
+    if cfg.data != "synthetic":
+        if not cfg.data:
+            raise SystemExit("--data=<LLaVA-format JSON> is required by this preset")
+        for path in (cfg.data, cfg.eval_data):
+            if path and not Path(path).is_file():
+                raise SystemExit(f"{path} does not exist: --data and --eval_data take LLaVA-format JSON files")
+        return Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
     data = Path(cfg.synthetic_dir) if cfg.synthetic_dir else out / "data"
     if rank == 0:
         for split, n, seed in (("train", cfg.synthetic_images, cfg.seed), ("eval", 200, cfg.seed + 10_000)):
             if not (data / split / "data.json").exists():
                 synthetic.generate(data / split, n_images=n, seed=seed, image_size=preset("tiny").vision.image_size)
-        if cfg.init == "tiny" and not cfg.tokenizer and not (out / "tokenizer.model").exists():
-            records = json.loads((data / "train" / "data.json").read_text())
-            corpus = [VOCO_SYSTEM] + [t["value"].replace("<image>\n", "") for r in records for t in
-                                      r["conversations"]]
-            train_tiny_tokenizer(corpus, out / "tokenizer.model", vocab_size=512)
     barrier()
     return data / "train" / "data.json", data / "eval" / "data.json"
+
+
+def tiny_tokenizer(train_json: Path, out: Path, rank: int) -> Path:
+    """A model trained from scratch gets a small tokenizer trained on its own training texts (once, by rank 0)."""
+    path = out / "tokenizer.model"
+    if rank == 0 and not path.exists():
+        records = checkpoint.read_json(train_json, "the training data")
+        texts = [t.get("value", "") for r in records if isinstance(r, dict) for t in r.get("conversations", [])]
+        train_tiny_tokenizer([VOCO_SYSTEM] + [t.replace("<image>", "") for t in texts if isinstance(t, str)], path,
+                             vocab_size=512)
+    barrier()
+    return path
 
 
 def init_weights(module: nn.Module):
@@ -199,7 +218,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
         missing, unexpected = new.load_state_dict(vlm.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("compressor.") for k in missing), (missing, unexpected)
         vlm = new
-    vlm.vision.requires_grad_(False)  # the paper freezes CLIP and trains the LLM and the projector
+    vlm.vision.requires_grad_(not cfg.freeze_vision)  # the paper trains the LLM and the projector, not CLIP
     return vlm
 
 
@@ -259,7 +278,7 @@ def find_checkpoint(out: Path):
 
 def check_resumable(saved: dict, cfg: TrainConfig, where: Path):
     changed = {k: (v, getattr(cfg, k)) for k, v in saved.items()
-               if k not in ("resume", "max_steps", "eval_every", "eval_limit", "log_every", "save_every")
+               if k not in ("resume", "stop_after", "eval_every", "eval_limit", "log_every", "save_every")
                and getattr(cfg, k) != v}
     if changed:
         raise SystemExit(f"{where}/state.json was trained with other settings {changed} (saved, now): resume with "
@@ -318,15 +337,11 @@ def main(argv=None):
         raise SystemExit(f"{out} already holds a checkpoint: pass --resume=true to continue it, or another --out_dir")
 
     # data and tokenizer
-    if cfg.data == "synthetic":
-        train_json, eval_json = prepare_synthetic(cfg, out, rank)
-    elif not cfg.data:
-        raise SystemExit("--data=<LLaVA-format JSON> is required by this preset")
-    else:
-        train_json, eval_json = Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
+    train_json, eval_json = prepare_data(cfg, out, rank)
     tokenizer_path = (resume_from / "model" / "tokenizer.model" if resume_from else
                       Path(cfg.tokenizer) if cfg.tokenizer else
-                      out / "tokenizer.model" if cfg.init in ("tiny",) else Path(cfg.init) / "tokenizer.model")
+                      tiny_tokenizer(train_json, out, rank) if cfg.init == "tiny" else
+                      Path(cfg.init) / "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
 
     # model
@@ -365,6 +380,7 @@ def main(argv=None):
         print(f"{cfg.mode}: {n_train / 1e6:.1f}M trainable parameters, {len(train_set)} samples, {total_steps} steps "
               f"of {cfg.batch_size} ({world} process(es) x {accumulation} x {cfg.micro_batch_size}) on {device}")
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=cfg.mode)
+    first_step = step
     while step < total_steps:
         t0 = time.perf_counter()
         lr = schedule(step, total_steps, cfg)
@@ -410,12 +426,13 @@ def main(argv=None):
                     f.write(json.dumps(record) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.1e}")
-        interrupted = all_sum(torch.tensor(float(bool(stop)), device=device)).item() > 0
+        interrupted = all_sum(torch.tensor(float(bool(stop)), device=device)).item() > 0 \
+            or step - first_step == cfg.stop_after
         if step % cfg.save_every == 0 or step == total_steps or interrupted:
             save_checkpoint(out, vlm, optim, step, cfg, tokenizer_path, rank)
         if interrupted:
             if rank == 0:
-                print(f"\ninterrupted: saved step {step} to {out / 'checkpoint'}; continue with --resume=true")
+                print(f"\nstopped: saved step {step} to {out / 'checkpoint'}; continue with --resume=true")
             break
     bar.close()
     if step == total_steps and eval_set is not None:

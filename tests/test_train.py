@@ -1,0 +1,153 @@
+"""train.py end to end, in subprocesses as a user runs it: FSDP2 on 2 processes equals 1 process, an interrupted run
+resumes onto the same loss curve, NaN stops the run before it corrupts the weights, training from pretrained
+LLaVA-style weights, and clear errors for bad options."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanovoco.model import VoCoLlama
+from nanovoco.synthetic import generate
+from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
+from tiny import hf_llava, llava_original, stage1
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Synthetic train/eval sets shared by every run in this module (generated once)."""
+    d = tmp_path_factory.mktemp("synthetic")
+    generate(d / "train", n_images=64, seed=0)
+    generate(d / "eval", n_images=8, seed=1)
+    return d
+
+
+def args(data, out, *extra):
+    return ["--preset=tiny-cpu", f"--synthetic_dir={data}", f"--out_dir={out}", "--batch_size=8",
+            "--micro_batch_size=2", "--max_steps=6", "--eval_limit=8", "--save_every=3", *extra]
+
+
+def train(*argv, nproc=1, check=True):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+           if nproc > 1 else [sys.executable]) + [str(ROOT / "train.py"), *argv]
+    result = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def losses(out):
+    return [json.loads(line)["loss"] for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def test_fsdp_two_processes_match_one_and_resume(tmp_path, data):
+    """FSDP2 on 2 gloo processes gives the single-process losses on the same global batches; its sharded
+    checkpoint (stopped after 3 steps) resumes, on 2 processes, onto the same curve."""
+    train(*args(data, tmp_path / "one"))
+    train(*args(data, tmp_path / "two", "--stop_after=3"), nproc=2)
+    assert len(losses(tmp_path / "two")) == 3
+    assert json.loads((tmp_path / "two" / "checkpoint" / "state.json").read_text())["step"] == 3
+    train(*args(data, tmp_path / "two", "--resume=true"), nproc=2)
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert len(one) == len(two) == 6
+    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), atol=1e-5, rtol=1e-5)
+    # the saved weights load with from_pretrained, and equal across the two runs
+    a = VoCoLlama.from_pretrained(tmp_path / "one" / "checkpoint" / "model")
+    b = VoCoLlama.from_pretrained(tmp_path / "two" / "checkpoint" / "model")
+    assert a.config.num_voco == 2 and a.config.voco_token_id >= 0
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_ctrl_c_saves_and_resume_reproduces_the_loss_curve(tmp_path, data):
+    train(*args(data, tmp_path / "straight", "--max_steps=10"))
+    out = tmp_path / "interrupted"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args(data, out, "--max_steps=10")], env=ENV,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = out / "log.jsonl"
+    while not (log.exists() and len(log.read_text().splitlines()) >= 2):
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped: saved step" in stdout
+    stopped_at = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    assert 2 <= stopped_at < 10
+    result = train(*args(data, out, "--max_steps=10"), check=False)
+    assert result.returncode != 0 and "--resume=true" in result.stderr  # never overwrites a run by accident
+    train(*args(data, out, "--max_steps=10", "--resume=true"))
+    assert losses(out) == losses(tmp_path / "straight")  # bit for bit: same weights, optimizer state, data, lr
+
+
+def test_resume_refuses_changed_settings(tmp_path, data):
+    train(*args(data, tmp_path, "--stop_after=1"))
+    result = train(*args(data, tmp_path, "--resume=true", "--lr=0.5"), check=False)
+    assert result.returncode != 0 and "trained with other settings {'lr': (0.001, 0.5)}" in result.stderr
+
+
+def test_nan_stops_before_the_optimizer_step(tmp_path, data):
+    train(*args(data, tmp_path / "first", "--mode=full", "--max_steps=1"))
+    model = tmp_path / "first" / "checkpoint" / "model"
+    state = load_file(model / "model.safetensors")
+    state["model.norm.weight"] = torch.full_like(state["model.norm.weight"], float("nan"))
+    save_file(state, model / "model.safetensors")
+    before = (model / "model.safetensors").read_bytes()
+    result = train(*args(data, tmp_path / "second", f"--init={model}", "--mode=full"), check=False)
+    assert result.returncode != 0
+    assert "FloatingPointError: step 0: loss nan" in result.stderr
+    assert "stopping before the optimizer step, so the weights are not corrupted" in result.stderr
+    assert (model / "model.safetensors").read_bytes() == before
+    assert not (tmp_path / "second" / "checkpoint").exists()
+
+
+@pytest.mark.parametrize("mode", ["full", "lower_bound", "avgpool", "qformer"])
+def test_modes_train_and_save(tmp_path, data, mode):
+    train(*args(data, tmp_path, f"--mode={mode}", "--max_steps=3", "--num_voco=1"))
+    vlm = VoCoLlama.from_pretrained(tmp_path / "checkpoint" / "model")
+    c = vlm.config
+    assert (c.compressor, c.compressor_tokens) == ((mode, 1) if mode in ("avgpool", "qformer") else ("none", 0))
+    assert c.num_voco == (1 if mode == "lower_bound" else 0)
+    loss = losses(tmp_path)
+    assert loss[-1] < loss[0]
+    assert json.loads((tmp_path / "eval.json").read_text())["n"] == 8
+
+
+def test_train_from_llava_style_weights(tmp_path, data):
+    """The official recipe's start: a plain LLaMA directory (with its tokenizer.model) + CLIP + mm_projector.bin."""
+    records = json.loads((data / "train" / "data.json").read_text())
+    corpus = [VOCO_SYSTEM] + [turn["value"] for r in records for turn in r["conversations"]]
+    vocab = Tokenizer(train_tiny_tokenizer(corpus, tmp_path / "tokenizer.model", vocab_size=300)).vocab_size
+    hf_llava(tmp_path / "hf", text={"vocab_size": vocab, "max_position_embeddings": 512})
+    original = llava_original(tmp_path / "hf", tmp_path / "original")
+    projector = stage1(original, tmp_path / "vicuna")
+    shutil.copy(tmp_path / "tokenizer.model", tmp_path / "vicuna" / "tokenizer.model")
+    train(*args(data, tmp_path / "run", f"--init={tmp_path / 'vicuna'}", f"--vision_path={original / 'clip'}",
+                f"--projector_path={projector}", "--max_steps=2"))
+    vlm = VoCoLlama.from_pretrained(tmp_path / "run" / "checkpoint" / "model")
+    assert vlm.config.vision.image_size == 56 and vlm.config.num_voco == 2
+    assert (tmp_path / "run" / "checkpoint" / "model" / "tokenizer.model").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nope=1"], "unknown option --nope"),
+    (["--lr=fast"], "--lr takes a float, got 'fast'"),
+    (["--resume=maybe"], "--resume takes true or false"),
+    (["--mode=magic"], "--mode must be one of full, voco, lower_bound, avgpool, qformer"),
+    (["--preset=huge"], "unknown preset 'huge'"),
+    (["--batch_size=7"], "batch_size=7 must be a multiple of processes x micro_batch_size = 1 x 2"),
+    (["--data=missing.json"], "missing.json does not exist"),
+])
+def test_bad_options(tmp_path, data, argv, message):
+    result = train(*args(data, tmp_path), *argv, check=False)
+    assert result.returncode != 0 and message in result.stderr
