@@ -64,6 +64,7 @@ class TrainConfig:
     synthetic_images: int = 2000
     synthetic_dir: str = ""  # where the synthetic data is generated (default out_dir/data); runs can share it
     max_len: int = 2048
+    system_prompt: str = VOCO_SYSTEM  # VoCo-LLaMA's Vicuna system prompt; a tiny model from scratch does without
     # optimisation (official recipe: AdamW, lr 2e-5, cosine, 3% warmup, no weight decay, global batch 128)
     batch_size: int = 128  # samples per optimizer step, over all processes
     micro_batch_size: int = 4  # samples per forward/backward in each process
@@ -86,7 +87,7 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny-cpu": dict(init="tiny", data="synthetic", freeze_vision=False, synthetic_images=2000, max_len=256, batch_size=32,
+    "tiny-cpu": dict(init="tiny", data="synthetic", freeze_vision=False, system_prompt="", synthetic_images=2000, max_len=256, batch_size=32,
                      micro_batch_size=16, lr=1e-3, warmup_ratio=0.05, epochs=3.0, save_every=100, eval_limit=300),
     "llava-7b": dict(init="", data="", batch_size=128, micro_batch_size=4, lr=2e-5, warmup_ratio=0.03, epochs=1.0,
                      max_len=2048, activation_checkpointing=True, save_every=500, log_every=10),
@@ -183,18 +184,34 @@ def tiny_tokenizer(train_json: Path, out: Path, rank: int) -> Path:
     return path
 
 
-def init_weights(module: nn.Module):
-    """LLaMA-style init for a model trained from scratch: N(0, 0.02) weights, zero biases, unit norms."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
-            nn.init.normal_(m.weight, std=0.02)
-            if getattr(m, "bias", None) is not None:
-                nn.init.zeros_(m.bias)
-        if isinstance(m, nn.LayerNorm):
-            m.reset_parameters()
-    if isinstance(module, VoCoLlama):  # CLIP's learned embeddings are bare parameters
-        nn.init.normal_(module.vision.class_embedding, std=0.02)
-        nn.init.normal_(module.vision.position_embedding, std=0.02)
+def init_weights(vlm: VoCoLlama):
+    """Init of a model trained from scratch. LLM and ViT: N(0, 0.02) weights and zero biases, as GPT and ViT do.
+    The projector keeps PyTorch's default init (std ~ 1/sqrt(3 fan_in)): at 0.02 its two layers shrink the image
+    features some 50x, and the LLM never learns that the image is there. ViT positions: see sincos_2d."""
+    for part in (vlm.llm, vlm.vision):
+        for m in part.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
+                nn.init.normal_(m.weight, std=0.02)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+    nn.init.normal_(vlm.vision.class_embedding, std=0.02)  # CLIP's learned embeddings are bare parameters
+    with torch.no_grad():
+        vlm.vision.position_embedding.copy_(sincos_2d(vlm.vision.config))
+
+
+def sincos_2d(c) -> torch.Tensor:
+    """(1 + patches, dim) fixed 2D sine-cosine position embeddings (MAE's), CLS row zero: the init of a vision tower
+    trained from scratch. With N(0, 0.02) the position of a patch is lost next to its content, and a LLaMA decoder
+    cannot recover it (RoPE puts positions into attention scores, never into values), so "is the red object on the
+    left?" would be unanswerable."""
+    side, quarter = c.image_size // c.patch_size, c.hidden_size // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    parts = [f(coord.flatten()[:, None] * omega) for coord in (xs, ys) for f in (torch.sin, torch.cos)]
+    grid = torch.cat(parts, dim=1)  # (side * side, 4 * quarter)
+    out = torch.zeros(1 + side * side, c.hidden_size)
+    out[1:, :grid.shape[1]] = grid
+    return out
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
@@ -350,9 +367,9 @@ def main(argv=None):
     config: VoCoLlamaConfig = vlm.config
     num_voco = cfg.num_voco if cfg.mode in ("voco", "lower_bound") else 0
     folder = lambda j: Path(cfg.image_folder) if cfg.image_folder else j.parent  # noqa: E731
-    train_set = LlavaDataset(train_json, folder(train_json), tokenizer, config, num_voco=num_voco, max_len=cfg.max_len)
-    eval_set = LlavaDataset(eval_json, folder(eval_json), tokenizer, config, num_voco=num_voco,
-                            max_len=cfg.max_len) if eval_json else None
+    data_args = dict(num_voco=num_voco, max_len=cfg.max_len, system=cfg.system_prompt)
+    train_set = LlavaDataset(train_json, folder(train_json), tokenizer, config, **data_args)
+    eval_set = LlavaDataset(eval_json, folder(eval_json), tokenizer, config, **data_args) if eval_json else None
     train_mask = voco_mask if cfg.mode == "voco" else lambda segments, groups: causal_pad_mask(segments)
     eval_compressed = cfg.mode in ("voco", "lower_bound")  # lower_bound: trained without the mask, tested with it
 

@@ -35,7 +35,7 @@ class Sample:
 
 
 def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int, voco_token_id: int, num_voco: int,
-                 has_image: bool = True, max_len: int = 2048) -> Sample:
+                 has_image: bool = True, max_len: int = 2048, system: str = VOCO_SYSTEM) -> Sample:
     """One training sample (or, when the last turn's answer is None, an inference prompt) from turns, a list of
     (user_text, assistant_text) pairs. See the module docstring for the layout.
 
@@ -80,8 +80,8 @@ def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int
                          f"more than max_len={max_len}: raise max_len")
 
     for k, (user, assistant) in enumerate(turns):
-        system = lead + VOCO_SYSTEM + " " if k == 0 else ""
-        add(encode(system + "USER: " + user.replace("<image>", "").replace("\n", "") + " ASSISTANT:",
+        head = lead + (system + " " if system else "") if k == 0 else ""
+        add(encode(head + "USER: " + user.replace("<image>", "").replace("\n", "") + " ASSISTANT:",
                    f"turn {k}'s user text"), TEXT)
         if assistant is None:
             if k != len(turns) - 1:
@@ -106,9 +106,10 @@ class LlavaDataset(torch.utils.data.Dataset):
     run before training starts rather than hours into it; every error names the file and the record.
     """
 
-    def __init__(self, json_path, image_folder, tokenizer, config, *, num_voco: int = 2, max_len: int = 2048):
+    def __init__(self, json_path, image_folder, tokenizer, config, *, num_voco: int = 2, max_len: int = 2048,
+                 system: str = VOCO_SYSTEM):
         self.json_path, self.image_folder = Path(json_path), Path(image_folder)
-        self.tokenizer, self.num_voco, self.max_len = tokenizer, num_voco, max_len
+        self.tokenizer, self.num_voco, self.max_len, self.system = tokenizer, num_voco, max_len, system
         self.image_token_id, self.num_image_tokens = config.image_token_id, config.num_image_tokens
         self.image_size, self.voco_token_id = config.vision.image_size, tokenizer.special_ids["<voco>"]
         self.records = self._read()
@@ -189,7 +190,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         try:
             sample = build_sample(self.tokenizer, turns, image_token_id=self.image_token_id,
                                   num_image_tokens=self.num_image_tokens, voco_token_id=self.voco_token_id,
-                                  num_voco=self.num_voco, has_image="image" in record, max_len=self.max_len)
+                                  num_voco=self.num_voco, has_image="image" in record, max_len=self.max_len,
+                                  system=self.system)
             pixel_values = None
             if "image" in record:  # LLaVA-1.5's image_aspect_ratio="pad": the whole image, centred on a square
                 pixel_values = preprocess(load_image(self.image_folder / record["image"]), self.image_size)

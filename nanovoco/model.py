@@ -125,7 +125,7 @@ def preset(name: str, vocab_size: int = 32000) -> VoCoLlamaConfig:
             text=LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=352, num_hidden_layers=4,
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
             vision=CLIPVisionConfig(hidden_size=96, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                                    image_size=112, patch_size=14))  # 8 x 8 = 64 patches
+                                    image_size=56, patch_size=14))  # 4 x 4 = 16 patches: one per synthetic grid cell
     raise ValueError(f"unknown preset {name!r}: use 'tiny' or 'llava-7b'")
 
 

@@ -143,7 +143,8 @@ def test_collate_pads_and_links_to_the_mask(tok):
 # ---------------------------------------------------------------------------------------------------------------
 # LlavaDataset
 
-CONFIG = preset("tiny")  # 112 px images, 64 vision tokens
+CONFIG = preset("tiny")  # 56 px images, 16 vision tokens
+SIZE = CONFIG.vision.image_size
 
 
 def record(**kw):
@@ -170,7 +171,7 @@ def test_dataset_items(tok, tmp_path):
     ds = dataset(tok, write(tmp_path, [record(type="shape"), text_only]), num_voco=1)
     assert len(ds) == 2
     item = ds[0]
-    assert item["type"] == "shape" and item["pixel_values"].shape == (3, 112, 112)
+    assert item["type"] == "shape" and item["pixel_values"].shape == (3, SIZE, SIZE)
     s = item["sample"]
     assert s.input_ids.count(CONFIG.image_token_id) == CONFIG.num_image_tokens
     assert s.input_ids.count(tok.special_ids["<voco>"]) == 1
@@ -189,7 +190,7 @@ def test_dataset_on_synthetic_data(tok, tmp_path):
     synthetic.generate(tmp_path, n_images=3, questions_per_image=2, seed=0)
     ds = dataset(tok, tmp_path / "data.json")
     batch = collate([ds[i] for i in range(len(ds))])
-    assert batch["pixel_values"].shape == (6, 3, 112, 112)
+    assert batch["pixel_values"].shape == (6, 3, SIZE, SIZE)
     assert (batch["input_ids"] == CONFIG.image_token_id).sum() == 6 * CONFIG.num_image_tokens
     assert set(batch["types"]) <= set(synthetic.QUESTION_TYPES)
 
@@ -242,5 +243,6 @@ def test_dataset_item_errors_name_the_record(tok, tmp_path):
     ds = dataset(tok, path)
     with pytest.raises(ValueError, match=r"record 1 \(id 'bad'\): .*bad\.png is not a readable image"):
         ds[1]
-    with pytest.raises(ValueError, match=r"record 0 \(id 'r1'\): the image/VoCo prefix alone is 69 tokens"):
-        dataset(tok, path, max_len=50)[0]
+    prefix = 1 + CONFIG.num_image_tokens + len(tok.encode("\n", bos=False)) + 2  # BOS, image, "\n", 2 VoCo
+    with pytest.raises(ValueError, match=rf"record 0 \(id 'r1'\): the image/VoCo prefix alone is {prefix} tokens"):
+        dataset(tok, path, max_len=prefix - 1)[0]
