@@ -55,13 +55,14 @@ class TrainConfig:
     init: str = "tiny"  # a model preset trained from scratch ("tiny"), or a checkpoint directory
     vision_path: str = ""  # CLIP directory, for a LLaVA or plain LLaMA checkpoint
     projector_path: str = ""  # LLaVA's stage-1 mm_projector.bin, for a plain LLaMA checkpoint
-    freeze_vision: bool = True  # the paper freezes its pretrained CLIP; a tiny model from scratch must train it
+    freeze_vision: bool = True  # the paper freezes CLIP; a tiny model learns better from a frozen random ViT too
     tokenizer: str = ""  # tokenizer.model; default: the init checkpoint's, or a tiny one trained on the data
     # data
     data: str = "synthetic"  # a LLaVA-format JSON, or "synthetic" (generated into out_dir/data)
     image_folder: str = ""  # default: the JSON's directory
     eval_data: str = ""  # held-out LLaVA-format JSON for VQA accuracy; synthetic: generated with another seed
     synthetic_images: int = 2000
+    synthetic_questions: int = 8  # questions per synthetic training image, all in one multi-turn record
     synthetic_dir: str = ""  # where the synthetic data is generated (default out_dir/data); runs can share it
     max_len: int = 2048
     system_prompt: str = VOCO_SYSTEM  # VoCo-LLaMA's Vicuna system prompt; a tiny model from scratch does without
@@ -87,7 +88,7 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny-cpu": dict(init="tiny", data="synthetic", freeze_vision=False, system_prompt="", synthetic_images=2000, max_len=256, batch_size=32,
+    "tiny-cpu": dict(init="tiny", data="synthetic", system_prompt="", synthetic_images=2000, max_len=256, batch_size=32,
                      micro_batch_size=16, lr=1e-3, warmup_ratio=0.05, epochs=3.0, save_every=100, eval_limit=300),
     "llava-7b": dict(init="", data="", batch_size=128, micro_batch_size=4, lr=2e-5, warmup_ratio=0.03, epochs=1.0,
                      max_len=2048, activation_checkpointing=True, save_every=500, log_every=10),
@@ -165,9 +166,12 @@ def prepare_data(cfg, out: Path, rank: int):
         return Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
     data = Path(cfg.synthetic_dir) if cfg.synthetic_dir else out / "data"
     if rank == 0:
-        for split, n, seed in (("train", cfg.synthetic_images, cfg.seed), ("eval", 200, cfg.seed + 10_000)):
-            if not (data / split / "data.json").exists():
-                synthetic.generate(data / split, n_images=n, seed=seed, image_size=preset("tiny").vision.image_size)
+        size = preset("tiny").vision.image_size
+        if not (data / "train" / "data.json").exists():
+            synthetic.generate(data / "train", n_images=cfg.synthetic_images, questions_per_image=
+                               cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True)
+        if not (data / "eval" / "data.json").exists():  # held out: other images, one question per record
+            synthetic.generate(data / "eval", n_images=200, seed=cfg.seed + 10_000, image_size=size)
     barrier()
     return data / "train" / "data.json", data / "eval" / "data.json"
 

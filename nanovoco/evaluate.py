@@ -22,6 +22,17 @@ def left_pad(samples, pad_id=0):
     return pad("input_ids", pad_id), pad("segments", PAD), pad("groups", -1)
 
 
+def blind_baseline(dataset, limit: int = 0) -> dict:
+    """The accuracy of answering every question with its type's most common answer in these very records: the best
+    that a model ignoring the image can do here (question types are told apart by their wording). Chance level."""
+    n = min(limit, len(dataset)) if limit else len(dataset)
+    answers = {}
+    for record in dataset.records[:n]:
+        answers.setdefault(record.get("type") or "all", []).append(normalise(record["conversations"][1]["value"]))
+    by_type = {k: max(map(v.count, set(v))) / len(v) for k, v in sorted(answers.items())}
+    return {"overall": sum(by_type[k] * len(v) for k, v in answers.items()) / n, "by_type": by_type, "n": n}
+
+
 def normalise(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".").split())
 

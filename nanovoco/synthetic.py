@@ -118,9 +118,11 @@ def questions(rng: random.Random, scene: list[dict], n: int, image_size: int) ->
 
 
 def generate(out_dir, n_images: int = 1000, questions_per_image: int = 4, seed: int = 0, image_size: int = 112,
-             n_objects: int = 6) -> Path:
+             n_objects: int = 6, multi_turn: bool = False) -> Path:
     """Write n_images PNGs to out_dir/images/ and one LLaVA record per question to out_dir/data.json; return the
-    JSON's path. The same arguments give byte-identical files; image i depends only on (seed, i)."""
+    JSON's path. multi_turn=True writes one record per image instead, its questions as the turns of one
+    conversation (as most of LLaVA's data is): one forward pass then trains on every question of the image.
+    The same arguments give byte-identical files; image i depends only on (seed, i)."""
     if not 2 <= n_objects <= min(len(PALETTE), GRID * GRID):
         raise ValueError(f"n_objects={n_objects}: use 2..{len(PALETTE)} (one colour per object)")
     if image_size < 8 * GRID:
@@ -137,10 +139,12 @@ def generate(out_dir, n_images: int = 1000, questions_per_image: int = 4, seed: 
         img = draw(scene, image_size)
         # PIL picks the format from the name's suffix, and the temporary name has none
         atomic_write(out_dir / image, lambda tmp: img.save(tmp, format="PNG"))
-        for q, (qtype, question, answer) in enumerate(questions(rng, scene, questions_per_image, image_size)):
-            records.append({"id": f"{i:06d}_{q}", "image": image, "type": qtype,
-                            "conversations": [{"from": "human", "value": "<image>\n" + question},
-                                              {"from": "gpt", "value": answer}],
+        qas = questions(rng, scene, questions_per_image, image_size)
+        for q, group in enumerate([qas] if multi_turn else [[qa] for qa in qas]):
+            turns = [turn for k, (_, question, answer) in enumerate(group)
+                     for turn in ({"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
+                                  {"from": "gpt", "value": answer})]
+            records.append({"id": f"{i:06d}_{q}", "image": image, "type": group[0][0], "conversations": turns,
                             "scene": scene})
     path = out_dir / "data.json"
     text = json.dumps(records, indent=1)
@@ -156,8 +160,9 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=112)
     p.add_argument("--n-objects", type=int, default=6)
+    p.add_argument("--multi-turn", action="store_true", help="one record per image, its questions as turns")
     a = p.parse_args(argv)
-    path = generate(a.out, a.n_images, a.questions_per_image, a.seed, a.image_size, a.n_objects)
+    path = generate(a.out, a.n_images, a.questions_per_image, a.seed, a.image_size, a.n_objects, a.multi_turn)
     print(f"wrote {path}")
 
 

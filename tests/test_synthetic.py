@@ -146,3 +146,18 @@ def test_cli_and_argument_checks(tmp_path, capsys):
                       (dict(image_size=16), "too small"), (dict(n_images=0), "must be >= 1")]:
         with pytest.raises(ValueError, match=match):
             generate(tmp_path / "x", **{"n_images": 1, **kw})
+
+
+def test_multi_turn_puts_every_question_of_an_image_in_one_record(tmp_path):
+    single = json.loads(generate(tmp_path / "single", n_images=3, questions_per_image=5, seed=2).read_text())
+    multi = json.loads(generate(tmp_path / "multi", n_images=3, questions_per_image=5, seed=2,
+                                multi_turn=True).read_text())
+    assert len(single) == 15 and len(multi) == 3
+    for i, record in enumerate(multi):
+        turns = record["conversations"]
+        same_image = single[5 * i:5 * i + 5]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * 5
+        assert turns[0]["value"].startswith("<image>\n") and all("<image>" not in t["value"] for t in turns[1:])
+        want = [t["value"] for r in same_image for t in r["conversations"]]
+        assert [t["value"] for t in turns] == [want[0]] + [v.removeprefix("<image>\n") for v in want[1:]]
+        assert record["type"] == same_image[0]["type"] and record["image"] == same_image[0]["image"]
