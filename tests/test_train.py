@@ -151,3 +151,34 @@ def test_train_from_llava_style_weights(tmp_path, data):
 def test_bad_options(tmp_path, data, argv, message):
     result = train(*args(data, tmp_path), *argv, check=False)
     assert result.returncode != 0 and message in result.stderr
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    sys.path.insert(0, str(ROOT))
+    import train as train_module
+    from nanovoco.model import preset
+    from nanovoco.voco import TEXT, VISION, VOCO, voco_mask
+
+    torch.manual_seed(0)
+    vlm = VoCoLlama(preset("tiny", vocab_size=100))
+    n = vlm.config.num_image_tokens
+    ids = torch.cat([torch.ones(2, 1, dtype=torch.long), torch.full((2, n), vlm.config.image_token_id),
+                     torch.randint(3, 100, (2, 12))], 1)
+    segments = torch.tensor([[VISION] * (1 + n) + [VOCO] * 2 + [TEXT] * 10] * 2)
+    mask = voco_mask(segments, torch.where(segments == TEXT, -1, 0))
+    pixels = torch.randn(2, 3, 56, 56)
+
+    def grads(model):
+        model.zero_grad()
+        model(ids, pixels, attn_mask=mask).logits.float().pow(2).mean().backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    calls = []
+    vlm.llm.layers[0].input_layernorm.register_forward_pre_hook(lambda *_: calls.append(1))
+    plain = grads(vlm)
+    names = [k for k, _ in vlm.named_parameters()]
+    checkpointed = grads(train_module.shard(vlm, torch.device("cpu"), 1, activation_checkpointing=True))
+    assert len(calls) == 1 + 2  # once without checkpointing; with it, once forward and once recomputed in backward
+    assert [k for k, _ in vlm.named_parameters()] == names  # parameter names (checkpoint keys) unchanged
+    for k in plain:
+        torch.testing.assert_close(checkpointed[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
