@@ -40,7 +40,7 @@ from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate
 from nanovoco.evaluate import vqa_accuracy
 from nanovoco.model import VoCoLlama, VoCoLlamaConfig, preset
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
-from nanovoco.voco import causal_pad_mask, voco_mask
+from nanovoco.voco import PAD, causal_pad_mask, voco_mask
 
 MODES = ("full", "voco", "lower_bound", "avgpool", "qformer")
 # DCP warns on every save/load in a single process that it is not distributed; that is the intended use here
@@ -88,9 +88,10 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny-cpu": dict(init="tiny", data="synthetic", system_prompt="", synthetic_images=2000, max_len=256, batch_size=32,
-                     micro_batch_size=16, lr=1e-3, warmup_ratio=0.05, epochs=3.0, save_every=100, eval_limit=300),
-    "llava-7b": dict(init="", data="", batch_size=128, micro_batch_size=4, lr=2e-5, warmup_ratio=0.03, epochs=1.0,
+    "tiny-cpu": dict(init="tiny", data="synthetic", system_prompt="", synthetic_images=4000, max_len=256,
+                     batch_size=32, micro_batch_size=16, lr=1e-3, warmup_ratio=0.05, epochs=8.0, save_every=100,
+                     eval_every=250, eval_limit=400),
+    "llava-7b": dict(init="", data="", batch_size=128, micro_batch_size=4, lr=2e-5, warmup_ratio=0.03, epochs=2.0,
                      max_len=2048, activation_checkpointing=True, save_every=500, log_every=10),
 }
 
@@ -274,6 +275,8 @@ def save_checkpoint(out: Path, vlm, optim, step: int, cfg: TrainConfig, tokenize
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
+        if final.exists():  # a run that died between the renames of the last save left both: keep the newer
+            shutil.rmtree(old, ignore_errors=True)
     barrier()
     full = get_model_state_dict(vlm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
@@ -299,7 +302,8 @@ def find_checkpoint(out: Path):
 
 def check_resumable(saved: dict, cfg: TrainConfig, where: Path):
     changed = {k: (v, getattr(cfg, k)) for k, v in saved.items()
-               if k not in ("resume", "stop_after", "eval_every", "eval_limit", "log_every", "save_every")
+               if k not in ("resume", "stop_after", "eval_every", "eval_limit", "log_every", "save_every", "out_dir",
+                            "micro_batch_size")  # neither changes the numbers: the loss is normalised per batch
                and getattr(cfg, k) != v}
     if changed:
         raise SystemExit(f"{where}/state.json was trained with other settings {changed} (saved, now): resume with "
@@ -357,6 +361,10 @@ def main(argv=None):
     elif (out / "checkpoint").exists():
         raise SystemExit(f"{out} already holds a checkpoint: pass --resume=true to continue it, or another --out_dir")
 
+    if not cfg.init:
+        raise SystemExit("--init=<checkpoint directory> is required by this preset (e.g. vicuna-7b-v1.5 with "
+                         "--vision_path and --projector_path, or a LLaVA-1.5 checkpoint)")
+
     # data and tokenizer
     train_json, eval_json = prepare_data(cfg, out, rank)
     tokenizer_path = (resume_from / "model" / "tokenizer.model" if resume_from else
@@ -391,11 +399,18 @@ def main(argv=None):
     log_path = out / "log.jsonl"
     if rank == 0:  # a resumed run rewrites history from its checkpoint on: drop the lines of the lost steps
         lines = log_path.read_text().splitlines() if log_path.exists() and resume_from else []
-        log_path.write_text("".join(line + "\n" for line in lines if json.loads(line)["step"] < step))
+        kept = [line for line in lines if line.endswith("}") and json.loads(line)["step"] < step]  # "}": whole
+        log_path.write_text("".join(line + "\n" for line in kept))
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and world == 1)
 
-    stop = []  # Ctrl-C asks for a checkpoint at the end of the current step, not a dead run
-    signal.signal(signal.SIGINT, lambda *_: stop.append(True))
+    stop = []  # Ctrl-C (or a scheduler's SIGTERM) asks for a checkpoint at the end of the step, not a dead run
+
+    def request_stop(signum, frame):
+        stop.append(signum)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)  # twice: now
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
     if rank == 0:
         n_train = sum(p.numel() for p in params)
         print(f"{cfg.mode}: {n_train / 1e6:.1f}M trainable parameters, {len(train_set)} samples, {total_steps} steps "
@@ -415,13 +430,12 @@ def main(argv=None):
         n_tokens = all_sum(torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
                                         dtype=torch.float64, device=device)).item()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for k, b in enumerate(micro):
-            if world > 1:
-                vlm.set_requires_gradient_sync(k == len(micro) - 1)  # reduce gradients once, after the last
+        for b in micro:  # FSDP reduce-scatters after every micro-batch: gradients stay sharded, as in ZeRO-3
             ids, labels = b["input_ids"].to(device), b["labels"].to(device)
             pixels = None if b["pixel_values"] is None else b["pixel_values"].to(device)
-            with autocast:
-                logits = vlm(ids, pixels, attn_mask=train_mask(b["segments"], b["groups"]).to(device)).logits
+            with autocast:  # default position ids 0..L-1 are right: training batches are padded on the right
+                logits = vlm(ids, pixels, attn_mask=train_mask(b["segments"], b["groups"]).to(device),
+                             use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
             (loss * world / max(n_tokens, 1)).backward()
@@ -437,7 +451,7 @@ def main(argv=None):
         optim.zero_grad(set_to_none=True)
         step += 1
         dt = time.perf_counter() - t0
-        tokens = all_sum(torch.tensor(sum(b["input_ids"].numel() for b in micro), device=device)).item()
+        tokens = all_sum(torch.tensor(sum(int((b["segments"] != PAD).sum()) for b in micro), device=device)).item()
         record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and eval_set is not None:
             record["eval"] = evaluate(vlm, eval_set, eval_compressed, cfg.eval_limit)

@@ -12,6 +12,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -89,7 +90,8 @@ def load_bin(f: Path) -> dict:
     if f.suffix not in (".bin", ".pt", ".pth"):
         raise ValueError(f"{f} is not a weights file: expected .safetensors or a PyTorch .bin")
     try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
+        # memory-map the zip format of torch.save (PyTorch >= 1.6) so tensors are read on demand; older files whole
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(f))
     except pickle.UnpicklingError as e:
         # torch's message is long advice to turn weights_only off; keep only what was refused
         detail = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed|\n|$)", str(e))
@@ -324,7 +326,10 @@ def vlm_parts(path, vision_path, projector_path, build_config):
                              f"hidden_size={config.vision.hidden_size}: pass the vision tower this model was trained with")
         keys = {**llama_keys(config.text, "llm."), **projector_keys(kind, LLAVA_PROJECTOR[kind], "projector."),
                 **compressor_keys(k.removeprefix("model.") for k in ckpt.files)}
-        return config, [(ckpt, keys, LLAMA_UNUSED), vision_part(vision, config.vision)]
+        # LLaVA's training under DeepSpeed ZeRO-3 (the official VoCo-LLaMA recipe) also saves the frozen CLIP under
+        # model.vision_tower.vision_tower.*: the same weights as mm_vision_tower, which is where they are read from
+        frozen_clip_copy = (r"model\.vision_tower\.vision_tower\..*",)
+        return config, [(ckpt, keys, LLAMA_UNUSED + frozen_clip_copy), vision_part(vision, config.vision)]
 
     # A plain LLaMA/Vicuna + CLIP + LLaVA's stage-1 mm_projector.bin: where VoCo-LLaMA's official recipe starts.
     if vision_path is None or projector_path is None:
@@ -362,7 +367,8 @@ def vision_part(vision: Checkpoint, c) -> tuple:
 
 def load(cls, config, parts, dtype=None, device=None):
     """Build `cls(config)` on the meta device, then fill it from `parts`: a list of (Checkpoint, key map, unused
-    key patterns), one per checkpoint. Strict: see the module docstring. dtype defaults to float32."""
+    key patterns), one per checkpoint. Strict: see the module docstring. dtype defaults to float32, whatever the
+    checkpoint stores (pass torch.bfloat16 for a 7B model: 14 GB instead of 28 GB)."""
     with torch.device("meta"):
         model = cls(config)
     expected = model.state_dict()

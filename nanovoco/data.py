@@ -90,6 +90,8 @@ def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int
                 raise ValueError(f"the prompt is {len(s.input_ids)} tokens, more than max_len={max_len}; prompts "
                                  f"are not truncated: shorten the conversation or raise max_len")
             return s
+        if "<image>" in assistant:
+            raise ValueError(f"turn {k}'s assistant text contains '<image>': the tag belongs in a user text")
         add(encode(assistant.replace("\n", ""), f"turn {k}'s assistant text") + [tokenizer.eos_id], TEXT, loss=True)
 
     for field in (s.input_ids, s.labels, s.segments, s.groups):  # LLaVA's model_max_length: cut the tail

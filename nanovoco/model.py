@@ -132,7 +132,7 @@ def preset(name: str, vocab_size: int = 32000) -> VoCoLlamaConfig:
 @dataclass
 class Output:
     logits: torch.Tensor  # (B, L, vocab)
-    cache: KVCache  # the keys/values of the cached tokens followed by those of this call's tokens
+    cache: KVCache | None  # the keys/values of the cached tokens followed by those of this call's tokens
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -237,12 +237,14 @@ class Llama(nn.Module):
                                                                           bias=False)
 
     def forward(self, input_ids=None, inputs_embeds=None, attn_mask=None, position_ids=None,
-                cache: KVCache | None = None) -> Output:
+                cache: KVCache | None = None, use_cache: bool = True) -> Output:
         """Logits for new tokens given as ids (B, L) or embeddings (B, L, D).
 
         attn_mask: bool (B or 1, 1, L, L_cached + L), True where a query may attend; default causal over cache+new.
         position_ids: (B, L) RoPE positions; default continues after the cache. Every query row must see at
         least one key (SDPA gives NaN or zeros for an empty row, depending on the kernel).
+        use_cache=False returns no cache: training does not hold every layer's keys and values (which activation
+        checkpointing would otherwise keep alive).
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, L, _ = x.shape
@@ -252,10 +254,11 @@ class Llama(nn.Module):
         if attn_mask is None:
             attn_mask = causal_mask(L, past, x.device)
         cos, sin = rope_cos_sin(position_ids, self.config, x.dtype)
-        new_cache = []
+        new_cache = [] if use_cache else None
         for i, layer in enumerate(self.layers):
             x, kv = layer(x, cos, sin, attn_mask, None if cache is None else cache[i])
-            new_cache.append(kv)
+            if use_cache:
+                new_cache.append(kv)
         x = self.norm(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return Output(logits=F.linear(x, head), cache=new_cache)
@@ -415,9 +418,10 @@ class VoCoLlama(nn.Module):
             x = x.masked_scatter(is_image[..., None], features.to(x.dtype))
         return x
 
-    def forward(self, input_ids, pixel_values=None, attn_mask=None, position_ids=None, cache=None) -> Output:
+    def forward(self, input_ids, pixel_values=None, attn_mask=None, position_ids=None, cache=None,
+                use_cache=True) -> Output:
         return self.llm(inputs_embeds=self.embed(input_ids, pixel_values), attn_mask=attn_mask,
-                        position_ids=position_ids, cache=cache)
+                        position_ids=position_ids, cache=cache, use_cache=use_cache)
 
     @classmethod
     def from_pretrained(cls, path, vision_path=None, projector_path=None, dtype=None, device=None) -> VoCoLlama:

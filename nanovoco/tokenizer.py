@@ -25,7 +25,7 @@ VOCO_SYSTEM = ("A chat between a curious user and an artificial intelligence ass
 class Tokenizer:
     """A sentencepiece `tokenizer.model` plus special tokens, encoded like the slow HF LlamaTokenizer."""
 
-    def __init__(self, path, special_tokens=("<image>", "<voco>")):
+    def __init__(self, path, special_tokens=("<voco>",)):
         path = os.fspath(path)
         hint = "pass the tokenizer.model of the LLaMA/Vicuna checkpoint, or the directory that holds it"
         if os.path.isdir(path):
@@ -78,12 +78,14 @@ class Tokenizer:
         return ids
 
     def encode_with_images(self, text, image_token_id, num_image_tokens, bos=True):
-        """encode(), with every <image> expanded to num_image_tokens placeholder ids (LLaVA's tokenizer_image_token,
-        expanded up front): the model replaces each placeholder by one projected vision feature."""
-        image = self.special_ids["<image>"]
-        ids = []
-        for i in self.encode(text, bos=bos):
-            ids.extend([image_token_id] * num_image_tokens if i == image else [i])
+        """encode(), with every "<image>" expanded to num_image_tokens placeholder ids (LLaVA's
+        tokenizer_image_token, expanded up front): the model replaces each placeholder by one projected vision
+        feature. "<image>" is a marker in the text, not a vocabulary entry: nothing is added to the vocabulary for
+        it, so on Vicuna the one added token is <voco>, id 32000, as in the official code."""
+        chunks = text.split("<image>")
+        ids = self.encode(chunks[0], bos=bos)
+        for chunk in chunks[1:]:
+            ids += [image_token_id] * num_image_tokens + self.encode(chunk, bos=False)
         return ids
 
     def decode(self, ids):

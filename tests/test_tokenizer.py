@@ -34,7 +34,7 @@ def tiny_path(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def tok(tiny_path):
-    return Tokenizer(tiny_path)
+    return Tokenizer(tiny_path, special_tokens=("<image>", "<voco>"))
 
 
 @pytest.fixture(scope="module")
@@ -96,8 +96,9 @@ def test_appended_specials_follow_the_vocab(plain_path):
     n = sp.get_piece_size()
     assert sp.id_to_piece(sp.piece_to_id("<voco>")) != "<voco>"  # really not in this vocabulary
 
-    tok = Tokenizer(plain_path, special_tokens=("<voco>",))
+    tok = Tokenizer(plain_path)  # the default adds <voco> alone: "<image>" is a marker, expanded to placeholders
     assert tok.special_ids == {"<voco>": n} and tok.vocab_size == n + 1  # like <voco> = 32000 on Vicuna
+    assert tok.encode_with_images("<image>x", -200, 2) == [tok.bos_id, -200, -200] + sp.encode("x")
 
     # in order, like HF's add_tokens: a string that is already a piece keeps its id and takes no new slot
     piece = sp.id_to_piece(sp.encode("the")[0])
