@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from nanovoco import checkpoint, synthetic
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate
-from nanovoco.evaluate import vqa_accuracy
+from nanovoco.evaluate import blind_baseline, vqa_accuracy
 from nanovoco.model import VoCoLlama, VoCoLlamaConfig, preset
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
 from nanovoco.voco import PAD, causal_pad_mask, voco_mask
@@ -472,8 +472,10 @@ def main(argv=None):
     bar.close()
     if step == total_steps and eval_set is not None:
         result = evaluate(vlm, eval_set, eval_compressed, cfg.eval_limit, progress=rank == 0)
+        result["blind"] = blind_baseline(eval_set, cfg.eval_limit)  # chance: the best answers without the image
         if rank == 0:
-            print(f"VQA accuracy {result['overall']:.3f} on {result['n']} held-out questions: {result['by_type']}")
+            print(f"VQA accuracy {result['overall']:.3f} on {result['n']} held-out questions (without the image at "
+                  f"best {result['blind']['overall']:.3f}): {result['by_type']}")
             (out / "eval.json").write_text(json.dumps(result, indent=2))
     if dist.is_initialized():
         dist.destroy_process_group()

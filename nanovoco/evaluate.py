@@ -25,7 +25,7 @@ def left_pad(samples, pad_id=0):
 def blind_baseline(dataset, limit: int = 0) -> dict:
     """The accuracy of answering every question with its type's most common answer in these very records: the best
     that a model ignoring the image can do here (question types are told apart by their wording). Chance level."""
-    n = min(limit, len(dataset)) if limit else len(dataset)
+    n = min(limit, len(dataset.records)) if limit else len(dataset.records)
     answers = {}
     for record in dataset.records[:n]:
         answers.setdefault(record.get("type") or "all", []).append(normalise(record["conversations"][1]["value"]))
