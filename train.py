@@ -1,7 +1,10 @@
 """Train VoCo-LLaMA, or one of the paper's baselines, with a hand-written loop (no Trainer, Accelerate or DeepSpeed).
 
-One process, on the CPU or one GPU (a tiny model on synthetic visual QA, a few CPU minutes):
-    python train.py --preset=tiny-cpu
+One process, on the CPU or one GPU: a tiny VLM on synthetic visual QA (~9 CPU minutes), then VoCo-LLaMA from it
+(~3 minutes), the paper's recipe in miniature (VoCo from scratch does not learn at this scale, see README):
+    python train.py --preset=tiny-cpu --mode=full --out_dir=runs/full
+    python train.py --preset=tiny-cpu --init=runs/full/checkpoint/model --max_steps=300 --warmup_ratio=0.03 \
+        --out_dir=runs/voco
 Several GPUs with FSDP2, one process per GPU (the official recipe, from Vicuna + CLIP + LLaVA's stage-1 projector):
     torchrun --standalone --nproc_per_node=8 train.py --preset=llava-7b --init=vicuna-7b-v1.5 \
         --vision_path=clip-vit-large-patch14-336 --projector_path=llava-v1.5-7b-pretrain/mm_projector.bin \
@@ -88,8 +91,8 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny-cpu": dict(init="tiny", data="synthetic", system_prompt="", synthetic_images=4000, max_len=256,
-                     batch_size=32, micro_batch_size=16, lr=1e-3, warmup_ratio=0.05, epochs=8.0, save_every=100,
+    "tiny-cpu": dict(init="tiny", data="synthetic", system_prompt="", synthetic_images=2000, max_len=256,
+                     batch_size=32, micro_batch_size=16, lr=1e-3, warmup_ratio=0.05, epochs=16.0, save_every=100,
                      eval_every=250, eval_limit=400),
     "llava-7b": dict(init="", data="", batch_size=128, micro_batch_size=4, lr=2e-5, warmup_ratio=0.03, epochs=2.0,
                      max_len=2048, activation_checkpointing=True, save_every=500, log_every=10),
