@@ -291,7 +291,8 @@ def vlm_parts(path, vision_path, projector_path, build_config):
 
     if kind == "llava-hf":  # HF LlavaForConditionalGeneration (llava-hf): everything in one checkpoint
         if hf.get("projector_hidden_act", "gelu") != "gelu" or not isinstance(hf.get("vision_feature_layer", -2), int):
-            raise ValueError(f"{file}: only LLaVA-1.5's projector (gelu) and a single vision_feature_layer are supported")
+            raise ValueError(f"{file}: only LLaVA-1.5's projector (gelu) and a single vision_feature_layer are "
+                             f"supported")
         strategy = {"default": "patch", "full": "cls_patch"}.get(hf.get("vision_feature_select_strategy", "default"))
         if strategy is None:
             raise ValueError(f"{file}: vision_feature_select_strategy={hf['vision_feature_select_strategy']!r} is not "
@@ -323,7 +324,8 @@ def vlm_parts(path, vision_path, projector_path, build_config):
                              compressor_tokens=hf.get("compressor_tokens", 0))
         if hf.get("mm_hidden_size", config.vision.hidden_size) != config.vision.hidden_size:
             raise ValueError(f"{file}: mm_hidden_size={hf['mm_hidden_size']} but the CLIP in {vision.path} has "
-                             f"hidden_size={config.vision.hidden_size}: pass the vision tower this model was trained with")
+                             f"hidden_size={config.vision.hidden_size}: pass the vision tower this model was trained "
+                             f"with")
         keys = {**llama_keys(config.text, "llm."), **projector_keys(kind, LLAVA_PROJECTOR[kind], "projector."),
                 **compressor_keys(k.removeprefix("model.") for k in ckpt.files)}
         # LLaVA's training under DeepSpeed ZeRO-3 (the official VoCo-LLaMA recipe) also saves the frozen CLIP under

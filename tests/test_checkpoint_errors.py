@@ -19,7 +19,8 @@ from nanovoco.generate import generate
 from nanovoco.model import CLIPVisionTower, Llama, VoCoLlama
 from tiny import IMAGE_TOKEN, NUM_PATCHES, VISION_CONFIG, hf_clip, hf_llama, hf_llava, image_ids, llava_original, stage1
 
-PIXELS = (f"(B, 3, {VISION_CONFIG['image_size']}, {VISION_CONFIG['image_size']})")  # what the vision tower's errors ask for
+SIZE = VISION_CONFIG["image_size"]
+PIXELS = f"(B, 3, {SIZE}, {SIZE})"  # what the vision tower's errors ask for
 
 
 def at(path) -> str:
@@ -332,7 +333,8 @@ def test_clip_unsupported_select_feature(tmp_path):
 
 @pytest.mark.parametrize("layout", ["llava", "llava-hf"])
 def test_vlm_select_layer_out_of_range(tmp_path, layout):
-    """The value comes from the VLM's config.json (mm_vision_select_layer / vision_feature_layer): that file is named."""
+    """The value comes from the VLM's config.json (mm_vision_select_layer / vision_feature_layer): that file is
+    named."""
     if layout == "llava":
         path = llava_original_dir(tmp_path)
         edit_config(path, mm_vision_select_layer=7)

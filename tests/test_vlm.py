@@ -12,7 +12,8 @@ from tiny import IMAGE_TOKEN, NUM_PATCHES, VISION_CONFIG, hf_clip, hf_llava, ima
 def test_vision_features_match_hidden_states(tmp_path, full, select_layer):
     hf = hf_clip(tmp_path, full=full)
     ours = CLIPVisionTower.from_pretrained(tmp_path, select_layer=select_layer)
-    pixels = torch.randn(2, 3, VISION_CONFIG["image_size"], VISION_CONFIG["image_size"], generator=torch.Generator().manual_seed(0))
+    size = VISION_CONFIG["image_size"]
+    pixels = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = (hf.vision_model if full else hf)(pixels, output_hidden_states=True)
         feats = ours(pixels)

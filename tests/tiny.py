@@ -44,7 +44,8 @@ def hf_clip(path, full=False, seed=0, **overrides):
 def hf_llava(path, seed=0, text=None, vision=None, **overrides):
     torch.manual_seed(seed)
     config = transformers.LlavaConfig(text_config=transformers.LlamaConfig(**{**TEXT_CONFIG, **(text or {})}),
-                                      vision_config=transformers.CLIPVisionConfig(**{**VISION_CONFIG, **(vision or {})}),
+                                      vision_config=transformers.CLIPVisionConfig(**{**VISION_CONFIG,
+                                                                                     **(vision or {})}),
                                       image_token_index=IMAGE_TOKEN, **overrides)
     model = transformers.LlavaForConditionalGeneration(config).eval()
     model.save_pretrained(path)
@@ -70,7 +71,8 @@ def llava_original(llava_hf_dir, path):
             clip["vision_model." + key.removeprefix("vision_tower.")] = t
     (path / "clip").mkdir(parents=True)
     save_file(clip, path / "clip" / "model.safetensors")
-    (path / "clip" / "config.json").write_text(json.dumps({**hf["vision_config"], "architectures": ["CLIPVisionModel"]}))
+    clip_config = {**hf["vision_config"], "architectures": ["CLIPVisionModel"]}
+    (path / "clip" / "config.json").write_text(json.dumps(clip_config))
     save_file(llm, path / "model.safetensors")
     config = {**hf["text_config"], "architectures": ["LlavaLlamaForCausalLM"], "mm_vision_tower": str(path / "clip"),
               "mm_vision_select_layer": hf["vision_feature_layer"], "mm_vision_select_feature": "patch",
