@@ -202,17 +202,23 @@ class LlavaDataset(torch.utils.data.Dataset):
         return dict(sample=sample, pixel_values=pixel_values, type=record.get("type"))
 
 
-def collate(batch, pad_id: int = 0) -> dict:
-    """Items of LlavaDataset -> a right-padded batch: input_ids, labels (IGNORE_INDEX on pad), segments (PAD on pad),
-    groups (-1 on pad), all (B, L); pixel_values (n_images, 3, H, W) in batch order, or None; types, a list.
+def pad_samples(samples, pad_id: int = 0, left: bool = False) -> dict:
+    """Samples -> (B, L) tensors input_ids (pad_id), labels (IGNORE_INDEX), segments (PAD) and groups (-1 on pad).
+    Training pads on the right; prompts for generation pad on the left, so that every row ends where it continues.
     pad_id 0 is LLaMA's <unk>, the pad LLaVA uses; no loss and no attention ever touch it."""
-    L = max(len(item["sample"].input_ids) for item in batch)
+    L = max(len(s.input_ids) for s in samples)
 
     def pad(field, value):
-        return torch.tensor([getattr(item["sample"], field) + [value] * (L - len(item["sample"].input_ids))
-                             for item in batch])  # (B, L)
+        rows = [(getattr(s, field), [value] * (L - len(s.input_ids))) for s in samples]
+        return torch.tensor([fill + row if left else row + fill for row, fill in rows])  # (B, L)
 
-    images = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]
     return dict(input_ids=pad("input_ids", pad_id), labels=pad("labels", IGNORE_INDEX), segments=pad("segments", PAD),
-                groups=pad("groups", -1), pixel_values=torch.stack(images) if images else None,
-                types=[item["type"] for item in batch])
+                groups=pad("groups", -1))
+
+
+def collate(batch, pad_id: int = 0) -> dict:
+    """Items of LlavaDataset -> a right-padded batch (pad_samples) + pixel_values (n_images, 3, H, W) in batch
+    order, or None, + types, a list."""
+    images = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]
+    return dict(**pad_samples([item["sample"] for item in batch], pad_id),
+                pixel_values=torch.stack(images) if images else None, types=[item["type"] for item in batch])

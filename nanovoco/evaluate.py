@@ -7,19 +7,9 @@ lower_bound modes), so the answer can use the image only through the VoCo tokens
 import torch
 from tqdm import tqdm
 
+from nanovoco.data import pad_samples
 from nanovoco.generate import generate
-from nanovoco.voco import PAD, without_compression
-
-
-def left_pad(samples, pad_id=0):
-    """Prompts -> (B, L) input_ids, segments, groups, padded on the left so that every row ends where generation
-    starts."""
-    L = max(len(s.input_ids) for s in samples)
-
-    def pad(field, value):
-        return torch.tensor([[value] * (L - len(s.input_ids)) + getattr(s, field) for s in samples])
-
-    return pad("input_ids", pad_id), pad("segments", PAD), pad("groups", -1)
+from nanovoco.voco import without_compression
 
 
 def blind_baseline(dataset, limit: int = 0) -> dict:
@@ -49,7 +39,8 @@ def vqa_accuracy(vlm, dataset, compressed: bool, limit: int = 0, batch_size: int
     correct, total = {}, {}
     for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
         items = [dataset.prompt(i) for i in range(start, min(n, start + batch_size))]
-        ids, segments, groups = (t.to(device) for t in left_pad([it["sample"] for it in items]))
+        batch = pad_samples([it["sample"] for it in items], left=True)
+        ids, segments, groups = (batch[k].to(device) for k in ("input_ids", "segments", "groups"))
         images = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
         pixels = torch.stack(images).to(device) if images else None
         answers = generate(vlm.llm, inputs_embeds=vlm.embed(ids, pixels),
