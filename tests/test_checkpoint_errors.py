@@ -347,19 +347,14 @@ def test_vlm_select_layer_out_of_range(tmp_path, layout):
         VoCoLlama.from_pretrained(path)
 
 
-def test_llava_original_unsupported_projector(tmp_path):
+@pytest.mark.parametrize("field, value, message", [
+    ("mm_projector_type", "qformer", "mm_projector_type='qformer' is not supported: use 'linear' or 'mlp2x_gelu'"),
+    ("mm_vision_select_feature", "cls", "select_feature='cls' is not supported: use 'patch' or 'cls_patch'"),
+])
+def test_llava_original_unsupported_value(tmp_path, field, value, message):
     original = llava_original_dir(tmp_path)
-    edit_config(original, mm_projector_type="qformer")
-    with pytest.raises(ValueError, match=at(original / "config.json") + ": mm_projector_type='qformer' is not "
-                                                                        "supported: use 'linear' or 'mlp2x_gelu'"):
-        VoCoLlama.from_pretrained(original)
-
-
-def test_llava_original_unsupported_select_feature(tmp_path):
-    original = llava_original_dir(tmp_path)
-    edit_config(original, mm_vision_select_feature="cls")
-    with pytest.raises(ValueError, match=at(original / "config.json") + ": select_feature='cls' is not supported: use "
-                                                                        "'patch' or 'cls_patch'"):
+    edit_config(original, **{field: value})
+    with pytest.raises(ValueError, match=at(original / "config.json") + ": " + re.escape(message)):
         VoCoLlama.from_pretrained(original)
 
 
