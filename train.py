@@ -41,7 +41,8 @@ from tqdm import tqdm
 from nanovoco import checkpoint, synthetic
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate
 from nanovoco.evaluate import blind_baseline, vqa_accuracy
-from nanovoco.model import VoCoLlama, VoCoLlamaConfig, preset
+from nanovoco.config import VoCoLlamaConfig, preset
+from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
 from nanovoco.voco import PAD, causal_pad_mask, voco_mask
 

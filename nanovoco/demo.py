@@ -10,7 +10,8 @@ from PIL import Image, ImageDraw
 
 from nanovoco.generate import stream
 from nanovoco.image import preprocess
-from nanovoco.model import VoCoLlama, preset
+from nanovoco.config import preset
+from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import Tokenizer, VICUNA_SYSTEM, render_vicuna, train_tiny_tokenizer
 
 CORPUS = [VICUNA_SYSTEM, "USER: What shape is in the image? ASSISTANT: A red circle and a blue square.</s>",

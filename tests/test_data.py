@@ -7,7 +7,7 @@ from PIL import Image
 
 from nanovoco import synthetic
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, build_sample, collate
-from nanovoco.model import preset
+from nanovoco.config import preset
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, render_vicuna, train_tiny_tokenizer
 from nanovoco.voco import PAD, TEXT, VISION, VOCO, voco_mask
 

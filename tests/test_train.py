@@ -156,7 +156,7 @@ def test_bad_options(tmp_path, data, argv, message):
 def test_activation_checkpointing_gives_the_same_gradients():
     sys.path.insert(0, str(ROOT))
     import train as train_module
-    from nanovoco.model import preset
+    from nanovoco.config import preset
     from nanovoco.voco import TEXT, VISION, VOCO, voco_mask
 
     torch.manual_seed(0)

@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from nanovoco.model import Llama, LlamaConfig
+from nanovoco.config import LlamaConfig
+from nanovoco.model import Llama
 from nanovoco.voco import PAD, TEXT, VISION, VOCO, causal_pad_mask, render_mask, voco_mask
 
 
