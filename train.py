@@ -437,9 +437,9 @@ def main(argv=None):
         for b in micro:  # FSDP reduce-scatters after every micro-batch: gradients stay sharded, as in ZeRO-3
             ids, labels = b["input_ids"].to(device), b["labels"].to(device)
             pixels = None if b["pixel_values"] is None else b["pixel_values"].to(device)
-            with autocast:  # default position ids 0..L-1 are right: training batches are padded on the right
+            with autocast:
                 logits = vlm(ids, pixels, attn_mask=train_mask(b["segments"], b["groups"]).to(device),
-                             use_cache=False).logits
+                             position_ids=b["positions"].to(device), use_cache=False).logits
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
                                    ignore_index=IGNORE_INDEX, reduction="sum")
             (loss * world / max(n_tokens, 1)).backward()

@@ -8,10 +8,19 @@ and "<image>" from the conversation:
     [BOS] [image x N] [\\n] [<voco> x num_voco] [\\n] system USER: u1 ASSISTANT: a1</s>USER: u2 ASSISTANT: a2</s>
     '------ VISION, group 0 ------' VOCO, group 0 '----------------------- TEXT, group -1 ---------------------'
 
+A video is a list of frames behind one "<image>" tag (our extension; the official code has no video path): every
+frame is laid out as an image of its own, [BOS] [frame x N] [\\n] [<voco> x K], in a group of its own, so that each
+frame is compressed alone (the VoCo mask keeps groups apart) exactly as a single image is. Frame f's tokens take the
+positions of a single image shifted by f*K: consecutive frames' VoCo tokens sit side by side in position, in time
+order, and a video of F frames spends F*K positions, not F*(N + K), of the context on its frames. (Frames overlap in
+the positions of their vision tokens, which is harmless: no frame sees another, and the text sees no vision token.)
+Without VoCo tokens (the `full` mode) frames are not compressed and simply follow each other.
+
 Labels are LLaVA's preprocess_v1: loss on each answer and its </s> only. Both codebases tokenize the whole prompt and
 then find the answer spans again from the lengths of separately tokenized rounds (off by a token wherever the
 tokenizer merges across a boundary: LLaVA's "tokenization mismatch" warning). Here the sequence is built chunk by
 chunk, so labels and segments are right by construction. Text-only records (no "image" key) are plain Vicuna.
+A video record's "image" is the list of its frame files, in time order.
 """
 import json
 from dataclasses import dataclass
@@ -31,13 +40,15 @@ class Sample:
     input_ids: list[int]
     labels: list[int]  # the token itself where it is trained on (answers and their </s>), IGNORE_INDEX elsewhere
     segments: list[int]  # voco.TEXT / VISION / VOCO of each token
-    groups: list[int]  # 0 for the image and its VoCo tokens, -1 for text
+    groups: list[int]  # f for frame f (0 for an image) and its VoCo tokens, -1 for text
+    positions: list[int]  # RoPE position ids: 0, 1, 2, ... except for the frames of a video (see above)
 
 
 def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int, voco_token_id: int, num_voco: int,
-                 has_image: bool = True, max_len: int = 2048, system: str = VOCO_SYSTEM) -> Sample:
+                 num_frames: int = 1, max_len: int = 2048, system: str = VOCO_SYSTEM) -> Sample:
     """One training sample (or, when the last turn's answer is None, an inference prompt) from turns, a list of
-    (user_text, assistant_text) pairs. See the module docstring for the layout.
+    (user_text, assistant_text) pairs. See the module docstring for the layout. num_frames: 1 for an image, F > 1
+    for a video of F frames, 0 for text only.
 
     num_voco=0 keeps the image but no VoCo tokens: the uncompressed `full` mode, to be run with
     voco.causal_pad_mask (voco_mask would hide the image from the text). "<image>" is removed from user texts, as
@@ -57,27 +68,33 @@ def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int
                              f"from the data (only '<image>' in a user text is allowed, and removed)")
         return ids
 
-    s = Sample([], [], [], [])
+    s = Sample([], [], [], [], [])
 
-    def add(ids, segment, group=-1, loss=False):
+    def add(ids, segment, group=-1, loss=False, position=None):
+        if position is None:  # by default a token takes the position after the one before it
+            position = s.positions[-1] + 1 if s.positions else 0
         s.input_ids += ids
         s.labels += ids if loss else [IGNORE_INDEX] * len(ids)
         s.segments += [segment] * len(ids)
         s.groups += [group] * len(ids)
+        s.positions += range(position, position + len(ids))
 
-    if has_image:
+    frame = compress_prefix(tokenizer, image_token_id, num_image_tokens, voco_token_id, num_voco)
+    stride = num_voco or len(frame)  # frames compressed to K tokens take K positions each (module docstring)
+    for f in range(num_frames):
         # BOS is VISION on purpose: in the official mask it sits before the VoCo tokens, so text never sees it, and
         # a model trained without BOS in the text's view must be run that way. The "\n" after the image too.
-        add([tokenizer.bos_id] + [image_token_id] * num_image_tokens + tokenizer.encode("\n", bos=False), VISION, 0)
-        add([voco_token_id] * num_voco, VOCO, 0)
+        add(frame[:len(frame) - num_voco], VISION, f, position=f * stride)
+        add(frame[len(frame) - num_voco:], VOCO, f)
+    if num_frames:
         lead = "\n"  # the official prompt is "<image>\n" + "<voco>" * N + "\n" + conversation
     else:
         add([tokenizer.bos_id], TEXT)
         lead = ""
     prefix = len(s.input_ids)
     if prefix > max_len:
-        raise ValueError(f"the image/VoCo prefix alone is {prefix} tokens ({num_image_tokens} image, {num_voco} VoCo), "
-                         f"more than max_len={max_len}: raise max_len")
+        raise ValueError(f"the image/VoCo prefix alone is {prefix} tokens ({num_frames} x ({num_image_tokens} image + "
+                         f"{num_voco} VoCo)), more than max_len={max_len}: raise max_len")
 
     for k, (user, assistant) in enumerate(turns):
         head = lead + (system + " " if system else "") if k == 0 else ""
@@ -94,13 +111,19 @@ def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int
             raise ValueError(f"turn {k}'s assistant text contains '<image>': the tag belongs in a user text")
         add(encode(assistant.replace("\n", ""), f"turn {k}'s assistant text") + [tokenizer.eos_id], TEXT, loss=True)
 
-    for field in (s.input_ids, s.labels, s.segments, s.groups):  # LLaVA's model_max_length: cut the tail
+    for field in (s.input_ids, s.labels, s.segments, s.groups, s.positions):  # LLaVA's model_max_length: cut the tail
         del field[max_len:]
     return s
 
 
+def compress_prefix(tokenizer, image_token_id: int, num_image_tokens: int, voco_token_id: int, num_voco: int):
+    """What stage 1 compresses, one image or video frame: [BOS] [image x N] [\\n] [<voco> x K] as ids."""
+    return ([tokenizer.bos_id] + [image_token_id] * num_image_tokens + tokenizer.encode("\n", bos=False)
+            + [voco_token_id] * num_voco)
+
+
 class LlavaDataset(torch.utils.data.Dataset):
-    """A LLaVA-format JSON + image folder. Items: dict(sample=Sample, pixel_values=(3, H, W) tensor or None,
+    """A LLaVA-format JSON + image folder. Items: dict(sample=Sample, pixel_values=(F, 3, H, W) tensor or None (F = 1 for an image, the frames of a video),
     type=the record's "type" or None); prompt(i) gives the first question alone, for evaluation.
 
     config is the VoCoLlamaConfig (image_token_id, num_image_tokens, vision.image_size); the VoCo id is the
@@ -137,8 +160,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         missing = []
         for i, record in enumerate(records):
             self._check(i, record, forbidden)
-            if "image" in record and not (self.image_folder / record["image"]).is_file():
-                missing.append(f"{self.where(i, record, file=False)}: {record['image']}")
+            missing += [f"{self.where(i, record, file=False)}: {name}" for name in frames(record)
+                        if not (self.image_folder / name).is_file()]
         if missing:
             raise FileNotFoundError(f"{path}: {len(missing)} image(s) missing under {self.image_folder}, e.g.\n  "
                                     + "\n  ".join(missing[:3]))
@@ -170,9 +193,10 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise ValueError(f"{where} has {n_tags} '<image>' tags: at most one image per record")
         if "image" not in record and n_tags:
             raise ValueError(f"{where} has an '<image>' tag but no 'image' key")
-        if "image" in record and not isinstance(record["image"], str):
-            raise ValueError(f"{where}: 'image' must be a file name relative to the image folder, got "
-                             f"{record['image']!r}")
+        image = record.get("image", "")
+        if not (isinstance(image, str) or isinstance(image, list) and image and all(isinstance(f, str) for f in image)):
+            raise ValueError(f"{where}: 'image' must be a file name relative to the image folder, or a non-empty list "
+                             f"of them (the frames of a video, in time order), got {image!r}")
 
     def __len__(self):
         return len(self.records)
@@ -192,18 +216,25 @@ class LlavaDataset(torch.utils.data.Dataset):
         try:
             sample = build_sample(self.tokenizer, turns, image_token_id=self.image_token_id,
                                   num_image_tokens=self.num_image_tokens, voco_token_id=self.voco_token_id,
-                                  num_voco=self.num_voco, has_image="image" in record, max_len=self.max_len,
+                                  num_voco=self.num_voco, num_frames=len(frames(record)), max_len=self.max_len,
                                   system=self.system)
-            pixel_values = None
-            if "image" in record:  # LLaVA-1.5's image_aspect_ratio="pad": the whole image, centred on a square
-                pixel_values = preprocess(load_image(self.image_folder / record["image"]), self.image_size)
+            # LLaVA-1.5's image_aspect_ratio="pad": the whole image, centred on a square
+            images = [preprocess(load_image(self.image_folder / name), self.image_size) for name in frames(record)]
+            pixel_values = torch.stack(images) if images else None
         except (ValueError, FileNotFoundError) as e:
             raise type(e)(f"{self.where(i, record)}: {e}") from e
         return dict(sample=sample, pixel_values=pixel_values, type=record.get("type"))
 
 
+def frames(record) -> list[str]:
+    """A record's image files: none (text only), one (an image) or a video's frames."""
+    image = record.get("image", [])
+    return [image] if isinstance(image, str) else image
+
+
 def pad_samples(samples, pad_id: int = 0, left: bool = False) -> dict:
-    """Samples -> (B, L) tensors input_ids (pad_id), labels (IGNORE_INDEX), segments (PAD) and groups (-1 on pad).
+    """Samples -> (B, L) tensors input_ids (pad_id), labels (IGNORE_INDEX), segments (PAD), groups (-1 on pad) and
+    positions (0 on pad).
     Training pads on the right; prompts for generation pad on the left, so that every row ends where it continues.
     pad_id 0 is LLaMA's <unk>, the pad LLaVA uses; no loss and no attention ever touch it."""
     L = max(len(s.input_ids) for s in samples)
@@ -213,12 +244,12 @@ def pad_samples(samples, pad_id: int = 0, left: bool = False) -> dict:
         return torch.tensor([fill + row if left else row + fill for row, fill in rows])  # (B, L)
 
     return dict(input_ids=pad("input_ids", pad_id), labels=pad("labels", IGNORE_INDEX), segments=pad("segments", PAD),
-                groups=pad("groups", -1))
+                groups=pad("groups", -1), positions=pad("positions", 0))
 
 
 def collate(batch, pad_id: int = 0) -> dict:
     """Items of LlavaDataset -> a right-padded batch (pad_samples) + pixel_values (n_images, 3, H, W) in batch
-    order, or None, + types, a list."""
+    order (a video's frames in time order), or None, + types, a list."""
     images = [item["pixel_values"] for item in batch if item["pixel_values"] is not None]
     return dict(**pad_samples([item["sample"] for item in batch], pad_id),
-                pixel_values=torch.stack(images) if images else None, types=[item["type"] for item in batch])
+                pixel_values=torch.cat(images) if images else None, types=[item["type"] for item in batch])

@@ -40,12 +40,13 @@ def vqa_accuracy(vlm, dataset, compressed: bool, limit: int = 0, batch_size: int
     for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
         items = [dataset.prompt(i) for i in range(start, min(n, start + batch_size))]
         batch = pad_samples([it["sample"] for it in items], left=True)
-        ids, segments, groups = (batch[k].to(device) for k in ("input_ids", "segments", "groups"))
+        ids, segments, groups, positions = (batch[k].to(device) for k in ("input_ids", "segments", "groups",
+                                                                           "positions"))
         images = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
-        pixels = torch.stack(images).to(device) if images else None
+        pixels = torch.cat(images).to(device) if images else None
         answers = generate(vlm.llm, inputs_embeds=vlm.embed(ids, pixels),
                            segments=segments if compressed else without_compression(segments), groups=groups,
-                           max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
+                           position_ids=positions, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
         for it, answer in zip(items, answers):
             kind = it["type"] or "all"
             total[kind] = total.get(kind, 0) + 1

@@ -1,16 +1,22 @@
 """Text generation with a KV cache, as two named stages: `prefill` the prompt once, then `decode_one_token` per step.
 
 Works on the bare decoder (`Llama`): a VLM's prompt goes in as embeddings, `vlm.embed(input_ids, pixel_values)`.
+This is single-pass masked inference (the whole prompt, vision tokens included, in one forward), the reference that
+the two-stage VoCo inference of model.py (`VoCoLlama.compress`, `answer`, `generate`) must equal.
 The prompt is described by the segment labels of voco.py, so a VoCo prompt is generated from under exactly the mask
 it was trained with: the prompt runs under `voco_mask`, and every generated token sees the TEXT and VOCO keys but
 never the VISION ones. Plain text is all TEXT; a left-padded batch marks its padding PAD.
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
-from nanovoco.model import KVCache, Llama, Output
 from nanovoco.voco import PAD, TEXT, VOCO, voco_mask
+
+if TYPE_CHECKING:  # model.py's two-stage inference uses the decode loop below
+    from nanovoco.model import KVCache, Llama, Output
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -26,12 +32,12 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
     return order.gather(-1, choice)[:, 0]
 
 
-def prefill(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None) -> tuple[Output, torch.Tensor]:
-    """Run the whole prompt once under the VoCo mask of its labels. Returns the output and the position ids used."""
-    # positions count real tokens only, so a left-padded row continues exactly as it would unpadded
-    position_ids = ((segments != PAD).long().cumsum(-1) - 1).clamp(min=0)
-    out = llm(input_ids, inputs_embeds, attn_mask=voco_mask(segments, groups), position_ids=position_ids)
-    return out, position_ids
+def prefill(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, position_ids=None) -> Output:
+    """Run the whole prompt once under the VoCo mask of its labels. position_ids (B, L): data.Sample's positions;
+    default 0, 1, 2, ... over the real tokens, so that a left-padded row goes on exactly as it would unpadded."""
+    if position_ids is None:
+        position_ids = ((segments != PAD).long().cumsum(-1) - 1).clamp(min=0)
+    return llm(input_ids, inputs_embeds, attn_mask=voco_mask(segments, groups), position_ids=position_ids)
 
 
 def decode_one_token(llm: Llama, token, position, visible, cache: KVCache) -> Output:
@@ -39,27 +45,41 @@ def decode_one_token(llm: Llama, token, position, visible, cache: KVCache) -> Ou
     return llm(token[:, None], attn_mask=visible[:, None, None, :], position_ids=position[:, None], cache=cache)
 
 
-@torch.no_grad()
-def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, max_new_tokens=32,
-           temperature=0.0, top_p=1.0, eos_id=None, generator=None):
-    """Yield the next token of every row, (B,), until max_new_tokens or every row has produced eos_id (a finished
-    row keeps yielding eos_id). segments/groups: (B, L) labels of the prompt (voco.py); default: all TEXT."""
-    x = input_ids if inputs_embeds is None else inputs_embeds
-    B, L = x.shape[:2]
-    limit = llm.config.max_position_embeddings
+def check_length(last_position: int, max_new_tokens: int, limit: int):
+    """A prompt whose last position is last_position, + max_new_tokens, must fit in the model's context."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if L + max_new_tokens > limit:
-        raise ValueError(f"prompt of {L} tokens + max_new_tokens={max_new_tokens} exceeds the model's context of "
-                         f"{limit} positions: shorten the prompt or lower max_new_tokens")
+    if last_position + 1 + max_new_tokens > limit:
+        raise ValueError(f"a prompt that reaches position {last_position} + max_new_tokens={max_new_tokens} exceeds "
+                         f"the model's context of {limit} positions: shorten the prompt (or the video) or lower "
+                         f"max_new_tokens")
+
+
+@torch.no_grad()
+def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, position_ids=None,
+           max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None):
+    """Yield the next token of every row, (B,), until max_new_tokens or every row has produced eos_id (a finished
+    row keeps yielding eos_id). segments/groups: (B, L) labels of the prompt (voco.py), default all TEXT;
+    position_ids: see prefill."""
+    x = input_ids if inputs_embeds is None else inputs_embeds
+    B, L = x.shape[:2]
     if segments is None:
         segments = torch.full((B, L), TEXT, device=x.device)
     if groups is None:
         groups = torch.full_like(segments, -1)
-    out, position_ids = prefill(llm, input_ids, inputs_embeds, segments, groups)
-    position = position_ids[:, -1]
+    if position_ids is None:
+        position_ids = ((segments != PAD).long().cumsum(-1) - 1).clamp(min=0)
+    check_length(int(position_ids[:, -1].max()), max_new_tokens, llm.config.max_position_embeddings)
+    out = prefill(llm, input_ids, inputs_embeds, segments, groups, position_ids)
     visible = (segments == TEXT) | (segments == VOCO)  # what generated text may see: never VISION, never PAD
-    done = torch.zeros(B, dtype=torch.bool, device=x.device)
+    yield from decode(llm, out, position_ids[:, -1], visible, max_new_tokens, temperature, top_p, eos_id, generator)
+
+
+def decode(llm: Llama, out: Output, position, visible, max_new_tokens, temperature, top_p, eos_id, generator):
+    """The decode loop after a prefill: out holds the prompt's last logits and the cache, position (B,) the last
+    prompt position, visible (B, L_cached) the cached keys that generated tokens may see."""
+    B = visible.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=visible.device)
     for step in range(max_new_tokens):
         token = sample(out.logits[:, -1], temperature, top_p, generator)
         if eos_id is not None:
@@ -73,10 +93,14 @@ def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups
         out = decode_one_token(llm, token, position, visible, out.cache)
 
 
-def generate(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, max_new_tokens=32,
-             temperature=0.0, top_p=1.0, eos_id=None, generator=None) -> list[list[int]]:
+def generate(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, position_ids=None,
+             max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None) -> list[list[int]]:
     """The generated tokens of every row, without the eos token (see `stream` for the arguments)."""
-    steps = list(stream(llm, input_ids, inputs_embeds, segments, groups, max_new_tokens, temperature, top_p, eos_id,
-                        generator))
-    rows = torch.stack(steps, dim=1).tolist()
+    return until_eos(stream(llm, input_ids, inputs_embeds, segments, groups, position_ids, max_new_tokens, temperature,
+                            top_p, eos_id, generator), eos_id)
+
+
+def until_eos(steps, eos_id) -> list[list[int]]:
+    """Tokens yielded step by step, (B,) each -> every row's tokens, cut before its first eos_id."""
+    rows = torch.stack(list(steps), dim=1).tolist()
     return [row[:row.index(eos_id)] if eos_id in row else row for row in rows]

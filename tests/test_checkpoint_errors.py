@@ -515,9 +515,10 @@ def test_generate_beyond_context(tmp_path):
     hf_llama(tmp_path)  # max_position_embeddings=256
     llm = Llama.from_pretrained(tmp_path)
     prompt = torch.randint(3, 160, (1, 200))
-    with pytest.raises(ValueError, match=r"prompt of 200 tokens \+ max_new_tokens=57 exceeds the model's context of "
-                                         r"256 positions: shorten the prompt or lower max_new_tokens"):
+    with pytest.raises(ValueError, match=r"a prompt that reaches position 199 \+ max_new_tokens=57 exceeds the "
+                                         r"model's context of 256 positions: shorten the prompt"):
         generate(llm, prompt, max_new_tokens=57)
+    assert len(generate(llm, prompt, max_new_tokens=56)[0]) == 56  # exactly full is fine
 
 
 def test_generate_zero_new_tokens(tmp_path):

@@ -83,7 +83,7 @@ def test_prompt_only_sample(tok):
 
 
 def test_text_only_sample(tok):
-    s = build(tok, has_image=False)
+    s = build(tok, num_frames=0)
     assert s.input_ids[0] == tok.bos_id and IMAGE not in s.input_ids
     assert set(s.segments) == {TEXT} and set(s.groups) == {-1}
     assert tok.decode(s.input_ids[1:]) == render_vicuna(CLEAN, system=VOCO_SYSTEM)
@@ -116,18 +116,19 @@ def test_special_tokens_in_text(tok):
 
 
 def test_collate_pads_and_links_to_the_mask(tok):
-    long, short, text = build(tok), build(tok, [("Hi", "A cat.")]), build(tok, [("Hi", "A cat.")], has_image=False)
-    pixels = torch.randn(3, 8, 8)
+    long, short, text = build(tok), build(tok, [("Hi", "A cat.")]), build(tok, [("Hi", "A cat.")], num_frames=0)
+    pixels = torch.randn(1, 3, 8, 8)
     batch = collate([dict(sample=long, pixel_values=pixels, type="a"), dict(sample=short, pixel_values=pixels * 2,
                      type=None), dict(sample=text, pixel_values=None, type="c")])
     B, L = 3, len(long.input_ids)
-    for key in ("input_ids", "labels", "segments", "groups"):
+    for key in ("input_ids", "labels", "segments", "groups", "positions"):
         assert batch[key].shape == (B, L) and batch[key].dtype == torch.long
     n = len(short.input_ids)
     assert batch["input_ids"][1].tolist() == short.input_ids + [0] * (L - n)
     assert batch["labels"][1, n:].eq(IGNORE_INDEX).all() and batch["segments"][1, n:].eq(PAD).all()
     assert batch["groups"][1, n:].eq(-1).all() and batch["segments"][1, :n].tolist() == short.segments
-    assert torch.equal(batch["pixel_values"], torch.stack([pixels, pixels * 2]))  # (n_images, 3, H, W), in order
+    assert torch.equal(batch["pixel_values"], torch.cat([pixels, pixels * 2]))  # (n_images, 3, H, W), in order
+    assert batch["positions"][1].tolist() == list(range(n)) + [0] * (L - n)
     assert batch["types"] == ["a", None, "c"]
     assert collate([dict(sample=text, pixel_values=None, type=None)], pad_id=7)["pixel_values"] is None
 
@@ -171,7 +172,7 @@ def test_dataset_items(tok, tmp_path):
     ds = dataset(tok, write(tmp_path, [record(type="shape"), text_only]), num_voco=1)
     assert len(ds) == 2
     item = ds[0]
-    assert item["type"] == "shape" and item["pixel_values"].shape == (3, SIZE, SIZE)
+    assert item["type"] == "shape" and item["pixel_values"].shape == (1, 3, SIZE, SIZE)
     s = item["sample"]
     assert s.input_ids.count(CONFIG.image_token_id) == CONFIG.num_image_tokens
     assert s.input_ids.count(tok.special_ids["<voco>"]) == 1
@@ -193,6 +194,39 @@ def test_dataset_on_synthetic_data(tok, tmp_path):
     assert batch["pixel_values"].shape == (6, 3, SIZE, SIZE)
     assert (batch["input_ids"] == CONFIG.image_token_id).sum() == 6 * CONFIG.num_image_tokens
     assert set(batch["types"]) <= set(synthetic.QUESTION_TYPES)
+
+
+@pytest.mark.parametrize("num_voco", [0, 2])
+def test_video_layout(tok, num_voco):
+    """F frames: each an image of its own (BOS, frame, "\n", VoCo) in group f, shifted by f*K positions, so that the
+    frames' VoCo tokens sit side by side in time order; uncompressed frames (K = 0) simply follow each other."""
+    s, one = build(tok, num_frames=3, num_voco=num_voco), build(tok, num_voco=num_voco)
+    P = one.segments.index(TEXT)  # one frame's tokens
+    assert s.input_ids[:3 * P] == one.input_ids[:P] * 3 and s.input_ids[3 * P:] == one.input_ids[P:]
+    assert s.groups[:3 * P] == [0] * P + [1] * P + [2] * P and s.segments[:3 * P] == one.segments[:P] * 3
+    stride = num_voco or P
+    assert s.positions[:3 * P] == [f * stride + p for f in range(3) for p in range(P)]
+    assert s.positions[3 * P:] == list(range(2 * stride + P, 2 * stride + P + len(s.input_ids) - 3 * P))
+    voco = [p for p, seg in zip(s.positions, s.segments) if seg == VOCO]
+    assert voco == list(range(P - num_voco, P - num_voco + 3 * num_voco))  # time order, no gaps
+    assert one.positions == list(range(len(one.input_ids)))
+
+
+def test_dataset_video_records(tok, tmp_path):
+    for k in range(3):
+        Image.new("RGB", (SIZE, SIZE), (80 * k, 0, 0)).save(tmp_path / f"f{k}.png")
+    video = {"id": "v", "image": ["f0.png", "f1.png", "f2.png"], "type": "first_mover",
+             "conversations": [{"from": "human", "value": "<image>\nWhich moved first?"}, {"from": "gpt", "value": "red"}]}
+    ds = dataset(tok, write(tmp_path, [video, record()]), num_voco=2)
+    item = ds[0]
+    assert item["pixel_values"].shape == (3, 3, SIZE, SIZE) and item["pixel_values"][0].ne(item["pixel_values"][1]).any()
+    assert set(item["sample"].groups) == {-1, 0, 1, 2}
+    batch = collate([ds[0], ds[1]])
+    assert batch["pixel_values"].shape == (4, 3, SIZE, SIZE)  # the video's frames, then the image
+    assert (batch["input_ids"] == CONFIG.image_token_id).sum() == 4 * CONFIG.num_image_tokens
+    (tmp_path / "f1.png").unlink()
+    with pytest.raises(FileNotFoundError, match=r"(?s)1 image\(s\) missing .*record 0 \(id 'v'\): f1.png"):
+        dataset(tok, tmp_path / "data.json")
 
 
 @pytest.mark.parametrize("records, text, error, match", [
@@ -221,7 +255,8 @@ def test_dataset_on_synthetic_data(tok, tmp_path):
      ValueError, "turn 0 contains the special token '<voco>' as text"),
     ([record(conversations=[{"from": "human", "value": "x"}, {"from": "gpt", "value": "y</s>"}])], None,
      ValueError, "turn 1 contains the special token '</s>'"),
-    ([record(image=["a.png"])], None, ValueError, "'image' must be a file name"),
+    ([record(image=[])], None, ValueError, "'image' must be a file name .* or a non-empty list"),
+    ([record(image=["a.png", 3])], None, ValueError, "'image' must be a file name"),
 ])
 def test_dataset_errors(tok, tmp_path, records, text, error, match):
     with pytest.raises(error, match=match):
