@@ -1,0 +1,166 @@
+"""A moving-shapes video QA set, the video sibling of nanovoco.synthetic: generated from a seed, in LLaVA's JSON format.
+
+VoCo-LLaMA extends to video by compressing each frame to its own VoCo tokens and letting the LLM answer from the
+sequence of them. These videos test what that sequence must keep: the order of the frames. A few flat shapes of
+distinct colours sit on Sort-of-CLEVR's GRID x GRID cells; between consecutive frames exactly one object moves to a
+free neighbouring cell. The mover is always one of the objects that have moved least so far (and can move), so in the
+default videos (3 objects, 4 frames, 3 moves) each object nearly always moves exactly once. The temporal questions
+(which object moved first, which last, which way one moved, did one move before another) change their answer when
+the frames are played backwards, so a model that sums the frames up as an unordered set cannot answer them; "shape"
+has the same answer in every frame, a control.
+
+    python -m nanovoco.synthetic_video --out data/moving_shapes --n-videos 10000 --seed 0
+
+writes out/videos/000000/0.png, 1.png, ... and out/data.json, one LLaVA record per question; "image" lists a video's
+frames in time order, for the one "<image>" tag:
+    {"id": "000000_0", "image": ["videos/000000/0.png", ..., "videos/000000/3.png"], "type": "first_mover",
+     "conversations": [{"from": "human", "value": "<image>\\nWhich object moved first?"},
+                       {"from": "gpt", "value": "red"}],
+     "scene": [[{"color": "red", "shape": "circle", "x": 7, "y": 21}, ...], ...]}
+"scene" holds the objects of each frame, in the same order in every frame; it and "type" are ours (LLaVA ignores
+extra keys): per-type accuracy, and answers that can be checked.
+"""
+import argparse
+import json
+import random
+from pathlib import Path
+
+from tqdm import tqdm
+
+from nanovoco.checkpoint import atomic_write
+from nanovoco.synthetic import GRID, PALETTE, SHAPES, draw, make_scene
+
+MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+QUESTION_TYPES = ("first_mover", "last_mover", "direction", "before",  # temporal: reversing the video changes them
+                  "shape")  # order-free control
+ANSWERS = tuple(PALETTE) + tuple(MOVES) + ("yes", "no") + SHAPES
+
+
+def step(o: dict, direction: str, image_size: int):
+    """Object o moved one cell in direction, centred as make_scene centres it (a moved object sits exactly where a
+    fresh one in that cell would), or None if that would leave the grid."""
+    cell = image_size / GRID
+    col, row = o["x"] // cell + MOVES[direction][0], o["y"] // cell + MOVES[direction][1]
+    if not (0 <= col < GRID and 0 <= row < GRID):
+        return None
+    return {**o, "x": round((col + 0.5) * cell), "y": round((row + 0.5) * cell)}
+
+
+def make_video(rng: random.Random, image_size: int, n_frames: int, n_objects: int):
+    """(frames, moves): n_frames scenes, each one move (object index, direction) after the previous one. The move is
+    drawn uniformly from the legal moves (onto a free cell) of the objects that have moved least so far; an object
+    walled in by the edge and its neighbours waits, and some other one can always move (on a grid with a free cell,
+    some free cell is next to an occupied one)."""
+    frames = [make_scene(rng, image_size, n_objects)]
+    moves, n_moved = [], [0] * n_objects
+    for _ in range(n_frames - 1):
+        scene = frames[-1]
+        taken = {(o["x"], o["y"]) for o in scene}
+        moved = {(i, d): step(o, d, image_size) for i, o in enumerate(scene) for d in MOVES}
+        legal = [(i, d) for (i, d), m in moved.items() if m is not None and (m["x"], m["y"]) not in taken]
+        fewest = min(n_moved[i] for i, _ in legal)
+        i, d = rng.choice([(i, d) for i, d in legal if n_moved[i] == fewest])
+        n_moved[i] += 1
+        moves.append((i, d))
+        frames.append([moved[i, d] if j == i else o for j, o in enumerate(scene)])
+    return frames, moves
+
+
+def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str]], qtype: str):
+    """(question, answer) of type qtype, or None if this video has no fair one: a temporal question is asked only
+    when playing the video backwards changes its answer, so it cannot be answered without the order."""
+    objects, movers = frames[0], [i for i, _ in moves]
+    once = [i for i in range(len(objects)) if movers.count(i) == 1]  # "which way did it move" needs one move
+    if qtype == "shape":
+        o = rng.choice(objects)
+        return f"What shape is the {o['color']} object?", o["shape"]
+    if qtype in ("first_mover", "last_mover"):
+        if movers[0] == movers[-1]:  # backwards, the first mover is the last: the same answer both ways
+            return None
+        first = qtype == "first_mover"
+        return f"Which object moved {'first' if first else 'last'}?", objects[movers[0 if first else -1]]["color"]
+    if qtype == "direction":
+        if not once:
+            return None
+        i = rng.choice(once)
+        o = objects[i]
+        return f"Which way did the {o['color']} {o['shape']} move?", moves[movers.index(i)][1]
+    if qtype == "before":
+        if len(once) < 2:
+            return None
+        i, j = rng.sample(once, 2)  # a random order of the pair: "yes" and "no" equally likely
+        return (f"Did the {objects[i]['color']} object move before the {objects[j]['color']} object?",
+                "yes" if movers.index(i) < movers.index(j) else "no")
+    raise ValueError(f"unknown question type {qtype!r}: use one of {QUESTION_TYPES}")
+
+
+def questions(rng: random.Random, frames, moves, n: int) -> list[tuple[str, str, str]]:
+    """n (type, question, answer) about one video, types dealt from shuffled decks of all types (as in
+    nanovoco.synthetic), so a video gets different kinds of questions and every type is about equally frequent."""
+    out, deck = [], []
+    while len(out) < n:
+        if not deck:
+            deck = rng.sample(QUESTION_TYPES, len(QUESTION_TYPES))
+        qtype = deck.pop()
+        qa = ask(rng, frames, moves, qtype)
+        if qa is not None:  # "shape" never fails: the loop ends
+            out.append((qtype, *qa))
+    return out
+
+
+def generate(out_dir, n_videos: int = 1000, questions_per_video: int = 4, seed: int = 0, image_size: int = 56,
+             n_frames: int = 4, n_objects: int = 3, multi_turn: bool = False) -> Path:
+    """Write n_videos videos of n_frames PNGs each to out_dir/videos/ and one LLaVA record per question to
+    out_dir/data.json; return the JSON's path. multi_turn=True writes one record per video instead, its questions as
+    the turns of one conversation. The default image_size is the tiny model's: one 14 px patch per grid cell.
+    The same arguments give byte-identical files; video i depends only on (seed, i)."""
+    if not 2 <= n_objects <= len(PALETTE):  # len(PALETTE) < GRID * GRID: some object can always move
+        raise ValueError(f"n_objects={n_objects}: use 2..{len(PALETTE)} (one colour per object)")
+    if image_size < 8 * GRID:
+        raise ValueError(f"image_size={image_size} is too small for a {GRID}x{GRID} grid: use at least {8 * GRID}")
+    if n_frames < 3:
+        raise ValueError(f"n_frames={n_frames}: use at least 3 (two moves, so that there is an order to ask about)")
+    if n_videos < 1 or questions_per_video < 1:
+        raise ValueError(f"n_videos={n_videos}, questions_per_video={questions_per_video}: both must be >= 1")
+    out_dir = Path(out_dir)
+    records = []
+    for i in tqdm(range(n_videos), desc="moving shapes", unit="video"):
+        rng = random.Random(f"{seed}/{i}")  # a string seed hashes (sha512) to the same state on every platform
+        frames, moves = make_video(rng, image_size, n_frames, n_objects)
+        (out_dir / f"videos/{i:06d}").mkdir(parents=True, exist_ok=True)
+        video = [f"videos/{i:06d}/{t}.png" for t in range(n_frames)]
+        for name, scene in zip(video, frames):
+            img = draw(scene, image_size)
+            # PIL picks the format from the name's suffix, and the temporary name has none
+            atomic_write(out_dir / name, lambda tmp: img.save(tmp, format="PNG"))
+        qas = questions(rng, frames, moves, questions_per_video)
+        for q, group in enumerate([qas] if multi_turn else [[qa] for qa in qas]):
+            turns = [turn for k, (_, question, answer) in enumerate(group)
+                     for turn in ({"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
+                                  {"from": "gpt", "value": answer})]
+            records.append({"id": f"{i:06d}_{q}", "image": video, "type": group[0][0], "conversations": turns,
+                            "scene": frames})
+    path = out_dir / "data.json"
+    text = json.dumps(records, indent=1)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Generate a moving-shapes video QA set in LLaVA's JSON format.")
+    p.add_argument("--out", required=True, type=Path, help="output directory (videos/ and data.json)")
+    p.add_argument("--n-videos", type=int, default=1000)
+    p.add_argument("--questions-per-video", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=56)
+    p.add_argument("--n-frames", type=int, default=4)
+    p.add_argument("--n-objects", type=int, default=3)
+    p.add_argument("--multi-turn", action="store_true", help="one record per video, its questions as turns")
+    a = p.parse_args(argv)
+    path = generate(a.out, a.n_videos, a.questions_per_video, a.seed, a.image_size, a.n_frames, a.n_objects,
+                    a.multi_turn)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
