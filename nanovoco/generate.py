@@ -47,8 +47,6 @@ def decode_one_token(llm: Llama, token, position, visible, cache: KVCache) -> Ou
 
 def check_length(last_position: int, max_new_tokens: int, limit: int):
     """A prompt whose last position is last_position, + max_new_tokens, must fit in the model's context."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if last_position + 1 + max_new_tokens > limit:
         raise ValueError(f"a prompt that reaches position {last_position} + max_new_tokens={max_new_tokens} exceeds "
                          f"the model's context of {limit} positions: shorten the prompt (or the video) or lower "
@@ -78,6 +76,8 @@ def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups
 def decode(llm: Llama, out: Output, position, visible, max_new_tokens, temperature, top_p, eos_id, generator):
     """The decode loop after a prefill: out holds the prompt's last logits and the cache, position (B,) the last
     prompt position, visible (B, L_cached) the cached keys that generated tokens may see."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     B = visible.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=visible.device)
     for step in range(max_new_tokens):

@@ -21,6 +21,7 @@ from einops import rearrange
 from nanovoco import checkpoint
 from nanovoco.baselines import COMPRESSORS
 from nanovoco.config import CLIPVisionConfig, LlamaConfig, VoCoLlamaConfig
+from nanovoco.generate import check_length, decode, until_eos
 
 # A KV cache is a plain list with one (k, v) pair per decoder layer, each (B, n_kv_heads, L_cached, head_dim).
 # Keys are stored *after* RoPE, so a cached key carries the position it was computed at.
@@ -31,6 +32,16 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 class Output:
     logits: torch.Tensor  # (B, L, vocab)
     cache: KVCache | None  # the keys/values of the cached tokens followed by those of this call's tokens
+
+
+@dataclass
+class VoCoCache:
+    """Stage 1's result, all that stage 2 may see of an image (or a video): the keys and values of its VoCo tokens
+    at every layer. Under the training mask a text token sees VoCo and text keys only, never BOS or the vision
+    tokens, so dropping those loses nothing: 576 vision tokens + BOS + "\n" become K VoCo tokens (paper Table 7)."""
+    kv: KVCache  # per layer (k, v), each (B, n_kv_heads, n_voco, head_dim); keys rotated at `positions`
+    positions: torch.Tensor  # (n_voco,) the VoCo tokens' original positions, the same for every row
+    next_position: int  # where the text goes on: right after the last VoCo token, as in training
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -320,6 +331,93 @@ class VoCoLlama(nn.Module):
                 use_cache=True) -> Output:
         return self.llm(inputs_embeds=self.embed(input_ids, pixel_values), attn_mask=attn_mask,
                         position_ids=position_ids, cache=cache, use_cache=use_cache)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Two-stage inference (the paper's Sec. 3.3, which the official code does not implement): stage 1 compresses
+    # each image once into a VoCoCache; stage 2 answers any number of questions from it, never seeing the image.
+
+    @torch.no_grad()
+    def compress(self, pixel_values, prefix_ids) -> VoCoCache:
+        """Stage 1. pixel_values (n, 3, H, W), prefix_ids (P,): what one image is in a training sample,
+        [BOS] [image x N] [\\n] [<voco> x K] (data.compress_prefix) -> a VoCoCache with one row per image.
+
+        The prefix is one compression group, where the VoCo mask is plain causal attention (a VISION or VOCO token
+        sees the earlier tokens of its own group), so no mask is needed. The positions are those of training,
+        0..P-1, so the cached keys are rotated (RoPE) exactly as the text saw them in training."""
+        K = self.config.num_voco
+        if K == 0 or prefix_ids.ndim != 1 or prefix_ids[-K:].ne(self.config.voco_token_id).any():
+            raise ValueError(f"compress needs a model with VoCo tokens (this one has num_voco={K}) and a prefix that "
+                             f"ends with its {K} <voco> tokens: build it with data.compress_prefix")
+        ids = prefix_ids.to(pixel_values.device).expand(pixel_values.shape[0], -1)  # (n, P)
+        out = self.llm(inputs_embeds=self.embed(ids, pixel_values))  # positions 0..P-1, causal
+        P = ids.shape[1]
+        return VoCoCache(kv=[(k[:, :, P - K:], v[:, :, P - K:]) for k, v in out.cache],
+                         positions=torch.arange(P - K, P, device=ids.device), next_position=P)
+
+    def compress_video(self, frames, prefix_ids, batch_size: int = 16) -> VoCoCache:
+        """Stage 1 for a video: frames (F, 3, H, W) in time order -> one cache row with the F*K VoCo tokens.
+
+        Every frame is compressed alone, like an image (its own BOS, positions 0..P-1), then moved to its place in
+        the video, f*K positions later (data.py's video layout): consecutive frames' VoCo tokens side by side, in
+        time order. Moving a cached key is exact because RoPE is relative: rotating a key made at position p by d
+        more gives the key made at p + d, R(d) R(p) = R(p + d), and the values do not depend on absolute positions
+        when a frame sees nothing outside itself (the VoCo mask's groups). frames are compressed batch_size at a
+        time, so a long video needs the memory of batch_size frames, and its cache F*K tokens."""
+        K = self.config.num_voco
+        parts = [self.compress(frames[i:i + batch_size], prefix_ids) for i in range(0, frames.shape[0], batch_size)]
+        kv = [(torch.cat([c.kv[i][0] for c in parts]), torch.cat([c.kv[i][1] for c in parts]))
+              for i in range(len(parts[0].kv))]  # per layer (F, n_kv_heads, K, head_dim)
+        F = kv[0][0].shape[0]
+        shift = torch.arange(F, device=frames.device)[:, None].expand(F, K) * K  # (F, K): frame f moves by f*K
+        cos, sin = rope_cos_sin(shift, self.config.text, torch.float32)  # rotate in fp32, even for bf16 keys
+        kv = [(apply_rope(k.float(), cos, sin).to(k.dtype), v) for k, v in kv]
+        return VoCoCache(kv=[(rearrange(k, "f h k d -> 1 h (f k) d"), rearrange(v, "f h k d -> 1 h (f k) d"))
+                             for k, v in kv],  # the frames side by side, in time order
+                         positions=(parts[0].positions + shift).flatten(),
+                         next_position=parts[0].next_position + (F - 1) * K)
+
+    def answer(self, cache: VoCoCache, text_ids, text_mask=None) -> Output:
+        """Stage 2. text_ids (B, T): the text after the VoCo tokens (from the "\\n" that follows them, data.py),
+        with text_mask (B, T) False on padding (default all real). Returns the logits and the cache grown by the text.
+
+        The text takes the positions it had in training: after the last VoCo token (cache.next_position), not
+        after the cache's length, which would close the gap left by the dropped vision tokens and shift every
+        relative distance the model learned. Every text token sees all cached VoCo tokens and the real text before
+        it. A cache of one row serves a batch of questions; a cache of B rows, one question each."""
+        B, T = text_ids.shape
+        if (text_ids == self.config.image_token_id).any():
+            raise ValueError("text_ids hold image placeholders: the image is in the cache, pass only the text")
+        rows = cache.kv[0][0].shape[0]
+        if rows not in (1, B):
+            raise ValueError(f"a cache of {rows} rows cannot answer {B} questions: use a cache of one row (one image, "
+                             f"many questions) or one row per question")
+        real = torch.ones_like(text_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
+        check_length(cache.next_position + T - 1, 0, self.config.text.max_position_embeddings)
+        positions = cache.next_position + (real.long().cumsum(-1) - 1).clamp(min=0)  # padding: any position
+        n_voco = cache.positions.shape[0]
+        text_part = torch.ones(T, T, dtype=torch.bool, device=text_ids.device).tril() & real[:, None, :]
+        mask = torch.cat([real.new_ones(B, T, n_voco), text_part], dim=-1)[:, None]  # (B, 1, T, n_voco + T)
+        kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in cache.kv]
+        return self.llm(text_ids, attn_mask=mask, position_ids=positions, cache=kv)
+
+    @torch.no_grad()
+    def stream(self, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
+               eos_id=None, generator=None):
+        """Stage 2 generation: yield the next token of every row, (B,), as generate.stream does. Batched questions
+        must be left-padded (text_mask False on the padding), so that every row goes on from its last column."""
+        B, T = text_ids.shape
+        check_length(cache.next_position + T - 1, max_new_tokens, self.config.text.max_position_embeddings)
+        real = torch.ones_like(text_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
+        out = self.answer(cache, text_ids, real)
+        visible = torch.cat([real.new_ones(B, cache.positions.shape[0]), real], dim=1)  # the VoCo tokens + text
+        last = cache.next_position + real.long().sum(-1) - 1
+        yield from decode(self.llm, out, last, visible, max_new_tokens, temperature, top_p, eos_id, generator)
+
+    def generate(self, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
+                 eos_id=None, generator=None) -> list[list[int]]:
+        """Stage 2: every row's generated tokens, without the eos token (see `stream`)."""
+        return until_eos(self.stream(cache, text_ids, text_mask, max_new_tokens, temperature, top_p, eos_id,
+                                     generator), eos_id)
 
     @classmethod
     def from_pretrained(cls, path, vision_path=None, projector_path=None, dtype=None, device=None) -> VoCoLlama:

@@ -1,0 +1,154 @@
+"""Two-stage inference (compress once, answer from the VoCo cache) equals single-pass masked inference: the whole
+sequence, vision tokens included, in one forward under the VoCo mask, with the positions of data.build_sample."""
+import pytest
+import torch
+
+from nanovoco.config import preset
+from nanovoco.data import build_sample, compress_prefix, pad_samples
+from nanovoco.generate import generate
+from nanovoco.model import VoCoLlama
+from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
+from nanovoco.voco import TEXT, voco_mask
+
+QUESTIONS = ["What shape is the red object?", "How many squares?", "Is the blue circle left of the green one or not?"]
+CORPUS = QUESTIONS + ["USER: ASSISTANT: circle square triangle left right red green blue"] * 20
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return Tokenizer(train_tiny_tokenizer(CORPUS * 5, tmp_path_factory.mktemp("tok") / "tokenizer.model"))
+
+
+def model(tok, num_voco):
+    torch.manual_seed(num_voco)
+    config = preset("tiny", tok.vocab_size)
+    config.num_voco, config.voco_token_id = num_voco, tok.special_ids["<voco>"]
+    return VoCoLlama(config).eval()
+
+
+def sample(tok, vlm, question, num_frames=1):
+    c = vlm.config
+    return build_sample(tok, [(question, None)], image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens,
+                        voco_token_id=c.voco_token_id, num_voco=c.num_voco, num_frames=num_frames)
+
+
+def prefix(tok, vlm):
+    c = vlm.config
+    return torch.tensor(compress_prefix(tok, c.image_token_id, c.num_image_tokens, c.voco_token_id, c.num_voco))
+
+
+def single_pass(vlm, samples, pixels):
+    """The reference: one forward over the whole left-padded batch under the VoCo mask -> (B, L, V) logits."""
+    b = pad_samples(samples, left=True)
+    with torch.no_grad():
+        return vlm(b["input_ids"], pixels, attn_mask=voco_mask(b["segments"], b["groups"]),
+                   position_ids=b["positions"]).logits
+
+
+def text_part(s):
+    """A sample's text (what stage 2 gets), from the "\\n" after the VoCo tokens on."""
+    return s.input_ids[s.segments.index(TEXT):]
+
+
+def images(n, seed=0):
+    return torch.randn(n, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("K", [1, 2, 8])
+def test_answer_equals_single_pass(tok, K):
+    vlm = model(tok, K)
+    pixels = images(1)
+    cache = vlm.compress(pixels, prefix(tok, vlm))
+    assert [k.shape for k, _ in cache.kv] == [(1, 2, K, 32)] * 4  # only the K VoCo tokens of every layer
+    P = len(prefix(tok, vlm))
+    assert cache.positions.tolist() == list(range(P - K, P)) and cache.next_position == P
+    for q in QUESTIONS:  # many questions from one cache, which stays as it was
+        s = sample(tok, vlm, q)
+        ref = single_pass(vlm, [s], pixels)[:, P:]
+        with torch.no_grad():
+            got = vlm.answer(cache, torch.tensor([text_part(s)])).logits
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("K", [1, 2, 8])
+def test_batched_questions_and_generation_equal_single_pass(tok, K):
+    vlm = model(tok, K)
+    pixels = images(1, seed=1)
+    cache = vlm.compress(pixels, prefix(tok, vlm))
+    samples = [sample(tok, vlm, q) for q in QUESTIONS]
+    T = max(len(text_part(s)) for s in samples)
+    ids = torch.tensor([[0] * (T - len(text_part(s))) + text_part(s) for s in samples])  # left-padded questions
+    real = torch.tensor([[False] * (T - len(text_part(s))) + [True] * len(text_part(s)) for s in samples])
+    ref = single_pass(vlm, samples, pixels.expand(3, -1, -1, -1))[:, -T:]
+    with torch.no_grad():
+        got = vlm.answer(cache, ids, real).logits
+    torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
+
+    b = pad_samples(samples, left=True)
+    with torch.no_grad():
+        embeds = vlm.embed(b["input_ids"], pixels.expand(3, -1, -1, -1))
+    expected = generate(vlm.llm, inputs_embeds=embeds, segments=b["segments"], groups=b["groups"],
+                        position_ids=b["positions"], max_new_tokens=12)
+    assert vlm.generate(cache, ids, real, max_new_tokens=12) == expected
+    # one cache row per question works too (a batch of images, one question each)
+    many = vlm.compress(images(3, seed=2), prefix(tok, vlm))
+    ref = single_pass(vlm, samples, images(3, seed=2))[:, -T:]
+    with torch.no_grad():
+        torch.testing.assert_close(vlm.answer(many, ids, real).logits[real], ref[real], atol=1e-5, rtol=0)
+
+
+def test_text_positions_continue_after_the_voco_tokens(tok):
+    """Why answer() does not simply continue after the cache's length: that would close the gap of the dropped vision
+    tokens, and every relative distance the model saw in training would change."""
+    vlm = model(tok, 2)
+    cache = vlm.compress(images(1), prefix(tok, vlm))
+    text = torch.tensor([text_part(sample(tok, vlm, QUESTIONS[0]))])
+    with torch.no_grad():
+        right = vlm.answer(cache, text).logits
+        cache.next_position = cache.positions.shape[0]  # as if the VoCo tokens were at 0..K-1
+        compacted = vlm.answer(cache, text).logits
+    assert (right - compacted).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("K", [1, 2, 8])
+def test_video_caches_equal_single_pass_over_all_frames(tok, K):
+    vlm = model(tok, K)
+    frames = images(5, seed=3)
+    P = len(prefix(tok, vlm))
+    cache = vlm.compress_video(frames, prefix(tok, vlm), batch_size=2)  # frames compressed 2 at a time
+    assert cache.kv[0][0].shape == (1, 2, 5 * K, 32)
+    assert cache.positions.tolist() == list(range(P - K, P - K + 5 * K)) and cache.next_position == P + 4 * K
+    for q in QUESTIONS[:2]:
+        s = sample(tok, vlm, q, num_frames=5)
+        ref = single_pass(vlm, [s], frames)[:, 5 * P:]  # every frame in its own group, shifted by f*K positions
+        with torch.no_grad():
+            got = vlm.answer(cache, torch.tensor([text_part(s)])).logits
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        b = pad_samples([s])
+        with torch.no_grad():
+            expected = generate(vlm.llm, inputs_embeds=vlm.embed(b["input_ids"], frames), segments=b["segments"],
+                                groups=b["groups"], position_ids=b["positions"], max_new_tokens=8)
+        assert vlm.generate(cache, torch.tensor([text_part(s)]), max_new_tokens=8) == expected
+    # the positions keep the frames' order: the same frames reversed are another video
+    reverse = vlm.compress_video(frames.flip(0), prefix(tok, vlm))
+    text = torch.tensor([text_part(sample(tok, vlm, QUESTIONS[0], num_frames=5))])
+    with torch.no_grad():
+        assert (vlm.answer(cache, text).logits - vlm.answer(reverse, text).logits).abs().max() > 1e-3
+
+
+def test_stage_errors(tok):
+    vlm = model(tok, 2)
+    cache = vlm.compress(images(2), prefix(tok, vlm))
+    text = torch.tensor([text_part(sample(tok, vlm, q))[:5] for q in QUESTIONS])
+    with pytest.raises(ValueError, match="a cache of 2 rows cannot answer 3 questions"):
+        vlm.answer(cache, text)
+    with pytest.raises(ValueError, match="text_ids hold image placeholders: the image is in the cache"):
+        vlm.answer(cache, torch.full((2, 3), vlm.config.image_token_id))
+    with pytest.raises(ValueError, match="exceeds the model's context of 512 positions"):
+        vlm.generate(cache, text[:2], max_new_tokens=512 - cache.next_position - 4)
+    assert len(vlm.generate(cache, text[:2], max_new_tokens=512 - cache.next_position - 5)[0]) > 0  # exactly full
+    with pytest.raises(ValueError, match=r"needs a model with VoCo tokens \(this one has num_voco=0\)"):
+        model(tok, 0).compress(images(1), prefix(tok, vlm)[:-2])
+    with pytest.raises(ValueError, match="a prefix that ends with its 2 <voco> tokens: build it with "
+                                         "data.compress_prefix"):
+        vlm.compress(images(1), prefix(tok, vlm)[:-1])
