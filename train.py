@@ -286,6 +286,8 @@ def save_checkpoint(out: Path, vlm, optim, step: int, cfg: TrainConfig, tokenize
     if rank == 0:
         checkpoint.save_vlm(tmp / "model", vlm.config, full)
         shutil.copyfile(tokenizer_path, tmp / "model" / "tokenizer.model")
+        # the system prompt the model was trained with, which inference must use too (infer.py reads it)
+        (tmp / "model" / "prompt.json").write_text(json.dumps({"system": cfg.system_prompt}))
     dcp.save({"optimizer": get_optimizer_state_dict(vlm, optim)}, checkpoint_id=str(tmp / "optimizer"))
     if rank == 0:
         (tmp / "state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=2))

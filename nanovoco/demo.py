@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from nanovoco.config import preset
 from nanovoco.generate import stream
 from nanovoco.image import preprocess
-from nanovoco.config import preset
 from nanovoco.model import VoCoLlama
-from nanovoco.tokenizer import Tokenizer, VICUNA_SYSTEM, render_vicuna, train_tiny_tokenizer
+from nanovoco.tokenizer import VICUNA_SYSTEM, Tokenizer, render_vicuna, stream_text, train_tiny_tokenizer
 
 CORPUS = [VICUNA_SYSTEM, "USER: What shape is in the image? ASSISTANT: A red circle and a blue square.</s>",
           "Which object is left of the green triangle? How many shapes are there? There are three."]
@@ -44,17 +44,14 @@ def main(out="runs/demo", max_new_tokens=24):
                                                      vlm.config.num_image_tokens)])
     pixels = preprocess(demo_image(), vlm.config.vision.image_size)[None]
     print(f"prompt: {prompt!r} -> {ids.shape[1]} tokens\nanswer: ", end="", flush=True)
-    t0, answer, shown = time.perf_counter(), [], ""
+    t0, n = time.perf_counter(), 0
     with torch.no_grad():
-        for token in stream(vlm.llm, inputs_embeds=vlm.embed(ids, pixels), max_new_tokens=max_new_tokens,
-                            eos_id=tokenizer.eos_id):
-            if token.item() != tokenizer.eos_id:
-                answer.append(token.item())
-                text = tokenizer.decode(answer)  # decode the whole answer: a lone piece loses its leading space
-                print(text[len(shown):], end="", flush=True)
-                shown = text
+        tokens = stream(vlm.llm, inputs_embeds=vlm.embed(ids, pixels), max_new_tokens=max_new_tokens,
+                        eos_id=tokenizer.eos_id)
+        for n, piece in enumerate(stream_text(tokens, tokenizer, tokenizer.eos_id), 1):
+            print(piece, end="", flush=True)
     dt = time.perf_counter() - t0
-    print(f"\n{len(answer)} tokens in {dt:.2f}s ({len(answer) / dt:.0f} tokens/s, prefill included)")
+    print(f"\n{n} tokens in {dt:.2f}s ({n / dt:.0f} tokens/s, prefill included)")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,19 @@ class Tokenizer:
         return "".join(out)
 
 
+def stream_text(tokens, tokenizer, eos_id=None):
+    """Tokens as they are generated (ints, or one-element tensors) -> the new text after each one, to print as it
+    comes. The whole answer is decoded every time, since a sentencepiece piece alone loses its leading space."""
+    ids, shown = [], ""
+    for token in tokens:
+        if int(token) == eos_id:
+            return
+        ids.append(int(token))
+        text = tokenizer.decode(ids)
+        yield text[len(shown):]
+        shown = text
+
+
 def render_vicuna(turns, system=VICUNA_SYSTEM):
     """
     The Vicuna v1 prompt (LLaVA's SeparatorStyle.TWO, sep=" ", sep2="</s>") of `turns`, a list of

@@ -1,0 +1,184 @@
+"""Answer questions about an image or a video with a VoCo-LLaMA checkpoint, by two-stage inference (paper Sec. 3.3):
+stage 1 compresses the image once into the VoCo tokens' KV cache, stage 2 answers every question from that cache.
+
+    python infer.py --model runs/voco/checkpoint/model --image scene.png --question "What shape is the red object?" \
+        --question "How many squares are there?"
+    python infer.py --model DIR --image scene.png --save-cache scene.voco      # stage 1 only: keep the cache
+    python infer.py --model DIR --cache scene.voco --question "..."            # stage 2 only, later
+    python infer.py --model DIR --video clip.gif --fps 2 --max-frames 16 --question "..."   # or a folder of frames
+    python infer.py --model DIR --mode full --image scene.png --question "..."  # no compression: the whole image
+
+--model is a checkpoint directory (train.py's OUT/checkpoint/model, a LLaVA-1.5 directory + --vision, or a
+Vicuna directory + --vision + --projector) with its tokenizer.model; the system prompt it was trained with is read
+from its prompt.json (train.py writes it), else VoCo-LLaMA's. Answers are printed as they are generated.
+A video is compressed frame by frame into one cache (VoCoLlama.compress_video): its frames cost K positions each.
+"""
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageSequence, UnidentifiedImageError
+
+from nanovoco.cache_file import load_cache, save_cache
+from nanovoco.data import build_sample, compress_prefix
+from nanovoco.generate import check_length, stream
+from nanovoco.image import load_image, preprocess, to_rgb
+from nanovoco.model import VoCoLlama
+from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, stream_text
+from nanovoco.voco import TEXT, without_compression
+
+FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory")
+    p.add_argument("--vision", help="CLIP directory, for a LLaVA or LLaMA checkpoint that lacks its vision tower")
+    p.add_argument("--projector", help="LLaVA's mm_projector.bin, for a plain LLaMA/Vicuna checkpoint")
+    p.add_argument("--tokenizer", help="tokenizer.model (default: the one in --model)")
+    p.add_argument("--system", help="system prompt (default: the model's prompt.json, else VoCo-LLaMA's)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="an image file")
+    source.add_argument("--video", nargs="+", help="an animated GIF/WebP/PNG, a folder of frames, or frame files")
+    source.add_argument("--cache", help="a VoCo cache written by --save-cache (stage 2 only)")
+    p.add_argument("--fps", type=float, help="frames per second to keep from an animated --video")
+    p.add_argument("--max-frames", type=int, help="keep at most this many frames, evenly spaced")
+    p.add_argument("--question", action="append", default=[], help="a question; repeat for more")
+    p.add_argument("--save-cache", help="write the image's (or video's) VoCo cache to this file")
+    p.add_argument("--mode", choices=("voco", "full"), help="voco: two-stage from the VoCo cache (default for a "
+                   "model with VoCo tokens); full: the image itself in the prompt, no compression")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on CUDA, else fp32")
+    return p.parse_args(argv)
+
+
+def natural_key(path: Path):
+    """frame2.png before frame10.png."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
+def load_video(sources, fps=None, max_frames=None) -> list[Image.Image]:
+    """Frames in time order from an animated file, a folder of frames (by natural name order) or a list of files."""
+    if len(sources) == 1 and Path(sources[0]).is_dir():
+        paths = sorted((p for p in Path(sources[0]).iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=natural_key)
+        if not paths:
+            raise FileNotFoundError(f"folder {sources[0]} holds no frames ({', '.join(sorted(FRAME_SUFFIXES))})")
+        frames, durations = [load_image(p) for p in paths], None
+    elif len(sources) == 1:
+        path = Path(sources[0])
+        if not path.is_file():
+            raise FileNotFoundError(f"video {path} does not exist")
+        try:
+            with Image.open(path) as video:
+                frames = [to_rgb(f, str(path)) for f in ImageSequence.Iterator(video)]
+                durations = [f.info.get("duration", 0) for f in ImageSequence.Iterator(video)]
+        except (UnidentifiedImageError, OSError) as e:
+            raise ValueError(f"{path} is not a readable animated image ({e}): pass a GIF, WebP or PNG animation, or "
+                             f"a folder of frames (video files: extract their frames first, e.g. with ffmpeg)") from e
+    else:
+        frames, durations = [load_image(p) for p in sources], None
+    if fps:
+        if not durations or not all(durations):
+            raise ValueError("--fps needs an animated file whose frames have durations; for frame files or a folder, "
+                             "pick the frames to keep yourself, or use --max-frames")
+        starts = torch.tensor([0] + durations[:-1]).cumsum(0) / 1000  # seconds at which each frame appears
+        keep = [int((starts <= t).nonzero().max()) for t in torch.arange(0, float(starts[-1]) + 1e-9, 1 / fps)]
+        frames = [frames[i] for i in keep]
+    if max_frames and len(frames) > max_frames:
+        frames = [frames[round(i)] for i in torch.linspace(0, len(frames) - 1, max_frames).tolist()]
+    return frames
+
+
+def run(args):
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    model_dir = Path(args.model)
+    vlm = VoCoLlama.from_pretrained(model_dir, vision_path=args.vision, projector_path=args.projector, dtype=dtype,
+                                    device=device).eval()
+    tokenizer = Tokenizer(args.tokenizer or model_dir)
+    prompt_file = model_dir / "prompt.json"
+    system = args.system if args.system is not None else (
+        json.loads(prompt_file.read_text())["system"] if prompt_file.is_file() else VOCO_SYSTEM)
+    c = vlm.config
+    mode = args.mode or ("voco" if c.num_voco else "full")
+    if mode == "voco" and not c.num_voco:
+        raise ValueError(f"{model_dir} has no VoCo tokens (num_voco=0 in its config.json): use --mode full")
+    if mode == "full" and (args.cache or args.save_cache):
+        raise ValueError("--cache and --save-cache hold VoCo caches: they need --mode voco")
+    if not args.question and not args.save_cache:
+        raise ValueError("nothing to do: pass --question (one or more) and/or --save-cache")
+
+    images = [load_image(args.image)] if args.image else load_video(args.video, args.fps, args.max_frames) \
+        if args.video else []
+    pixels = torch.stack([preprocess(img, c.vision.image_size) for img in images]).to(device) if images else None
+    num_frames = len(images) or 1  # a cache from a file: the text part does not depend on it
+
+    def sample(question, num_voco):  # the training layout of the prompt (prompts are never truncated)
+        return build_sample(tokenizer, [(question, None)], image_token_id=c.image_token_id,
+                            num_image_tokens=c.num_image_tokens, voco_token_id=c.voco_token_id, num_voco=num_voco,
+                            num_frames=num_frames, max_len=sys.maxsize, system=system)
+
+    prompts = [sample(q, c.num_voco if mode == "voco" else 0) for q in args.question]
+    for s in prompts:  # before any work: a prompt too long for the context is an error (prompts are never cut)
+        check_length(s.positions[-1], args.max_new_tokens, c.text.max_position_embeddings)
+
+    if mode == "voco":
+        t0 = time.perf_counter()
+        if args.cache:
+            cache = load_cache(args.cache, vlm)
+        else:
+            prefix = torch.tensor(compress_prefix(tokenizer, c.image_token_id, c.num_image_tokens, c.voco_token_id,
+                                                  c.num_voco), device=device)
+            cache = vlm.compress(pixels, prefix) if args.image else vlm.compress_video(pixels, prefix)
+        n_bytes = sum(k.nbytes + v.nbytes for k, v in cache.kv)
+        print(f"stage 1 ({'loaded' if args.cache else f'{num_frames} frame(s) compressed'}): "
+              f"{cache.positions.numel()} VoCo tokens, {n_bytes / 1e6:.3f} MB of KV cache, "
+              f"{time.perf_counter() - t0:.2f}s", file=sys.stderr)
+        if args.save_cache:
+            save_cache(args.save_cache, cache, vlm)
+            print(f"wrote {args.save_cache}", file=sys.stderr)
+
+    generator = torch.Generator(device).manual_seed(args.seed)
+    options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                   eos_id=tokenizer.eos_id, generator=generator)
+    for question, s in zip(args.question, prompts):
+        print(f"Q: {question}\nA:", end=" ", flush=True)
+        t0 = time.perf_counter()
+        if mode == "voco":  # stage 2: only the text after the VoCo tokens; the image is in the cache
+            tokens = vlm.stream(cache, torch.tensor([s.input_ids[s.segments.index(TEXT):]], device=device),
+                                **options)
+        else:  # the whole prompt, vision tokens included, every time (no VoCo tokens, plain causal attention)
+            ids, segments, groups, positions = (torch.tensor([x], device=device) for x in (
+                s.input_ids, s.segments, s.groups, s.positions))
+            with torch.no_grad():
+                embeds = vlm.embed(ids, pixels)
+            tokens = stream(vlm.llm, inputs_embeds=embeds, segments=without_compression(segments), groups=groups,
+                            position_ids=positions, **options)
+        n = 0
+        for n, piece in enumerate(stream_text(tokens, tokenizer, tokenizer.eos_id), 1):
+            print(piece, end="", flush=True)
+        print()
+        print(f"({n} tokens, {time.perf_counter() - t0:.2f}s)", file=sys.stderr)
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input: say what and how to fix it, without a traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

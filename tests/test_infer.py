@@ -1,0 +1,150 @@
+"""infer.py: answers equal the library's two-stage (and single-pass) generation, caches go to files and back, videos
+load from animations, folders and file lists, and every bad input ends in one clear line, not a traceback."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import infer
+from nanovoco.cache_file import save_cache
+from nanovoco.config import preset
+from nanovoco.data import build_sample, compress_prefix
+from nanovoco.image import preprocess
+from nanovoco.model import VoCoLlama
+from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
+from nanovoco.voco import TEXT
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ["USER: What shape is the red object? ASSISTANT: circle square triangle left right red green blue</s>"] * 50
+
+
+def write_model(path, tokenizer_path, num_voco, seed=0):
+    tok = Tokenizer(tokenizer_path)
+    torch.manual_seed(seed)
+    config = preset("tiny", tok.vocab_size)
+    config.num_voco, config.voco_token_id = num_voco, tok.special_ids["<voco>"] if num_voco else -1
+    vlm = VoCoLlama(config).eval()
+    vlm.save_pretrained(path)
+    (path / "tokenizer.model").write_bytes(Path(tokenizer_path).read_bytes())
+    (path / "prompt.json").write_text(json.dumps({"system": ""}))
+    return vlm
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    tok_path = train_tiny_tokenizer(CORPUS, root / "tokenizer.model")
+    models = {name: write_model(root / name, tok_path, k, seed) for name, k, seed in
+              [("voco", 2, 0), ("other", 2, 1), ("full", 0, 0)]}
+    for i, color in enumerate(["red", "blue", "green"]):
+        Image.new("RGB", (70, 50), color).save(root / f"frame{i + 1}.png")
+    Image.new("RGB", (70, 50), "red").save(root / "frames.gif", save_all=True, duration=250, append_images=[
+        Image.new("RGB", (70, 50), c) for c in ("blue", "green", "yellow", "white", "black", "gray", "cyan")])
+    return root, Tokenizer(tok_path), models
+
+
+def run(capsys, *argv):
+    code = infer.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def expected_answer(setup, question, frames, mode="voco"):
+    root, tok, models = setup
+    vlm, c = models[mode], models[mode].config
+    pixels = torch.stack([preprocess(Image.open(root / f), 56) for f in frames])
+    s = build_sample(tok, [(question, None)], image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens,
+                     voco_token_id=c.voco_token_id, num_voco=c.num_voco, num_frames=len(frames), system="")
+    prefix = torch.tensor(compress_prefix(tok, c.image_token_id, c.num_image_tokens, c.voco_token_id, c.num_voco))
+    cache = vlm.compress(pixels, prefix) if len(frames) == 1 else vlm.compress_video(pixels, prefix)
+    ids = vlm.generate(cache, torch.tensor([s.input_ids[s.segments.index(TEXT):]]), max_new_tokens=10,
+                       eos_id=tok.eos_id)[0]
+    return tok.decode(ids)
+
+
+def test_image_questions_and_cache_file(setup, capsys, tmp_path):
+    root = setup[0]
+    questions = ["What shape is the red object?", "left or right?"]
+    code, out, err = run(capsys, "--model", root / "voco", "--image", root / "frame1.png", "--question", questions[0],
+                         "--question", questions[1], "--max-new-tokens", 10, "--save-cache", tmp_path / "c.voco")
+    assert code == 0 and "2 VoCo tokens" in err and (tmp_path / "c.voco").is_file()
+    assert out == "".join(f"Q: {q}\nA: {expected_answer(setup, q, ['frame1.png'])}\n" for q in questions)
+    code, again, err = run(capsys, "--model", root / "voco", "--cache", tmp_path / "c.voco", "--question",
+                           questions[0], "--question", questions[1], "--max-new-tokens", 10)
+    assert code == 0 and again == out and "loaded" in err
+
+
+def test_video_sources(setup, capsys):
+    root = setup[0]
+    q = "What shape is the red object?"
+    code, out, _ = run(capsys, "--model", root / "voco", "--video", *(root / f"frame{i}.png" for i in (1, 2, 3)),
+                       "--question", q, "--max-new-tokens", 10)
+    assert code == 0 and out == f"Q: {q}\nA: {expected_answer(setup, q, ['frame1.png', 'frame2.png', 'frame3.png'])}\n"
+    assert [im.getpixel((0, 0)) for im in infer.load_video([str(root / "frames.gif")])][:3] == [
+        (255, 0, 0), (0, 0, 255), (0, 128, 0)]
+    assert len(infer.load_video([str(root / "frames.gif")], fps=2)) == 4  # 8 frames of 0.25 s at 2 per second
+    assert len(infer.load_video([str(root / "frames.gif")], max_frames=3)) == 3
+    (root / "folder").mkdir()
+    for i in (10, 2, 1):  # natural order: 1, 2, 10
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(root / "folder" / f"f{i}.png")
+    assert [im.getpixel((0, 0))[0] for im in infer.load_video([str(root / "folder")])] == [1, 2, 10]
+
+
+def test_full_mode_answers_from_the_whole_image(setup, capsys):
+    root, tok, models = setup
+    code, out, _ = run(capsys, "--model", root / "full", "--image", root / "frame2.png", "--question", "red?",
+                       "--max-new-tokens", 6)
+    vlm, c = models["full"], models["full"].config
+    s = build_sample(tok, [("red?", None)], image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens,
+                     voco_token_id=-1, num_voco=0, system="")
+    from nanovoco.generate import generate
+    with torch.no_grad():
+        embeds = vlm.embed(torch.tensor([s.input_ids]), preprocess(Image.open(root / "frame2.png"), 56)[None])
+    ids = generate(vlm.llm, inputs_embeds=embeds, max_new_tokens=6, eos_id=tok.eos_id)[0]
+    assert code == 0 and out == f"Q: red?\nA: {tok.decode(ids)}\n"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image", "{root}/missing.png", "--question", "x"], "image {root}/missing.png does not exist"),
+    (["--image", "{root}/voco/config.json", "--question", "x"], "is not a readable image"),
+    (["--image", "{root}/frame1.png"], "nothing to do: pass --question"),
+    (["--cache", "{root}/other.voco", "--question", "x"], "other.voco was made by another model"),
+    (["--cache", "{root}/voco/config.json", "--question", "x"], "is not a readable VoCo cache"),
+    (["--image", "{root}/frame1.png", "--question", "x " * 600], "exceeds the model's context of 512 positions"),
+    (["--image", "{root}/frame1.png", "--question", "x", "--mode", "full", "--save-cache", "{root}/y"],
+     "--cache and --save-cache hold VoCo caches: they need --mode voco"),
+    (["--video", "{root}/frames.gif", "{root}/nope.png", "--question", "x"], "image {root}/nope.png does not exist"),
+    (["--video", "{root}/frame1.png", "{root}/frame2.png", "--fps", "2", "--question", "x"],
+     "--fps needs an animated file"),
+    (["--video", "{root}/empty", "--question", "x"], "folder {root}/empty holds no frames"),
+])
+def test_bad_input_is_one_clear_line(setup, capsys, argv, message):
+    root, _, models = setup
+    (root / "empty").mkdir(exist_ok=True)
+    other = models["other"]
+    prefix = torch.tensor([1] + [-200] * 16 + [13] + [other.config.voco_token_id] * 2)
+    save_cache(root / "other.voco", other.compress(torch.zeros(1, 3, 56, 56), prefix), other)
+    code, _, err = run(capsys, "--model", root / "voco", *(a.format(root=root) for a in argv))
+    assert code == 2 and err.startswith("error: ") and message.format(root=root) in err and "Traceback" not in err
+
+
+def test_voco_mode_on_a_model_without_voco_tokens(setup, capsys):
+    root = setup[0]
+    code, _, err = run(capsys, "--model", root / "full", "--image", root / "frame1.png", "--question", "x",
+                       "--mode", "voco")
+    assert code == 2 and "has no VoCo tokens (num_voco=0 in its config.json): use --mode full" in err
+
+
+def test_command_line(setup):
+    root = setup[0]
+    done = subprocess.run([sys.executable, ROOT / "infer.py", "--model", root / "voco", "--image",
+                           root / "frame1.png", "--question", "red?", "--max-new-tokens", "4"],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.startswith("Q: red?\nA: ") and "VoCo tokens" in done.stderr
+    missing = subprocess.run([sys.executable, ROOT / "infer.py", "--model", root / "nothing", "--image", "x.png",
+                              "--question", "x"], capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 2 and "nothing" in missing.stderr and "Traceback" not in missing.stderr
