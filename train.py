@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
-from nanovoco import checkpoint, synthetic
+from nanovoco import checkpoint, synthetic, synthetic_video
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate
 from nanovoco.evaluate import blind_baseline, vqa_accuracy
 from nanovoco.config import VoCoLlamaConfig, preset
@@ -62,11 +62,12 @@ class TrainConfig:
     freeze_vision: bool = True  # the paper freezes CLIP; a tiny model learns better from a frozen random ViT too
     tokenizer: str = ""  # tokenizer.model; default: the init checkpoint's, or a tiny one trained on the data
     # data
-    data: str = "synthetic"  # a LLaVA-format JSON, or "synthetic" (generated into out_dir/data)
+    data: str = "synthetic"  # a LLaVA-format JSON, "synthetic" (Sort-of-CLEVR images) or "synthetic_video" (moving
+    # shapes, 4 frames per video), generated into out_dir/data
     image_folder: str = ""  # default: the JSON's directory
     eval_data: str = ""  # held-out LLaVA-format JSON for VQA accuracy; synthetic: generated with another seed
-    synthetic_images: int = 2000
-    synthetic_questions: int = 8  # questions per synthetic training image, all in one multi-turn record
+    synthetic_images: int = 2000  # images (or videos)
+    synthetic_questions: int = 8  # questions per synthetic training image (or video), all in one multi-turn record
     synthetic_dir: str = ""  # where the synthetic data is generated (default out_dir/data); runs can share it
     max_len: int = 2048
     system_prompt: str = VOCO_SYSTEM  # VoCo-LLaMA's Vicuna system prompt; a tiny model from scratch does without
@@ -162,7 +163,7 @@ def barrier():
 
 def prepare_data(cfg, out: Path, rank: int):
     """The train and held-out LLaVA JSON files: the user's, or the synthetic sets, generated once by rank 0."""
-    if cfg.data != "synthetic":
+    if cfg.data not in ("synthetic", "synthetic_video"):
         if not cfg.data:
             raise SystemExit("--data=<LLaVA-format JSON> is required by this preset")
         for path in (cfg.data, cfg.eval_data):
@@ -173,10 +174,15 @@ def prepare_data(cfg, out: Path, rank: int):
     if rank == 0:
         size = preset("tiny").vision.image_size
         if not (data / "train" / "data.json").exists():
-            synthetic.generate(data / "train", n_images=cfg.synthetic_images, questions_per_image=
-                               cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True)
+            if cfg.data == "synthetic":
+                synthetic.generate(data / "train", n_images=cfg.synthetic_images, questions_per_image=
+                                   cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True)
+            else:
+                synthetic_video.generate(data / "train", n_videos=cfg.synthetic_images, questions_per_video=
+                                         cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True)
         if not (data / "eval" / "data.json").exists():  # held out: other images, one question per record
-            synthetic.generate(data / "eval", n_images=200, seed=cfg.seed + 10_000, image_size=size)
+            generate = synthetic.generate if cfg.data == "synthetic" else synthetic_video.generate
+            generate(data / "eval", 200, seed=cfg.seed + 10_000, image_size=size)
     barrier()
     return data / "train" / "data.json", data / "eval" / "data.json"
 

@@ -182,3 +182,23 @@ def test_activation_checkpointing_gives_the_same_gradients():
     assert [k for k, _ in vlm.named_parameters()] == names  # parameter names (checkpoint keys) unchanged
     for k in plain:
         torch.testing.assert_close(checkpointed[k], plain[k], atol=1e-6, rtol=1e-5, msg=k)
+
+
+def test_video_training_then_infer(tmp_path):
+    """Moving-shapes videos: each frame its own group under the VoCo mask; the trained model answers from the
+    concatenated per-frame caches (infer.py) with the system prompt it was trained with."""
+    out = tmp_path / "video"
+    train("--preset=tiny-cpu", "--data=synthetic_video", "--synthetic_images=16", "--synthetic_questions=3",
+          f"--out_dir={out}", "--batch_size=4", "--micro_batch_size=2", "--max_steps=3", "--eval_limit=4")
+    assert len(losses(out)) == 3
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n"] == 4 and set(result["by_type"]) <= {"first_mover", "last_mover", "direction", "before", "shape"}
+    model = out / "checkpoint" / "model"
+    assert json.loads((model / "prompt.json").read_text()) == {"system": ""}
+    record = json.loads((out / "data" / "eval" / "data.json").read_text())[0]
+    frames = [str(out / "data" / "eval" / f) for f in record["image"]]
+    done = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", str(model), "--video", *frames,
+                           "--question", record["conversations"][0]["value"].replace("<image>\n", ""),
+                           "--max-new-tokens", "3"], env=ENV, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"{len(frames)} frame(s) compressed): {2 * len(frames)} VoCo tokens" in done.stderr
