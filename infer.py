@@ -29,7 +29,7 @@ from nanovoco.generate import check_length, stream
 from nanovoco.image import load_image, preprocess, to_rgb
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, stream_text
-from nanovoco.voco import TEXT, without_compression
+from nanovoco.voco import without_compression
 
 FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
@@ -154,7 +154,7 @@ def run(args):
         print(f"Q: {question}\nA:", end=" ", flush=True)
         t0 = time.perf_counter()
         if mode == "voco":  # stage 2: only the text after the VoCo tokens; the image is in the cache
-            tokens = vlm.stream(cache, torch.tensor([s.input_ids[s.segments.index(TEXT):]], device=device),
+            tokens = vlm.stream(cache, torch.tensor([s.text_ids()], device=device),
                                 **options)
         else:  # the whole prompt, vision tokens included, every time (no VoCo tokens, plain causal attention)
             ids, segments, groups, positions = (torch.tensor([x], device=device) for x in (

@@ -43,6 +43,10 @@ class Sample:
     groups: list[int]  # f for frame f (0 for an image) and its VoCo tokens, -1 for text
     positions: list[int]  # RoPE position ids: 0, 1, 2, ... except for the frames of a video (see above)
 
+    def text_ids(self) -> list[int]:
+        """The tokens from the first TEXT one on: what stage 2 of inference gets (the image is in the VoCo cache)."""
+        return self.input_ids[self.segments.index(TEXT):]
+
 
 def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int, voco_token_id: int, num_voco: int,
                  num_frames: int = 1, max_len: int = 2048, system: str = VOCO_SYSTEM) -> Sample:

@@ -8,7 +8,7 @@ from nanovoco.data import build_sample, compress_prefix, pad_samples
 from nanovoco.generate import generate
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
-from nanovoco.voco import TEXT, voco_mask
+from nanovoco.voco import voco_mask
 
 QUESTIONS = ["What shape is the red object?", "How many squares?", "Is the blue circle left of the green one or not?"]
 CORPUS = QUESTIONS + ["USER: ASSISTANT: circle square triangle left right red green blue"] * 20
@@ -45,11 +45,6 @@ def single_pass(vlm, samples, pixels):
                    position_ids=b["positions"]).logits
 
 
-def text_part(s):
-    """A sample's text (what stage 2 gets), from the "\\n" after the VoCo tokens on."""
-    return s.input_ids[s.segments.index(TEXT):]
-
-
 def images(n, seed=0):
     return torch.randn(n, 3, 56, 56, generator=torch.Generator().manual_seed(seed))
 
@@ -66,7 +61,7 @@ def test_answer_equals_single_pass(tok, K):
         s = sample(tok, vlm, q)
         ref = single_pass(vlm, [s], pixels)[:, P:]
         with torch.no_grad():
-            got = vlm.answer(cache, torch.tensor([text_part(s)])).logits
+            got = vlm.answer(cache, torch.tensor([s.text_ids()])).logits
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
@@ -76,9 +71,9 @@ def test_batched_questions_and_generation_equal_single_pass(tok, K):
     pixels = images(1, seed=1)
     cache = vlm.compress(pixels, prefix(tok, vlm))
     samples = [sample(tok, vlm, q) for q in QUESTIONS]
-    T = max(len(text_part(s)) for s in samples)
-    ids = torch.tensor([[0] * (T - len(text_part(s))) + text_part(s) for s in samples])  # left-padded questions
-    real = torch.tensor([[False] * (T - len(text_part(s))) + [True] * len(text_part(s)) for s in samples])
+    T = max(len(s.text_ids()) for s in samples)
+    ids = torch.tensor([[0] * (T - len(s.text_ids())) + s.text_ids() for s in samples])  # left-padded questions
+    real = torch.tensor([[False] * (T - len(s.text_ids())) + [True] * len(s.text_ids()) for s in samples])
     ref = single_pass(vlm, samples, pixels.expand(3, -1, -1, -1))[:, -T:]
     with torch.no_grad():
         got = vlm.answer(cache, ids, real).logits
@@ -102,7 +97,7 @@ def test_text_positions_continue_after_the_voco_tokens(tok):
     tokens, and every relative distance the model saw in training would change."""
     vlm = model(tok, 2)
     cache = vlm.compress(images(1), prefix(tok, vlm))
-    text = torch.tensor([text_part(sample(tok, vlm, QUESTIONS[0]))])
+    text = torch.tensor([sample(tok, vlm, QUESTIONS[0]).text_ids()])
     with torch.no_grad():
         right = vlm.answer(cache, text).logits
         cache.next_position = cache.positions.shape[0]  # as if the VoCo tokens were at 0..K-1
@@ -122,16 +117,16 @@ def test_video_caches_equal_single_pass_over_all_frames(tok, K):
         s = sample(tok, vlm, q, num_frames=5)
         ref = single_pass(vlm, [s], frames)[:, 5 * P:]  # every frame in its own group, shifted by f*K positions
         with torch.no_grad():
-            got = vlm.answer(cache, torch.tensor([text_part(s)])).logits
+            got = vlm.answer(cache, torch.tensor([s.text_ids()])).logits
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
         b = pad_samples([s])
         with torch.no_grad():
             expected = generate(vlm.llm, inputs_embeds=vlm.embed(b["input_ids"], frames), segments=b["segments"],
                                 groups=b["groups"], position_ids=b["positions"], max_new_tokens=8)
-        assert vlm.generate(cache, torch.tensor([text_part(s)]), max_new_tokens=8) == expected
+        assert vlm.generate(cache, torch.tensor([s.text_ids()]), max_new_tokens=8) == expected
     # the positions keep the frames' order: the same frames reversed are another video
     reverse = vlm.compress_video(frames.flip(0), prefix(tok, vlm))
-    text = torch.tensor([text_part(sample(tok, vlm, QUESTIONS[0], num_frames=5))])
+    text = torch.tensor([sample(tok, vlm, QUESTIONS[0], num_frames=5).text_ids()])
     with torch.no_grad():
         assert (vlm.answer(cache, text).logits - vlm.answer(reverse, text).logits).abs().max() > 1e-3
 
@@ -139,7 +134,7 @@ def test_video_caches_equal_single_pass_over_all_frames(tok, K):
 def test_stage_errors(tok):
     vlm = model(tok, 2)
     cache = vlm.compress(images(2), prefix(tok, vlm))
-    text = torch.tensor([text_part(sample(tok, vlm, q))[:5] for q in QUESTIONS])
+    text = torch.tensor([sample(tok, vlm, q).text_ids()[:5] for q in QUESTIONS])
     with pytest.raises(ValueError, match="a cache of 2 rows cannot answer 3 questions"):
         vlm.answer(cache, text)
     with pytest.raises(ValueError, match="text_ids hold image placeholders: the image is in the cache"):
