@@ -33,11 +33,13 @@ def sample(logits, temperature=0.0, top_p=1.0, generator=None):
 
 
 def prefill(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, position_ids=None) -> Output:
-    """Run the whole prompt once under the VoCo mask of its labels. position_ids (B, L): data.Sample's positions;
+    """Run the whole prompt once under the VoCo mask of its labels (logits of the last position only, the next
+    token's). position_ids (B, L): data.Sample's positions;
     default 0, 1, 2, ... over the real tokens, so that a left-padded row goes on exactly as it would unpadded."""
     if position_ids is None:
         position_ids = ((segments != PAD).long().cumsum(-1) - 1).clamp(min=0)
-    return llm(input_ids, inputs_embeds, attn_mask=voco_mask(segments, groups), position_ids=position_ids)
+    return llm(input_ids, inputs_embeds, attn_mask=voco_mask(segments, groups), position_ids=position_ids,
+               last_only=True)
 
 
 def decode_one_token(llm: Llama, token, position, visible, cache: KVCache) -> Output:

@@ -102,8 +102,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if past_kv is not None:  # cached keys are already rotated at their own positions: just prepend them
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
-        # mask: (B or 1, 1, L, L_past + L) bool, True = may attend. GQA: each KV head serves a group of query heads.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads)
+        # mask: (B or 1, 1, L, L_past + L) bool, True = may attend; None = plain causal with nothing cached, where
+        # SDPA's own causal kernels beat a materialised mask. GQA: each KV head serves a group of query heads.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(rearrange(y, "b h l d -> b l (h d)")), (k, v)
 
 
@@ -146,21 +148,22 @@ class Llama(nn.Module):
                                                                           bias=False)
 
     def forward(self, input_ids=None, inputs_embeds=None, attn_mask=None, position_ids=None,
-                cache: KVCache | None = None, use_cache: bool = True) -> Output:
+                cache: KVCache | None = None, use_cache: bool = True, last_only: bool = False) -> Output:
         """Logits for new tokens given as ids (B, L) or embeddings (B, L, D).
 
         attn_mask: bool (B or 1, 1, L, L_cached + L), True where a query may attend; default causal over cache+new.
         position_ids: (B, L) RoPE positions; default continues after the cache. Every query row must see at
         least one key (SDPA gives NaN or zeros for an empty row, depending on the kernel).
         use_cache=False returns no cache: training does not hold every layer's keys and values (which activation
-        checkpointing would otherwise keep alive).
+        checkpointing would otherwise keep alive). last_only: logits of the last position only, all that generation
+        needs from a prompt (the head is the largest matmul per token at a small hidden size).
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, L, _ = x.shape
         past = 0 if cache is None else cache[0][0].shape[2]
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=x.device).expand(B, L)
-        if attn_mask is None:
+        if attn_mask is None and past:
             attn_mask = causal_mask(L, past, x.device)
         cos, sin = rope_cos_sin(position_ids, self.config, x.dtype)
         new_cache = [] if use_cache else None
@@ -168,7 +171,7 @@ class Llama(nn.Module):
             x, kv = layer(x, cos, sin, attn_mask, None if cache is None else cache[i])
             if use_cache:
                 new_cache.append(kv)
-        x = self.norm(x)
+        x = self.norm(x[:, -1:] if last_only else x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return Output(logits=F.linear(x, head), cache=new_cache)
 
@@ -351,7 +354,8 @@ class VoCoLlama(nn.Module):
         ids = prefix_ids.to(pixel_values.device).expand(pixel_values.shape[0], -1)  # (n, P)
         out = self.llm(inputs_embeds=self.embed(ids, pixel_values))  # positions 0..P-1, causal
         P = ids.shape[1]
-        return VoCoCache(kv=[(k[:, :, P - K:], v[:, :, P - K:]) for k, v in out.cache],
+        # clone: a slice would keep the whole prefix's keys and values alive, ~576x what the cache needs
+        return VoCoCache(kv=[(k[:, :, P - K:].clone(), v[:, :, P - K:].clone()) for k, v in out.cache],
                          positions=torch.arange(P - K, P, device=ids.device), next_position=P)
 
     def compress_video(self, frames, prefix_ids, batch_size: int = 16) -> VoCoCache:
@@ -376,9 +380,10 @@ class VoCoLlama(nn.Module):
                          positions=(parts[0].positions + shift).flatten(),
                          next_position=parts[0].next_position + (F - 1) * K)
 
-    def answer(self, cache: VoCoCache, text_ids, text_mask=None) -> Output:
+    def answer(self, cache: VoCoCache, text_ids, text_mask=None, last_only=False) -> Output:
         """Stage 2. text_ids (B, T): the text after the VoCo tokens (from the "\\n" that follows them, data.py),
-        with text_mask (B, T) False on padding (default all real). Returns the logits and the cache grown by the text.
+        with text_mask (B, T) False on padding (default all real). Returns the logits (of the last token only with
+        last_only) and the cache grown by the text.
 
         The text takes the positions it had in training: after the last VoCo token (cache.next_position), not
         after the cache's length, which would close the gap left by the dropped vision tokens and shift every
@@ -398,7 +403,7 @@ class VoCoLlama(nn.Module):
         text_part = torch.ones(T, T, dtype=torch.bool, device=text_ids.device).tril() & real[:, None, :]
         mask = torch.cat([real.new_ones(B, T, n_voco), text_part], dim=-1)[:, None]  # (B, 1, T, n_voco + T)
         kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in cache.kv]
-        return self.llm(text_ids, attn_mask=mask, position_ids=positions, cache=kv)
+        return self.llm(text_ids, attn_mask=mask, position_ids=positions, cache=kv, last_only=last_only)
 
     @torch.no_grad()
     def stream(self, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
@@ -408,7 +413,7 @@ class VoCoLlama(nn.Module):
         B, T = text_ids.shape
         check_length(cache.next_position + T - 1, max_new_tokens, self.config.text.max_position_embeddings)
         real = torch.ones_like(text_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
-        out = self.answer(cache, text_ids, real)
+        out = self.answer(cache, text_ids, real, last_only=True)
         visible = torch.cat([real.new_ones(B, cache.positions.shape[0]), real], dim=1)  # the VoCo tokens + text
         last = cache.next_position + real.long().sum(-1) - 1
         yield from decode(self.llm, out, last, visible, max_new_tokens, temperature, top_p, eos_id, generator)

@@ -1,0 +1,250 @@
+"""The paper's Table 7 (inference efficiency): what one question about an already-seen image costs, three ways.
+
+    python -m nanovoco.bench                              # tiny random model, measured on the CPU
+    python -m nanovoco.bench --size 7b                    # LLaMA-7B + CLIP-L/336 shapes: analytic bytes and FLOPs
+    python -m nanovoco.bench --size 7b --device cuda      # ... and measured with random bf16 weights
+    add --out FILE to append the tables (with a machine line) to FILE
+
+One image, one question of --text-tokens tokens, three methods:
+- baseline: no cache; the question runs with the whole uncompressed LLaVA prompt [BOS] [vision x N] ["\\n"] [text]
+  under a causal mask;
+- full caching: the keys/values of [BOS] [vision x N] ["\\n"] at every layer are kept; the question runs only its
+  text over them, at the positions after the prefix;
+- VoCo cache: VoCoLlama.compress keeps the K VoCo tokens per layer; VoCoLlama.answer runs the text over them.
+Stage 2 is one question's prefill: one forward over its tokens, up to the logits of its first answer token (and the
+cache grown by the text, for decoding). Stage 1 (the vision tower, the caches) is done once and not timed; the
+baseline gets the image's embeddings precomputed, so no method runs the vision tower in stage 2.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from tqdm import tqdm
+
+from nanovoco.config import LlamaConfig, VoCoLlamaConfig, preset
+from nanovoco.model import RMSNorm, VoCoLlama
+
+METHODS = ("baseline", "full caching", "VoCo cache")
+NEWLINE_ID = 13  # "\n" in LLaMA's tokenizer (<0x0A>); with random weights any id would do
+# Table 7 of the paper (LLaVA-1.5-7B, K=1): KV cache length, storage (MB), CUDA time (ms), FLOPs (T)
+PAPER = {"baseline": (None, None, 440.5, 9.6), "full caching": (576, 302.4, 154.9, 1.2),
+         "VoCo cache": (1, 0.525, 134.0, 0.5)}
+
+
+def configure(size: str, num_voco: int = 1) -> VoCoLlamaConfig:
+    """tiny: preset("tiny") with a 512-token vocabulary; 7b: LLaVA-1.5-7B's shapes, Vicuna's 32,000 tokens + <voco>."""
+    config = preset("tiny", 512) if size == "tiny" else preset("llava-7b", 32001)
+    config.num_voco, config.voco_token_id = num_voco, config.text.vocab_size - 1
+    return config
+
+
+def random_model(config: VoCoLlamaConfig, device="cpu", dtype=torch.float32) -> VoCoLlama:
+    """Random weights, allocated once: built on `meta`, materialised on the device in dtype, then filled N(0, 0.02)
+    with norm weights 1. A 7B model needs this on one GPU: an fp32 CPU copy first would need 28 GB."""
+    with torch.device("meta"):
+        vlm = VoCoLlama(config)
+    vlm = vlm.to(dtype).to_empty(device=device).eval()
+    with torch.no_grad():
+        for p in vlm.parameters():
+            p.normal_(0.0, 0.02)
+        for m in vlm.modules():
+            if isinstance(m, (RMSNorm, nn.LayerNorm)):
+                m.weight.fill_(1.0)
+    return vlm
+
+
+def stages(vlm: VoCoLlama, pixels, text_ids) -> dict:
+    """Run every method's stage 1 on pixels (1, 3, H, W); return {method: (stage 2 as a call -> Output, its cache)}.
+    text_ids (1, T) is the question, the same for all three."""
+    c = vlm.config
+    prefix = [c.text.bos_token_id] + [c.image_token_id] * c.num_image_tokens + [NEWLINE_ID]
+    llm = vlm.llm
+    with torch.no_grad():
+        image = vlm.embed(torch.tensor([prefix], device=pixels.device), pixels)  # (1, P, D): the vision tower, once
+        full = llm(inputs_embeds=image).cache  # per layer (1, n_kv_heads, P, head_dim)
+        voco = vlm.compress(pixels, torch.tensor(prefix + [c.voco_token_id] * c.num_voco))
+    return {"baseline": (lambda: llm(inputs_embeds=torch.cat([image, llm.embed_tokens(text_ids)], 1)), None),
+            "full caching": (lambda: llm(text_ids, cache=full), full),  # default: causal, positions P, P+1, ...
+            "VoCo cache": (lambda: vlm.answer(voco, text_ids), voco.kv)}
+
+
+def llm_flops(c: LlamaConfig, tokens: int, keys: int) -> int:
+    """Matmul FLOPs (2 per multiply-add) of one LLM forward over `tokens` new tokens that attend to `keys` keys
+    (cached + new). Counted: the q/k/v/o projections, the SwiGLU MLP (gate, up, down), the LM head (forward makes
+    logits for every token) and attention's two matmuls, q k^T and probs v, over every (query, key) pair: SDPA with
+    a mask computes the masked pairs too. Not counted, as FlopCounterMode does not count them: norms, RoPE, softmax,
+    SiLU, residual adds, the embedding lookup."""
+    d, hd = c.hidden_size, c.head_dim
+    qkvo = 2 * tokens * d * hd * (2 * c.num_attention_heads + 2 * c.num_key_value_heads)  # q, o: all heads; k, v: KV
+    mlp = 2 * tokens * 3 * d * c.intermediate_size
+    attention = 2 * 2 * tokens * keys * hd * c.num_attention_heads  # GQA: every query head does its own products
+    return c.num_hidden_layers * (qkvo + mlp + attention) + 2 * tokens * d * c.vocab_size
+
+
+def kv_bytes_per_token(c: LlamaConfig, bytes_per_value: int = 2) -> int:
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * bytes_per_value  # k and v, every layer
+
+
+def analytic_rows(config: VoCoLlamaConfig, text_tokens: int = 40, num_voco: int = 1, bytes_per_value: int = 2):
+    """Table 7 from the shapes alone: cache bytes (default fp16) and stage-2 FLOPs (llm_flops) of each method."""
+    N, T, K = config.num_image_tokens, text_tokens, num_voco
+    P = N + 2  # [BOS] [vision x N] ["\n"]
+    shapes = {"baseline": (N, 0, P + T, P + T), "full caching": (N, P, T, P + T), "VoCo cache": (K, K, T, K + T)}
+    return [dict(method=m, source="analytic", image_tokens=n, cache_tokens=cached,
+                 cache_bytes=cached * kv_bytes_per_token(config.text, bytes_per_value),
+                 flops=llm_flops(config.text, tokens, keys)) for m, (n, cached, tokens, keys) in shapes.items()]
+
+
+def count_flops(call) -> int:
+    """FlopCounterMode's count of one call. Its registry lacks the CPU SDPA kernel, so that one gets torch's own
+    SDPA formula (the one it uses for the CUDA kernels)."""
+    cpu_sdpa = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+                lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v)}
+    with FlopCounterMode(display=False, custom_mapping=cpu_sdpa) as counter:
+        call()
+    return counter.get_total_flops()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(vlm: VoCoLlama, text_tokens: int = 40, repeats: int = 20, seed: int = 0) -> list[dict]:
+    """Time and count every method's stage 2 on vlm's device: interleaved rounds (the order alternates, so machine
+    noise hits all alike), median over rounds."""
+    param = next(vlm.parameters())
+    device, c = param.device, vlm.config
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(1, 3, c.vision.image_size, c.vision.image_size, generator=g).to(device)
+    text_ids = torch.randint(3, c.text.vocab_size - 1, (1, text_tokens), generator=g).to(device)
+    methods = stages(vlm, pixels, text_ids)
+    ms = {m: [] for m in methods}
+    with torch.no_grad():
+        counted = {m: count_flops(call) for m, (call, _) in methods.items()}  # also the warm-up
+        for r in tqdm(range(repeats), desc="timing rounds"):
+            for m in (METHODS if r % 2 == 0 else METHODS[::-1]):
+                sync(device)
+                t0 = time.perf_counter()
+                methods[m][0]()
+                sync(device)
+                ms[m].append((time.perf_counter() - t0) * 1000)
+    source = f"measured on {device.type}, {str(param.dtype).removeprefix('torch.')}, random weights"
+    rows = analytic_rows(c, text_tokens, c.num_voco, param.element_size())
+    for row in rows:
+        kv = methods[row["method"]][1] or []
+        row.update(source=source, cache_tokens=kv[0][0].shape[2] if kv else 0,
+                   cache_bytes=sum(t.nbytes for pair in kv for t in pair),
+                   time_ms=statistics.median(ms[row["method"]]), flops_counted=counted[row["method"]])
+    return rows
+
+
+def report(size="tiny", device="cpu", dtype=None, text_tokens=40, num_voco=1, repeats=20) -> list[dict]:
+    """The rows of Table 7: analytic ones for 7b; measured ones for tiny (any device) and for 7b on CUDA."""
+    config = configure(size, num_voco)
+    rows = analytic_rows(config, text_tokens, num_voco) if size == "7b" else []
+    if size == "tiny" or torch.device(device).type == "cuda":
+        torch.manual_seed(0)
+        dtype = dtype or (torch.float32 if size == "tiny" else torch.bfloat16)
+        rows += measure(random_model(config, device, dtype), text_tokens, repeats)
+    return rows
+
+
+def _less(x, ref) -> str:
+    """The reduction from ref to x, as Table 7's Δ columns show it; "-" where there is nothing to compare."""
+    return "-" if x is None or ref is None else f"{1 - x / ref:.1%}"
+
+
+def markdown(rows: list[dict]) -> str:
+    """One table per source (analytic, measured) with Table 7's columns, "-" where a method has no value."""
+    out = []
+    for source in dict.fromkeys(r["source"] for r in rows):
+        t = {r["method"]: r for r in rows if r["source"] == source}
+        base, full = t["baseline"], t["full caching"]
+        unit, scale = next((u, s) for u, s in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1)) if base["flops"] >= s)
+        out += [f"**{source}**", "", "| method | image tokens | KV cache length | cache storage (MB) | Δ vs full "
+                f"caching | stage-2 time (ms) | Δ vs baseline | FLOPs counted ({unit}) | FLOPs analytic ({unit}) | "
+                "Δ vs baseline |", "|---|" + "---:|" * 9]
+        for m, r in t.items():
+            cached, time_ms, counted = m != "baseline", r.get("time_ms"), r.get("flops_counted")
+            cells = [m, r["image_tokens"], r["cache_tokens"] if cached else "-",
+                     f"{r['cache_bytes'] / 1e6:.3f}" if cached else "-",
+                     _less(r["cache_bytes"], full["cache_bytes"]) if m == "VoCo cache" else "-",
+                     "-" if time_ms is None else f"{time_ms:.2f}",
+                     _less(time_ms, base.get("time_ms")) if cached else "-",
+                     "-" if counted is None else f"{counted / scale:.3f}", f"{r['flops'] / scale:.3f}",
+                     _less(r["flops"], base["flops"]) if cached else "-"]
+            out.append("| " + " | ".join(map(str, cells)) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def paper_table(config: VoCoLlamaConfig, rows: list[dict]) -> str:
+    """Ours next to Table 7's numbers. The paper counts the 576 vision tokens as full caching's cache (ours keeps
+    BOS and "\\n" too: 578), so the storage lines compare like with like: 576 tokens and 1 token, fp16."""
+    per_token = kv_bytes_per_token(config.text, 2)
+    analytic = {r["method"]: r for r in rows if r["source"] == "analytic"}
+    lines = ["| quantity | nanovoco | paper (Table 7) | difference |", "|---|---:|---:|---:|"]
+    for m, tokens, what in (("full caching", 576, "576 vision tokens"), ("VoCo cache", 1, "1 VoCo token")):
+        ours, paper = tokens * per_token / 1e6, PAPER[m][1]
+        shown = f"{ours:.1f}" if ours >= 1 else f"{ours:.3f}"  # 302.0 MB, 0.524 MB
+        lines.append(f"| KV cache of {what}, fp16 (MB) | {shown} ({tokens * per_token:,} B) | {paper} | "
+                     f"{ours / paper - 1:+.2%} |")
+    for m in METHODS:
+        ours = analytic[m]["flops"] / 1e12
+        lines.append(f"| stage-2 FLOPs (T), {m}, analytic | {ours:.3f} | {PAPER[m][3]} | "
+                     f"{ours / PAPER[m][3] - 1:+.1%} |")
+    for r in rows:
+        if r["source"].startswith("measured on cuda"):
+            lines.append(f"| stage-2 time (ms), {r['method']}, {r['source']} | {r['time_ms']:.2f} | "
+                         f"{PAPER[r['method']][2]} | {r['time_ms'] / PAPER[r['method']][2] - 1:+.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def machine(device="cpu") -> str:
+    """A line saying where numbers come from: the accelerator or CPU model and threads, torch, the date."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        where = torch.cuda.get_device_name(device)
+    else:
+        cpuinfo = Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []
+        name = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")),
+                    platform.processor() or "unknown CPU")
+        where = f"{name}, {torch.get_num_threads()} threads"
+    return f"{where}; torch {torch.__version__}; {date.today()}"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--size", choices=("tiny", "7b"), default="tiny")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="measured runs; default float32 for tiny, bfloat16 for 7b")
+    p.add_argument("--text-tokens", type=int, default=40, help="the question's length (the text after the image)")
+    p.add_argument("--num-voco", type=int, default=1, help="K, VoCo tokens per image (Table 7: 1)")
+    p.add_argument("--repeats", type=int, default=20, help="timing rounds; the median is reported")
+    p.add_argument("--out", help="append the tables to this file")
+    args = p.parse_args()
+    rows = report(args.size, args.device, args.dtype and getattr(torch, args.dtype), args.text_tokens,
+                  args.num_voco, args.repeats)
+    config = configure(args.size, args.num_voco)
+    header = (f"{machine(args.device)}; {config.num_image_tokens} image tokens, {args.text_tokens} text tokens, "
+              f"K = {args.num_voco}; " + (f"{args.repeats} interleaved timing rounds, median" if any(
+                  "time_ms" in r for r in rows) else "analytic only (measured with --device cuda)"))
+    text = header + "\n\n" + markdown(rows) + ("\n" + paper_table(config, rows) if args.size == "7b" else "")
+    print("\n" + text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
