@@ -25,7 +25,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
-from nanovoco.bench import machine, sync
+from nanovoco.bench import machine, publish, sync
 from nanovoco.generate import generate
 from nanovoco.model import Llama
 
@@ -132,10 +132,7 @@ def main():
                      f"{t['generate N'] / ref['generate N']:.3f} | {t['step'] / ref['step']:.3f} |")
     lines += ["", "time ratio = nanovoco / transformers, below 1 when nanovoco is faster"]
     text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

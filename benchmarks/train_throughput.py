@@ -28,6 +28,7 @@ import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 
+from nanovoco.bench import publish
 from nanovoco.model import Llama
 from nanovoco.voco import TEXT, VISION, VOCO, voco_mask
 
@@ -154,10 +155,7 @@ def main():
         lines.append(f"| {name} | {median[name]:.1f} | {min(ms[name]):.1f}-{max(ms[name]):.1f} | "
                      f"{tokens / median[name] * 1000:,.0f} | {ratio:.3f} |")
     text = "\n".join(lines) + "\n"
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

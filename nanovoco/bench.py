@@ -222,6 +222,14 @@ def machine(device="cpu") -> str:
     return f"{where}; torch {torch.__version__}; {date.today()}"
 
 
+def publish(text: str, out=None):
+    """Print a benchmark's tables, and append them to the file `out` (e.g. docs/benchmarks.md) if given."""
+    print("\n" + text)
+    if out:
+        with open(out, "a") as f:
+            f.write("\n" + text)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=("tiny", "7b"), default="tiny")
@@ -240,10 +248,7 @@ def main():
               f"K = {args.num_voco}; " + (f"{args.repeats} interleaved timing rounds, median" if any(
                   "time_ms" in r for r in rows) else "analytic only (measured with --device cuda)"))
     text = header + "\n\n" + markdown(rows) + ("\n" + paper_table(config, rows) if args.size == "7b" else "")
-    print("\n" + text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n" + text)
+    publish(text, args.out)
 
 
 if __name__ == "__main__":

@@ -139,13 +139,24 @@ def generate(out_dir, n_images: int = 1000, questions_per_image: int = 4, seed: 
         img = draw(scene, image_size)
         # PIL picks the format from the name's suffix, and the temporary name has none
         atomic_write(out_dir / image, lambda tmp: img.save(tmp, format="PNG"))
-        qas = questions(rng, scene, questions_per_image, image_size)
-        for q, group in enumerate([qas] if multi_turn else [[qa] for qa in qas]):
-            turns = [turn for k, (_, question, answer) in enumerate(group)
-                     for turn in ({"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
-                                  {"from": "gpt", "value": answer})]
-            records.append({"id": f"{i:06d}_{q}", "image": image, "type": group[0][0], "conversations": turns,
-                            "scene": scene})
+        records += llava_records(i, image, questions(rng, scene, questions_per_image, image_size), scene, multi_turn)
+    return write_json(out_dir, records)
+
+
+def llava_records(i: int, image, qas, scene, multi_turn: bool) -> list[dict]:
+    """The LLaVA records of image (or video) i: one per (type, question, answer) in qas, or with multi_turn one
+    record whose turns are all of them ("<image>" in the first question only, as LLaVA's data has it)."""
+    records = []
+    for q, group in enumerate([qas] if multi_turn else [[qa] for qa in qas]):
+        turns = [turn for k, (_, question, answer) in enumerate(group)
+                 for turn in ({"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
+                              {"from": "gpt", "value": answer})]
+        records.append({"id": f"{i:06d}_{q}", "image": image, "type": group[0][0], "conversations": turns,
+                        "scene": scene})
+    return records
+
+
+def write_json(out_dir: Path, records: list[dict]) -> Path:
     path = out_dir / "data.json"
     text = json.dumps(records, indent=1)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))

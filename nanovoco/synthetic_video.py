@@ -21,14 +21,13 @@ frames in time order, for the one "<image>" tag:
 extra keys): per-type accuracy, and answers that can be checked.
 """
 import argparse
-import json
 import random
 from pathlib import Path
 
 from tqdm import tqdm
 
 from nanovoco.checkpoint import atomic_write
-from nanovoco.synthetic import GRID, PALETTE, SHAPES, draw, make_scene
+from nanovoco.synthetic import GRID, PALETTE, SHAPES, draw, llava_records, make_scene, write_json
 
 MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 QUESTION_TYPES = ("first_mover", "last_mover", "direction", "before",  # temporal: reversing the video changes them
@@ -133,17 +132,8 @@ def generate(out_dir, n_videos: int = 1000, questions_per_video: int = 4, seed: 
             img = draw(scene, image_size)
             # PIL picks the format from the name's suffix, and the temporary name has none
             atomic_write(out_dir / name, lambda tmp: img.save(tmp, format="PNG"))
-        qas = questions(rng, frames, moves, questions_per_video)
-        for q, group in enumerate([qas] if multi_turn else [[qa] for qa in qas]):
-            turns = [turn for k, (_, question, answer) in enumerate(group)
-                     for turn in ({"from": "human", "value": ("<image>\n" if k == 0 else "") + question},
-                                  {"from": "gpt", "value": answer})]
-            records.append({"id": f"{i:06d}_{q}", "image": video, "type": group[0][0], "conversations": turns,
-                            "scene": frames})
-    path = out_dir / "data.json"
-    text = json.dumps(records, indent=1)
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-    return path
+        records += llava_records(i, video, questions(rng, frames, moves, questions_per_video), frames, multi_turn)
+    return write_json(out_dir, records)
 
 
 def main(argv=None):
