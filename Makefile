@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` (set up + run the main job) and `make test` (set up + run the tests).
+# The README's two commands: `make repro` (set up + run the main job) and `make test` (set up + run the tests);
+# `make demo` is a quick offline check of the pipeline with random weights.
 # Everything installs into .venv; torch 2.13.0 goes in first, as the CPU wheel, because an open range with no
 # torch installed makes pip pull a multi-GB CUDA build.
 PY := .venv/bin/python
@@ -11,10 +12,13 @@ PY := .venv/bin/python
 
 setup: .venv/.installed
 
+repro: setup
+	$(PY) -m nanovoco.repro
+
 demo: setup
 	$(PY) -m nanovoco.demo
 
 test: setup
 	$(PY) -m pytest -q
 
-.PHONY: setup demo test
+.PHONY: setup repro demo test

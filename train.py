@@ -68,6 +68,7 @@ class TrainConfig:
     eval_data: str = ""  # held-out LLaVA-format JSON for VQA accuracy; synthetic: generated with another seed
     synthetic_images: int = 2000  # images (or videos)
     synthetic_questions: int = 8  # questions per synthetic training image (or video), all in one multi-turn record
+    synthetic_objects: int = 0  # shapes per synthetic image or video; 0: the generator's default (6 and 3)
     synthetic_dir: str = ""  # where the synthetic data is generated (default out_dir/data); runs can share it
     max_len: int = 2048
     system_prompt: str = VOCO_SYSTEM  # VoCo-LLaMA's Vicuna system prompt; a tiny model from scratch does without
@@ -173,16 +174,18 @@ def prepare_data(cfg, out: Path, rank: int):
     data = Path(cfg.synthetic_dir) if cfg.synthetic_dir else out / "data"
     if rank == 0:
         size = preset("tiny").vision.image_size
+        objects = {"n_objects": cfg.synthetic_objects} if cfg.synthetic_objects else {}
         if not (data / "train" / "data.json").exists():
             if cfg.data == "synthetic":
                 synthetic.generate(data / "train", n_images=cfg.synthetic_images, questions_per_image=
-                                   cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True)
+                                   cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True, **objects)
             else:
                 synthetic_video.generate(data / "train", n_videos=cfg.synthetic_images, questions_per_video=
-                                         cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True)
+                                         cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True,
+                                         **objects)
         if not (data / "eval" / "data.json").exists():  # held out: other images, one question per record
             generate = synthetic.generate if cfg.data == "synthetic" else synthetic_video.generate
-            generate(data / "eval", 200, seed=cfg.seed + 10_000, image_size=size)
+            generate(data / "eval", 500, seed=cfg.seed + 10_000, image_size=size, **objects)
     barrier()
     return data / "train" / "data.json", data / "eval" / "data.json"
 
