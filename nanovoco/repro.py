@@ -136,6 +136,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    made = out / "repro.json"  # finished stages are kept, so they must come from the same recipe
+    if made.exists() and json.loads(made.read_text())["scale"] != args.scale:
+        raise SystemExit(f"{out} holds a run made with --scale {json.loads(made.read_text())['scale']}: continue "
+                         f"it with that scale, or give this one another --out")
+    made.write_text(json.dumps({"scale": args.scale}))
     t0 = time.perf_counter()
     for name, options in stages(args.scale).items():
         run_stage(name, options, out)

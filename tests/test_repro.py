@@ -40,3 +40,5 @@ def test_repro_runs_and_resumes(tmp_path):
         assert config["num_voco"] == k
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stdout.count("done before, kept") == len(stages(1.0))
+    other = subprocess.run(cmd[:-1] + ["0.02"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert other.returncode != 0 and "made with --scale 0.01" in other.stderr
