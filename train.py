@@ -68,7 +68,7 @@ class TrainConfig:
     eval_data: str = ""  # held-out LLaVA-format JSON for VQA accuracy; synthetic: generated with another seed
     synthetic_images: int = 2000  # images (or videos)
     synthetic_questions: int = 8  # questions per synthetic training image (or video), all in one multi-turn record
-    synthetic_objects: int = 0  # shapes per synthetic image or video; 0: the generator's default (6 and 3)
+    synthetic_objects: int = 0  # shapes per synthetic image or video; 0: the generator's default (6 or 3)
     synthetic_dir: str = ""  # where the synthetic data is generated (default out_dir/data); runs can share it
     max_len: int = 2048
     system_prompt: str = VOCO_SYSTEM  # VoCo-LLaMA's Vicuna system prompt; a tiny model from scratch does without

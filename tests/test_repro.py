@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from nanovoco.repro import KS, retention, stages
+from nanovoco.repro import KS, retention, run_stage, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,8 +17,11 @@ def test_stages_start_from_the_full_model():
     assert list(runs)[0] == "full" and len(runs) == 1 + len(KS) + 3
     for name, options in list(runs.items())[1:]:
         assert "--init={out}/full/checkpoint/model" in options, name
+
+
+def test_retention():
     assert retention(0.5, 0.4, 0.6) == pytest.approx(0.5) and retention(0.4, 0.4, 0.6) == 0
-    assert retention(0.5, 0.4, 0.4) is None
+    assert retention(0.5, 0.4, 0.4) is None  # no gap between the bounds: undefined, not a division by zero
 
 
 @pytest.mark.slow
@@ -35,10 +38,23 @@ def test_repro_runs_and_resumes(tmp_path):
     bounds = summary["full"]["retention"], summary["lower_bound_k1"]["retention"]
     assert bounds == (1.0, 0.0) or bounds == (None, None)  # None: no gap between the bounds in so short a run
     assert (out / "retention.png").stat().st_size > 1000
-    for k in KS:  # each VoCo stage really has K VoCo tokens, and started from the full model's weights
-        config = json.loads((out / f"voco_k{k}" / "checkpoint" / "model" / "config.json").read_text())
-        assert config["num_voco"] == k
+    for name in stages(1.0):  # each compressed stage started from the full model, and VoCo stages have K tokens
+        state = json.loads((out / name / "checkpoint" / "state.json").read_text())["config"]
+        assert state["init"] == ("tiny" if name == "full" else str(out / "full" / "checkpoint" / "model"))
+        assert name == "full" or state["num_voco"] == int(name.split("_k")[1])
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stdout.count("done before, kept") == len(stages(1.0))
     other = subprocess.run(cmd[:-1] + ["0.02"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other.returncode != 0 and "made with --scale 0.01" in other.stderr
+
+
+@pytest.mark.slow
+def test_an_interrupted_stage_is_not_taken_as_finished_and_resumes(tmp_path, capsys):
+    options = stages(0.01)["full"]
+    with pytest.raises(SystemExit, match="did not finish"):  # train.py exits 0 after saving, as on Ctrl-C
+        run_stage("full", [*options, "--stop_after=4"], tmp_path)
+    assert (tmp_path / "full" / "checkpoint").is_dir() and not (tmp_path / "full" / "eval.json").exists()
+    run_stage("full", options, tmp_path)
+    assert "--resume=true" in capsys.readouterr().out
+    steps = [json.loads(line)["step"] for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(10)) and (tmp_path / "full" / "eval.json").exists()
