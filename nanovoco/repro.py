@@ -2,6 +2,7 @@
 
     python -m nanovoco.repro                      # ~15 minutes on a 2-core CPU; writes runs/repro/
     python -m nanovoco.repro --scale 8            # a larger run (8x the data and steps), for a GPU
+    python -m nanovoco.repro --seed 1 --out runs/repro-seed1   # other data and init, to see what a seed moves
 
 As the paper does (Sec. 4.1), a VLM is trained first without compression (`full`, the upper bound), and every
 compressed model starts from it: VoCo-LLaMA with K VoCo tokens (`voco`), the same K tokens trained without the VoCo
@@ -33,14 +34,14 @@ KS = (1, 2, 4, 8, 16)
 BASELINES = ("lower_bound", "avgpool", "qformer")
 
 
-def stages(scale: float) -> dict:
+def stages(scale: float, seed: int = 0) -> dict:
     """Stage name -> train.py options. The step counts are the default's time budget on a 2-core CPU: the full model
     takes most of it (learning to read the image is the slow part), each compressed model adapts from it briefly.
     Scenes have 3 shapes, not the generator's 6, which left the full model too small a lead over answering without
     the image in the first budget of 600 steps (0.42 vs 0.385; the runs behind the choice are in docs/results.md)."""
     full_steps, compress_steps = max(1, round(1000 * scale)), max(1, round(60 * scale))
     common = ["--preset=tiny-cpu", f"--synthetic_images={max(1, round(2000 * scale))}", "--synthetic_objects=3",
-              "--eval_every=0", f"--eval_limit={max(20, round(2000 * min(scale, 1)))}"]
+              "--eval_every=0", f"--eval_limit={max(20, round(2000 * min(scale, 1)))}", f"--seed={seed}"]
     runs = {"full": [*common, "--mode=full", f"--max_steps={full_steps}", "--lr=2e-3"]}
     compressed = [("voco", k) for k in KS] + [(mode, 1) for mode in BASELINES]
     for mode, k in compressed:
@@ -143,25 +144,27 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/repro", type=Path, help="run folder (stages, tables, plot)")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the data and the training steps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the full model's init")
     args = p.parse_args(argv)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     if args.scale <= 0:
         raise SystemExit(f"--scale {args.scale}: give a positive number (1 is the 15-minute CPU run)")
     made = out / "repro.json"  # finished stages are kept, so they must come from the same recipe
-    scale = json.loads(made.read_text())["scale"] if made.exists() else args.scale
-    if scale != args.scale:
-        raise SystemExit(f"{out} holds a run made with --scale {scale}: continue it with that scale, or give this "
-                         f"one another --out")
-    made.write_text(json.dumps({"scale": args.scale}))
+    recipe = {"scale": args.scale, "seed": args.seed}
+    before = json.loads(made.read_text()) if made.exists() else recipe
+    if before != recipe:
+        raise SystemExit(f"{out} holds a run made with --scale {before['scale']} --seed {before['seed']}: continue it "
+                         f"with those, or give this one another --out")
+    made.write_text(json.dumps(recipe))
     t0 = time.perf_counter()
-    for name, options in stages(args.scale).items():
+    for name, options in stages(args.scale, args.seed).items():
         run_stage(name, options, out)
     table, summary = tables(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     efficiency = bench.markdown(bench.report("tiny", device=device, repeats=10))
     walls = {name: float((out / name / "wall_time.txt").read_text()) for name in summary}
-    text = (f"# nanovoco reproduction (scale {args.scale})\n\n{bench.machine(device)}. Training and evaluation took "
+    text = (f"# nanovoco reproduction (scale {args.scale}, seed {args.seed})\n\n{bench.machine(device)}. Training and evaluation took "
             f"{sum(walls.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in walls.items())}); this "
             f"invocation {time.perf_counter() - t0:.0f} s.\n\n{table}\n## Table 7 in miniature: inference "
             f"efficiency\n\n{efficiency}")
