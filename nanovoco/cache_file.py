@@ -77,7 +77,8 @@ def load_cache(path, vlm: VoCoLlama) -> VoCoCache:
         k, v = tensors.get(f"layers.{i}.key"), tensors.get(f"layers.{i}.value")
         for name, t in (("key", k), ("value", v)):
             if t is None or t.ndim != 4 or t.shape[1:] != (c.num_key_value_heads, n_voco, c.head_dim):
-                raise ValueError(f"{path}: layers.{i}.{name} is {None if t is None else tuple(t.shape)}, expected "
-                                 f"(rows, {c.num_key_value_heads}, {n_voco}, {c.head_dim}): the file is damaged; {redo}")
+                shape = None if t is None else tuple(t.shape)
+                raise ValueError(f"{path}: layers.{i}.{name} is {shape}, expected (rows, {c.num_key_value_heads}, "
+                                 f"{n_voco}, {c.head_dim}): the file is damaged; {redo}")
         kv.append((k.to(param.device), v.to(param.device)))
     return VoCoCache(kv=kv, positions=tensors["positions"].to(param.device), next_position=int(meta["next_position"]))

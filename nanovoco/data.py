@@ -127,8 +127,9 @@ def compress_prefix(tokenizer, image_token_id: int, num_image_tokens: int, voco_
 
 
 class LlavaDataset(torch.utils.data.Dataset):
-    """A LLaVA-format JSON + image folder. Items: dict(sample=Sample, pixel_values=(F, 3, H, W) tensor or None (F = 1 for an image, the frames of a video),
-    type=the record's "type" or None); prompt(i) gives the first question alone, for evaluation.
+    """A LLaVA-format JSON + image folder. Items: dict(sample=Sample, pixel_values=(F, 3, H, W) tensor or None
+    (F = 1 for an image, the frames of a video), type=the record's "type" or None); prompt(i) gives the first
+    question alone, for evaluation.
 
     config is the VoCoLlamaConfig (image_token_id, num_image_tokens, vision.image_size); the VoCo id is the
     tokenizer's "<voco>". The whole file is checked at construction, images included, so that a bad record stops a

@@ -168,10 +168,11 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     efficiency = bench.markdown(bench.report("tiny", device=device, repeats=10))
     walls = {name: float((out / name / "wall_time.txt").read_text()) for name in stages(args.scale)}
-    text = (f"# nanovoco reproduction (scale {args.scale}, seed {args.seed})\n\n{bench.machine(device)}. Training and evaluation took "
-            f"{sum(walls.values()):.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in walls.items())}); this "
-            f"invocation {time.perf_counter() - t0:.0f} s.\n\n{table}\n## Table 7 in miniature: inference "
-            f"efficiency\n\n{efficiency}")
+    per_stage = ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
+    text = (f"# nanovoco reproduction (scale {args.scale}, seed {args.seed})\n\n{bench.machine(device)}. Training "
+            f"and evaluation took {sum(walls.values()):.0f} s ({per_stage}); this invocation "
+            f"{time.perf_counter() - t0:.0f} s.\n\n{table}\n## Table 7 in miniature: inference efficiency\n\n"
+            f"{efficiency}")
     (out / "results.md").write_text(text)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
     plot(summary, out / "retention.png")
