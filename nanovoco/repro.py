@@ -27,10 +27,12 @@ from pathlib import Path
 import torch
 
 from nanovoco import bench
+from nanovoco.config import preset
 
 TRAIN = Path(__file__).resolve().parents[1] / "train.py"
 
 KS = (1, 2, 4, 8, 16)
+VISION_TOKENS = preset("tiny").num_image_tokens  # what the full model sees of an image (train.py's tiny-cpu model)
 BASELINES = ("lower_bound", "avgpool", "qformer")
 
 
@@ -93,8 +95,8 @@ def tables(out: Path) -> tuple[str, dict]:
     lines = ["## Table 1 in miniature: methods at K = 1", "",
              "| method | tokens per image | " + " | ".join(types) + " | overall | retention |",
              "|---|---:|" + "---:|" * (len(types) + 2)]
-    rows = [("full (upper bound)", "full", 16), ("VoCo-LLaMA", "voco_k1", 1), ("avgpool + linear", "avgpool_k1", 1),
-            ("Q-Former", "qformer_k1", 1), ("lower bound", "lower_bound_k1", 1)]
+    rows = [("full (upper bound)", "full", VISION_TOKENS), ("VoCo-LLaMA", "voco_k1", 1),
+            ("avgpool + linear", "avgpool_k1", 1), ("Q-Former", "qformer_k1", 1), ("lower bound", "lower_bound_k1", 1)]
     for label, name, tokens in rows:
         r = results[name]
         cells = [f"{r['by_type'][t]:.3f}" for t in types]
@@ -138,7 +140,7 @@ def plot(summary: dict, path: Path):
     ax.set_xticks(KS, [str(k) for k in KS])
     ax.set_xlabel("compressed tokens per image (K)")
     ax.set_ylabel("compression retention (%)")
-    ax.set_title("16 vision tokens -> K tokens (synthetic VQA)")
+    ax.set_title(f"{VISION_TOKENS} vision tokens -> K tokens (synthetic VQA)")
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
