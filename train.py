@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
@@ -42,11 +41,13 @@ from nanovoco import checkpoint, synthetic, synthetic_video
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate
 from nanovoco.evaluate import blind_baseline, vqa_accuracy
 from nanovoco.config import VoCoLlamaConfig, preset
-from nanovoco.model import VoCoLlama
+from nanovoco.init import init_weights
+from nanovoco.model import CLIPVisionTower, VoCoLlama
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
 from nanovoco.voco import PAD, causal_pad_mask, voco_mask
 
 MODES = ("full", "voco", "lower_bound", "avgpool", "qformer")
+FROM_SCRATCH = ("tiny", "tiny-mha")  # --init values that build a model preset (config.py) with fresh weights
 # DCP warns on every save/load in a single process that it is not distributed; that is the intended use here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
@@ -56,10 +57,13 @@ class TrainConfig:
     # what to train
     mode: str = "voco"  # one of MODES
     num_voco: int = 2  # K: VoCo tokens per image (voco, lower_bound) or compressed tokens (avgpool, qformer)
-    init: str = "tiny"  # a model preset trained from scratch ("tiny"), or a checkpoint directory
-    vision_path: str = ""  # CLIP directory, for a LLaVA or plain LLaMA checkpoint
+    init: str = "tiny"  # a model preset trained from scratch ("tiny", "tiny-mha"), or a checkpoint directory
+    vision_path: str = ""  # CLIP directory, for a LLaVA or plain LLaMA checkpoint, or a pretrained tower (HF CLIP
+    # layout, e.g. from nanovoco.vision_pretrain) for a model from scratch
     projector_path: str = ""  # LLaVA's stage-1 mm_projector.bin, for a plain LLaMA checkpoint
-    freeze_vision: bool = True  # the paper freezes CLIP; a tiny model learns better from a frozen random ViT too
+    freeze_vision: bool = True  # the paper freezes CLIP; the repro freezes its pretrained tiny tower likewise
+    voco_init: str = "random"  # the new <voco> embedding: "random" (N(0, 0.02), the official code's) or "newline":
+    # a copy of the "\n" token that precedes the VoCo tokens (see build_model)
     tokenizer: str = ""  # tokenizer.model; default: the init checkpoint's, or a tiny one trained on the data
     # data
     data: str = "synthetic"  # a LLaVA-format JSON, "synthetic" (Sort-of-CLEVR images) or "synthetic_video" (moving
@@ -68,6 +72,7 @@ class TrainConfig:
     eval_data: str = ""  # held-out LLaVA-format JSON for VQA accuracy; synthetic: generated with another seed
     synthetic_images: int = 2000  # images (or videos)
     synthetic_questions: int = 8  # questions per synthetic training image (or video), all in one multi-turn record
+    synthetic_eval_images: int = 500  # held-out images (or videos), 4 questions each, one per record
     synthetic_objects: int = 0  # shapes per synthetic image or video; 0: the generator's default (6 or 3)
     synthetic_dir: str = ""  # where the synthetic data is generated (default out_dir/data); runs can share it
     max_len: int = 2048
@@ -132,6 +137,8 @@ def parse_args(argv) -> TrainConfig:
     cfg = TrainConfig(**values)
     if cfg.mode not in MODES:
         raise SystemExit(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+    if cfg.voco_init not in ("random", "newline"):
+        raise SystemExit(f"--voco_init must be random or newline, got {cfg.voco_init!r}")
     return cfg
 
 
@@ -162,8 +169,9 @@ def barrier():
 # ----------------------------------------------------------------------------------------------------------------
 # Data, tokenizer and model
 
-def prepare_data(cfg, out: Path, rank: int):
-    """The train and held-out LLaVA JSON files: the user's, or the synthetic sets, generated once by rank 0."""
+def prepare_data(cfg, out: Path, rank: int, size: int):
+    """The train and held-out LLaVA JSON files: the user's, or the synthetic sets of size x size images,
+    generated once by rank 0."""
     if cfg.data not in ("synthetic", "synthetic_video"):
         if not cfg.data:
             raise SystemExit("--data=<LLaVA-format JSON> is required by this preset")
@@ -173,7 +181,6 @@ def prepare_data(cfg, out: Path, rank: int):
         return Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
     data = Path(cfg.synthetic_dir) if cfg.synthetic_dir else out / "data"
     if rank == 0:
-        size = preset("tiny").vision.image_size
         objects = {"n_objects": cfg.synthetic_objects} if cfg.synthetic_objects else {}
         if not (data / "train" / "data.json").exists():
             if cfg.data == "synthetic":
@@ -185,60 +192,58 @@ def prepare_data(cfg, out: Path, rank: int):
                                          **objects)
         if not (data / "eval" / "data.json").exists():  # held out: other images, one question per record
             generate = synthetic.generate if cfg.data == "synthetic" else synthetic_video.generate
-            generate(data / "eval", 500, seed=cfg.seed + 10_000, image_size=size, **objects)
+            generate(data / "eval", cfg.synthetic_eval_images, seed=cfg.seed + 10_000, image_size=size, **objects)
     barrier()
     return data / "train" / "data.json", data / "eval" / "data.json"
 
 
 def tiny_tokenizer(train_json: Path, out: Path, rank: int) -> Path:
-    """A model trained from scratch gets a small tokenizer trained on its own training texts (once, by rank 0)."""
+    """A model trained from scratch gets a small tokenizer trained on its own training texts (once, by rank 0), cut
+    into the chunks that data.build_sample encodes: "USER: <question> ASSISTANT:" and the answer. Trained on the
+    bare texts, it spelled "USER:" and "ASSISTANT:" letter by letter, 15 tokens a turn: half of every sequence."""
     path = out / "tokenizer.model"
     if rank == 0 and not path.exists():
-        records = checkpoint.read_json(train_json, "the training data")
-        texts = [t.get("value", "") for r in records if isinstance(r, dict) for t in r.get("conversations", [])]
-        train_tiny_tokenizer([VOCO_SYSTEM] + [t.replace("<image>", "") for t in texts if isinstance(t, str)], path,
-                             vocab_size=512)
+        records = checkpoint.read_json(train_json, "the training data")  # checked later, by LlavaDataset
+        texts = [VOCO_SYSTEM]
+        for r in records if isinstance(records, list) else []:
+            turns = r.get("conversations", []) if isinstance(r, dict) else []
+            values = [t.get("value") for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)]
+            for user, answer in zip(values[0::2], values[1::2]):
+                texts += ["USER: " + user.replace("<image>", "").replace("\n", "") + " ASSISTANT:", answer]
+        train_tiny_tokenizer(texts, path, vocab_size=512)
     barrier()
     return path
 
 
-def init_weights(vlm: VoCoLlama):
-    """Init of a model trained from scratch. LLM and ViT: N(0, 0.02) weights and zero biases, as GPT and ViT do.
-    The projector keeps PyTorch's default init (std ~ 1/sqrt(3 fan_in)): at 0.02 its two layers shrink the image
-    features some 50x, and the LLM never learns that the image is there. ViT positions: see sincos_2d."""
-    for part in (vlm.llm, vlm.vision):
-        for m in part.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
-                nn.init.normal_(m.weight, std=0.02)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-    nn.init.normal_(vlm.vision.class_embedding, std=0.02)  # CLIP's learned embeddings are bare parameters
-    with torch.no_grad():
-        vlm.vision.position_embedding.copy_(sincos_2d(vlm.vision.config))
-
-
-def sincos_2d(c) -> torch.Tensor:
-    """(1 + patches, dim) fixed 2D sine-cosine position embeddings (MAE's), CLS row zero: the init of a vision tower
-    trained from scratch. With N(0, 0.02) the position of a patch is lost next to its content, and a LLaMA decoder
-    cannot recover it (RoPE puts positions into attention scores, never into values), so "is the red object on the
-    left?" would be unanswerable."""
-    side, quarter = c.image_size // c.patch_size, c.hidden_size // 4
-    omega = 1.0 / 10000 ** (torch.arange(quarter) / quarter)
-    ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-    parts = [f(coord.flatten()[:, None] * omega) for coord in (xs, ys) for f in (torch.sin, torch.cos)]
-    grid = torch.cat(parts, dim=1)  # (side * side, 4 * quarter)
-    out = torch.zeros(1 + side * side, c.hidden_size)
-    out[1:, :grid.shape[1]] = grid
-    return out
+def image_size(cfg: TrainConfig, source) -> int:
+    """The vision tower's input size, which synthetic images are drawn at: the checkpoint's, the --vision_path
+    CLIP's, or the preset's."""
+    if source is not None:
+        config, _ = checkpoint.vlm_parts(source, cfg.vision_path or None, cfg.projector_path or None,
+                                         VoCoLlamaConfig.from_dicts)
+        return config.vision.image_size
+    if cfg.vision_path:
+        clip = checkpoint.Checkpoint(cfg.vision_path)
+        return checkpoint.clip_config(clip.config, clip.config_file)["image_size"]
+    return preset(cfg.init).vision.image_size
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
     """The model to train: from a checkpoint (or a preset, from scratch), set up for the mode. VoCo modes add the
     <voco> token to the vocabulary; the baselines get a new compressor; nothing else changes."""
-    if source is None:
+    if source is None:  # an LLM from scratch, with a vision tower from scratch or pretrained (--vision_path)
         torch.manual_seed(cfg.seed)
-        vlm = VoCoLlama(preset(cfg.init, vocab_size=tokenizer.vocab_size))
-        init_weights(vlm)
+        config = preset(cfg.init, vocab_size=tokenizer.vocab_size)
+        vision = CLIPVisionTower.from_pretrained(cfg.vision_path) if cfg.vision_path else None
+        if vision is not None:
+            config.vision = vision.config
+        vlm = VoCoLlama(config)
+        # The projector keeps PyTorch's default init (std ~ 1/sqrt(3 fan_in)): at 0.02 its two layers would shrink
+        # the image features some 50x, and the LLM would never learn that the image is there.
+        init_weights(vlm.llm)
+        init_weights(vlm.vision)
+        if vision is not None:
+            vlm.vision = vision
     else:
         vlm = VoCoLlama.from_pretrained(source, vision_path=cfg.vision_path or None,
                                         projector_path=cfg.projector_path or None)
@@ -247,6 +252,14 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
         if tokenizer.vocab_size > c.text.vocab_size:
             vlm.llm.resize_vocab(tokenizer.vocab_size)  # <voco> becomes id 32000 on Vicuna's vocabulary
         c.voco_token_id, c.num_voco = tokenizer.special_ids["<voco>"], cfg.num_voco
+        if cfg.voco_init == "newline":
+            # The "\n" after the image is, in the trained VLM, the token that has attended to the whole image at
+            # every layer. A VoCo token that starts as its copy starts out gathering the image the same way, rather
+            # than from a random embedding: on the repro's tiny model the VoCo stage then escapes its plateau of
+            # answering from priors in ~60 steps instead of ~170 (docs/results.md).
+            newline = tokenizer.encode("\n", bos=False)[-1]
+            with torch.no_grad():
+                vlm.llm.embed_tokens.weight[c.voco_token_id] = vlm.llm.embed_tokens.weight[newline]
     if cfg.mode in ("avgpool", "qformer") and c.compressor == "none":
         torch.manual_seed(cfg.seed)
         new = VoCoLlama(dataclasses.replace(c, compressor=cfg.mode, compressor_tokens=cfg.num_voco))
@@ -328,6 +341,15 @@ def check_resumable(saved: dict, cfg: TrainConfig, where: Path):
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
+def mode_masks(mode: str):
+    """(the training mask function of (segments, groups), whether evaluation runs under the VoCo mask) of a mode.
+    Table 1's bounds differ by the mask alone: voco trains and is evaluated under the VoCo mask; lower_bound trains
+    its VoCo tokens with plain causal attention (the text sees the image directly) and is evaluated under the VoCo
+    mask, where they never learned to carry it; full and the external compressors are causal throughout."""
+    causal = lambda segments, groups: causal_pad_mask(segments)  # noqa: E731
+    return (voco_mask if mode == "voco" else causal), mode in ("voco", "lower_bound")
+
+
 def schedule(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warmup over warmup_ratio of the steps, then cosine decay to 0 (transformers' cosine schedule)."""
     warmup = max(1, math.ceil(cfg.warmup_ratio * total))
@@ -381,15 +403,15 @@ def main(argv=None):
                          "--vision_path and --projector_path, or a LLaVA-1.5 checkpoint)")
 
     # data and tokenizer
-    train_json, eval_json = prepare_data(cfg, out, rank)
+    source = resume_from / "model" if resume_from else (None if cfg.init in FROM_SCRATCH else cfg.init)
+    train_json, eval_json = prepare_data(cfg, out, rank, image_size(cfg, source))
     tokenizer_path = (resume_from / "model" / "tokenizer.model" if resume_from else
                       Path(cfg.tokenizer) if cfg.tokenizer else
-                      tiny_tokenizer(train_json, out, rank) if cfg.init == "tiny" else
+                      tiny_tokenizer(train_json, out, rank) if cfg.init in FROM_SCRATCH else
                       Path(cfg.init) / "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
 
     # model
-    source = resume_from / "model" if resume_from else (None if cfg.init == "tiny" else cfg.init)
     vlm = build_model(cfg, tokenizer, source)
     config: VoCoLlamaConfig = vlm.config
     num_voco = cfg.num_voco if cfg.mode in ("voco", "lower_bound") else 0
@@ -397,8 +419,7 @@ def main(argv=None):
     data_args = dict(num_voco=num_voco, max_len=cfg.max_len, system=cfg.system_prompt)
     train_set = LlavaDataset(train_json, folder(train_json), tokenizer, config, **data_args)
     eval_set = LlavaDataset(eval_json, folder(eval_json), tokenizer, config, **data_args) if eval_json else None
-    train_mask = voco_mask if cfg.mode == "voco" else lambda segments, groups: causal_pad_mask(segments)
-    eval_compressed = cfg.mode in ("voco", "lower_bound")  # lower_bound: trained without the mask, tested with it
+    train_mask, eval_compressed = mode_masks(cfg.mode)
 
     vlm = shard(vlm, device, world, cfg.activation_checkpointing)
     params = [p for p in vlm.parameters() if p.requires_grad]

@@ -27,16 +27,28 @@ def normalise(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".").split())
 
 
+def score(answers: list[str], references: list[str], types: list) -> dict:
+    """Exact match after `normalise`, overall and per question type (None: "all"). Returns {"overall", "by_type",
+    "n", "correct"}: correct is 0/1 per question, in order, so that methods scored on the same questions can be
+    compared question by question (repro's paired standard errors)."""
+    correct = [int(normalise(a) == normalise(r)) for a, r in zip(answers, references, strict=True)]
+    by_type = {}
+    for kind, c in zip(types, correct, strict=True):
+        by_type.setdefault(kind or "all", []).append(c)
+    return {"overall": sum(correct) / max(1, len(correct)),
+            "by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())}, "n": len(correct), "correct": correct}
+
+
 @torch.no_grad()
 def vqa_accuracy(vlm, dataset, compressed: bool, limit: int = 0, batch_size: int = 32, max_new_tokens: int = 8,
                  progress: bool = False) -> dict:
     """Accuracy on the first question of each record of `dataset` (a data.LlavaDataset), the first `limit` records
-    when limit > 0. Returns {"overall": float, "by_type": {type: float}, "n": int}."""
+    when limit > 0: greedy answers, scored by `score`."""
     vlm.eval()
     tokenizer = dataset.tokenizer
     device = next(vlm.parameters()).device
     n = min(limit, len(dataset)) if limit else len(dataset)
-    correct, total = {}, {}
+    answers, references, types = [], [], []
     for start in tqdm(range(0, n, batch_size), desc="eval", disable=not progress, leave=False):
         items = [dataset.prompt(i) for i in range(start, min(n, start + batch_size))]
         batch = pad_samples([it["sample"] for it in items], left=True)
@@ -44,12 +56,10 @@ def vqa_accuracy(vlm, dataset, compressed: bool, limit: int = 0, batch_size: int
                                                                            "positions"))
         images = [it["pixel_values"] for it in items if it["pixel_values"] is not None]
         pixels = torch.cat(images).to(device) if images else None
-        answers = generate(vlm.llm, inputs_embeds=vlm.embed(ids, pixels),
-                           segments=segments if compressed else without_compression(segments), groups=groups,
-                           position_ids=positions, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
-        for it, answer in zip(items, answers):
-            kind = it["type"] or "all"
-            total[kind] = total.get(kind, 0) + 1
-            correct[kind] = correct.get(kind, 0) + (normalise(tokenizer.decode(answer)) == normalise(it["answer"]))
-    return {"overall": sum(correct.values()) / max(1, sum(total.values())),
-            "by_type": {k: correct[k] / total[k] for k in sorted(total)}, "n": sum(total.values())}
+        generated = generate(vlm.llm, inputs_embeds=vlm.embed(ids, pixels),
+                             segments=segments if compressed else without_compression(segments), groups=groups,
+                             position_ids=positions, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
+        answers += [tokenizer.decode(a) for a in generated]
+        references += [it["answer"] for it in items]
+        types += [it["type"] for it in items]
+    return score(answers, references, types)

@@ -1,24 +1,32 @@
 """The paper's tables in miniature, on synthetic visual QA, from scratch, on a CPU: the main job.
 
-    python -m nanovoco.repro                      # ~15 minutes on a 2-core CPU; writes runs/repro/
-    python -m nanovoco.repro --scale 8            # a larger run (8x the data and steps), for a GPU
-    python -m nanovoco.repro --seed 1 --out runs/repro-seed1   # other data and init, to see what a seed moves
+    python -m nanovoco.repro                          # one seed, ~15 minutes on a 2-core CPU; writes runs/repro/
+    python -m nanovoco.repro --seeds 0,1,2            # three seeds: tables as mean +- sd, error bars in the plot
+    python -m nanovoco.repro --scale 8                # a larger run (8x the data and steps), for a GPU
 
-As the paper does (Sec. 4.1), a VLM is trained first without compression (`full`, the upper bound), and every
-compressed model starts from it: VoCo-LLaMA with K VoCo tokens (`voco`), the same K tokens trained without the VoCo
-mask and tested with it (`lower_bound`), and the external compressors average pooling + linear (`avgpool`, as in
-LLaMA-VID) and a Q-Former (`qformer`, as in BLIP-2). Each stage is one `train.py` run in its own folder; a stage that
-finished (its eval.json exists) is not run again, and an interrupted one resumes from its checkpoint, so the same
-command picks up where it stopped. Then it writes, into the run folder:
+As the paper does (Sec. 4.1), every seed runs these stages, each in its own folder of runs/repro/seed<s>/:
+0. `vision`: a tiny ViT pretrained on synthetic scenes (per-patch colour, shape and grid cell; vision_pretrain.py),
+   then frozen, as CLIP is pretrained and frozen;
+1. `full`: a VLM trained without compression on 64 vision tokens per image: the upper bound;
+2. from it: VoCo-LLaMA with K = 1, 2, 4, 8, 16 VoCo tokens (`voco`), the same K = 1 tokens trained without the VoCo
+   mask and tested with it (`lower_bound`), and the external compressors average pooling + linear (`avgpool`, as in
+   LLaMA-VID) and a Q-Former (`qformer`, as in BLIP-2) to K = 1 token.
+A stage that finished (its eval.json exists) is not run again, and an interrupted one resumes from its checkpoint, so
+the same command picks up where it stopped. Then it writes, into the run folder:
 
 - Table 1: held-out accuracy per question type for each method at K = 1, and the compression retention rate
-  (result - lower bound) / (upper bound - lower bound);
-- Table 2: VoCo-LLaMA's accuracy and retention for K = 1, 2, 4, 8, 16;
-- Table 7: the inference-efficiency report of nanovoco.bench on the same tiny shape;
-- results.md (the three tables), results.json and retention.png (retention against K).
+  (result - lower bound) / (upper bound - lower bound), per seed with its standard error, and over seeds;
+- Table 2: VoCo-LLaMA's accuracy and retention for K = 1, 2, 4, 8, 16 (64x to 4x compression);
+- Table 7: the inference-efficiency report of nanovoco.bench on the tiny shape;
+- results.md (the tables), results.json (every number, per seed) and retention.png (retention against K).
+
+Standard errors: an accuracy's is sqrt(p (1 - p) / n) over the n held-out questions; a retention's comes from a
+paired bootstrap over the questions (every method answers the same ones), so it includes the bounds' noise.
 """
 import argparse
 import json
+import random
+import statistics
 import subprocess
 import sys
 import time
@@ -27,54 +35,71 @@ from pathlib import Path
 import torch
 
 from nanovoco import bench
-from nanovoco.config import preset
 
-TRAIN = Path(__file__).resolve().parents[1] / "train.py"
-
+ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 2, 4, 8, 16)
-VISION_TOKENS = preset("tiny").num_image_tokens  # what the full model sees of an image (train.py's tiny-cpu model)
 BASELINES = ("lower_bound", "avgpool", "qformer")
+VISION_TOKENS = 64  # 64 x 64 images in 8 x 8 patches (vision_pretrain.TOWER)
+TABLE1 = (("full (upper bound)", "full"), ("VoCo-LLaMA", "voco_k1"), ("avgpool + linear", "avgpool_k1"),
+          ("Q-Former", "qformer_k1"), ("lower bound", "lower_bound_k1"))
+BOOTSTRAP = 1000
+ORDER = ("voco_k1", "avgpool_k1", "qformer_k1", "lower_bound_k1")  # the paper's Table 1, best first
+# 750 held-out images x 4 questions: 3,000 questions, so that one standard error of a retention is ~2-3 points
+HELD_OUT_IMAGES = 750
 
 
 def stages(scale: float, seed: int = 0) -> dict:
-    """Stage name -> train.py options. The step counts are the default's time budget on a 2-core CPU: the full model
-    takes most of it (learning to read the image is the slow part), each compressed model adapts from it briefly.
-    Scenes have 3 shapes, not the generator's 6, which left the full model too small a lead over answering without
-    the image in the first budget of 600 steps (0.42 vs 0.385; the runs behind the choice are in docs/results.md)."""
-    full_steps, compress_steps = max(1, round(1000 * scale)), max(1, round(60 * scale))
-    common = ["--preset=tiny-cpu", f"--synthetic_images={max(1, round(2000 * scale))}", "--synthetic_objects=3",
-              "--eval_every=0", f"--eval_limit={max(20, round(2000 * min(scale, 1)))}", f"--seed={seed}"]
-    runs = {"full": [*common, "--mode=full", f"--max_steps={full_steps}", "--lr=2e-3"]}
+    """Stage name -> the command that makes it (run from the repository root; {out} is the seed's folder). The step
+    counts are the default's time budget on a 2-core CPU; the choices behind them are measured in docs/results.md."""
+    steps = lambda n: str(max(1, round(n * scale)))  # noqa: E731
+    runs = {"vision": ["-m", "nanovoco.vision_pretrain", "--out", "{out}/vision", "--steps", steps(300),
+                       "--images", steps(4000), "--seed", str(seed)]}
+    held_out = max(1, round(HELD_OUT_IMAGES * min(scale, 1)))  # a larger run is not scored on more questions
+    common = ["train.py", "--preset=tiny-cpu", f"--synthetic_images={steps(2000)}", "--synthetic_objects=3",
+              f"--synthetic_eval_images={held_out}", "--eval_every=0", "--eval_limit=0", f"--seed={seed}",
+              "--synthetic_dir={out}/data"]
+    runs["full"] = [*common, "--mode=full", "--init=tiny-mha", "--vision_path={out}/vision",
+                    f"--max_steps={steps(1000)}", "--lr=1e-3"]
     compressed = [("voco", k) for k in KS] + [(mode, 1) for mode in BASELINES]
     for mode, k in compressed:
-        runs[f"{mode}_k{k}"] = [*common, f"--mode={mode}", f"--num_voco={k}", f"--max_steps={compress_steps}",
+        # <voco> starts as a copy of the "\n" that precedes it (train.py --voco_init), for VoCo-LLaMA and its lower
+        # bound alike: from the official random init, 150 steps were not enough to leave the plateau of answering
+        # from the priors (docs/results.md)
+        voco_init = ["--voco_init=newline"] if mode in ("voco", "lower_bound") else []
+        runs[f"{mode}_k{k}"] = [*common, f"--mode={mode}", f"--num_voco={k}", *voco_init, f"--max_steps={steps(150)}",
                                 "--warmup_ratio=0.03", "--init={out}/full/checkpoint/model"]
     return runs
 
 
-def run_stage(name: str, options: list, out: Path):
-    """Train one stage unless it already finished; resume it if it was interrupted."""
+def run_stage(name: str, command: list, out: Path):
+    """Run one stage unless it already finished (its eval.json exists); resume a training stage that was
+    interrupted. out is the seed's folder."""
     folder = out / name
     if (folder / "eval.json").exists():
         print(f"{name}: done before, kept ({folder / 'eval.json'})")
         return
-    argv = [o.format(out=out) for o in options] + [f"--out_dir={folder}", f"--synthetic_dir={out / 'data'}"]
-    if (folder / "checkpoint").exists() or (folder / "checkpoint.old").exists():
-        argv.append("--resume=true")
-    print(f"\n== {name}: python train.py {' '.join(argv)}", flush=True)
+    argv = [a.format(out=out) for a in command]
+    if argv[0] == "train.py":
+        argv.append(f"--out_dir={folder}")
+        if (folder / "checkpoint").exists() or (folder / "checkpoint.old").exists():
+            argv.append("--resume=true")
+    print(f"\n== {name}: python {' '.join(argv)}", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
     wall, t0 = folder / "wall_time.txt", time.perf_counter()
     before = float(wall.read_text()) if wall.exists() else 0.0  # a resumed stage adds to its earlier time
-    proc = subprocess.Popen([sys.executable, str(TRAIN), *argv])
+    proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT)
     try:
         code = proc.wait()
     except KeyboardInterrupt:  # Ctrl-C reaches train.py too, which saves a checkpoint: let it finish
         code = proc.wait()
     finally:
-        folder.mkdir(parents=True, exist_ok=True)
         wall.write_text(f"{before + time.perf_counter() - t0:.1f}\n")
     if code != 0 or not (folder / "eval.json").exists():  # train.py exits 0 after saving on Ctrl-C, unevaluated
         raise SystemExit(f"stage {name} did not finish (its output is above); run the same command again to resume")
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Statistics
 
 def retention(result: float, lower: float, upper: float) -> float | None:
     """The paper's compression retention rate: how much of the gap between the lower and upper bound is kept; None
@@ -84,100 +109,200 @@ def retention(result: float, lower: float, upper: float) -> float | None:
     return (result - lower) / (upper - lower)
 
 
-def percent(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.1%}"
+def accuracy_se(p: float, n: int) -> float:
+    return (p * (1 - p) / n) ** 0.5
 
 
-def tables(out: Path) -> tuple[str, dict]:
-    results = {name: json.loads((out / name / "eval.json").read_text()) for name in stages(1.0)}
-    upper, lower = results["full"]["overall"], results["lower_bound_k1"]["overall"]
-    types = sorted(results["full"]["by_type"])
-    lines = ["## Table 1 in miniature: methods at K = 1", "",
-             "| method | tokens per image | " + " | ".join(types) + " | overall | retention |",
+def retention_se(correct: list, lower: list, upper: list, seed: int = 0) -> float | None:
+    """Standard error of a retention by a paired bootstrap: the held-out questions are resampled together for the
+    method and both bounds (0/1 per question, the same questions in the same order)."""
+    n, rng = len(correct), random.Random(seed)
+    samples = []
+    for _ in range(BOOTSTRAP):
+        idx = [rng.randrange(n) for _ in range(n)]
+        r = retention(*(sum(x[i] for i in idx) / n for x in (correct, lower, upper)))
+        if r is not None:
+            samples.append(r)
+    return statistics.stdev(samples) if len(samples) > 1 else None
+
+
+def paired_se(a: list, b: list) -> float:
+    """Standard error of the accuracy difference of two methods on the same questions (0/1 each)."""
+    return statistics.stdev(x - y for x, y in zip(a, b, strict=True)) / len(a) ** 0.5
+
+
+def seed_summary(folder: Path, names) -> dict:
+    """Every stage's accuracy and retention (each with its standard error) for one seed's folder."""
+    results = {name: json.loads((folder / name / "eval.json").read_text()) for name in names}
+    upper, lower = results["full"], results["lower_bound_k1"]
+    summary = {}
+    for name, r in results.items():
+        summary[name] = {"overall": r["overall"], "se": accuracy_se(r["overall"], r["n"]), "n": r["n"],
+                         "by_type": r["by_type"], "retention": retention(r["overall"], lower["overall"],
+                                                                         upper["overall"]),
+                         "retention_se": retention_se(r["correct"], lower["correct"], upper["correct"])}
+    # Table 1's ordering, method by method, on the same questions
+    summary["gaps"] = {f"{a} - {b}": {"gap": results[a]["overall"] - results[b]["overall"],
+                                      "se": paired_se(results[a]["correct"], results[b]["correct"])}
+                       for a, b in zip(ORDER, ORDER[1:])}
+    blind = upper["blind"]  # each question type's most common answer: what a model ignoring the image scores
+    summary["no_image"] = {"overall": blind["overall"], "se": accuracy_se(blind["overall"], blind["n"]),
+                           "n": blind["n"], "by_type": blind["by_type"],
+                           "retention": retention(blind["overall"], lower["overall"], upper["overall"]),
+                           "retention_se": None}
+    return summary
+
+
+def mean_sd(values) -> tuple[float, float] | None:
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tables and plot
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def with_se(x, se) -> str:
+    return f"{pct(x)} ± {pct(se)}" if x is not None and se is not None else pct(x)
+
+
+def over_seeds(per_seed: dict, name: str, key: str, scale=100) -> str:
+    ms = mean_sd(s[name][key] for s in per_seed.values())
+    return "n/a" if ms is None else f"{scale * ms[0]:.1f} ± {scale * ms[1]:.1f}"
+
+
+def tables(per_seed: dict) -> str:
+    """Markdown tables: over seeds (mean ± sd), then each seed's numbers with their standard errors."""
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+    types = sorted(first["full"]["by_type"])
+    n = first["full"]["n"]
+    rows = [*TABLE1, ("no image (each type's most common answer)", "no_image")]
+    tokens = {"full": VISION_TOKENS, "no_image": 0}
+    lines = [f"## Table 1 in miniature: methods at K = 1 ({VISION_TOKENS} vision tokens -> 1), "
+             f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}", "",
+             f"Accuracy (%) on {n} held-out questions per seed and retention (%), mean ± sd over seeds; the type "
+             "columns are means.", "",
+             "| method | tokens | " + " | ".join(types) + " | accuracy | retention |",
              "|---|---:|" + "---:|" * (len(types) + 2)]
-    rows = [("full (upper bound)", "full", VISION_TOKENS), ("VoCo-LLaMA", "voco_k1", 1),
-            ("avgpool + linear", "avgpool_k1", 1), ("Q-Former", "qformer_k1", 1), ("lower bound", "lower_bound_k1", 1)]
-    for label, name, tokens in rows:
-        r = results[name]
-        cells = [f"{r['by_type'][t]:.3f}" for t in types]
-        lines.append(f"| {label} | {tokens} | " + " | ".join(cells) + f" | {r['overall']:.3f} | "
-                     f"{percent(retention(r['overall'], lower, upper))} |")
-    # The lower bound can fall below answering from the priors alone, and then a model that ignored the image would
-    # still score some retention: this row says how much.
-    results["no_image"] = results["full"]["blind"]
-    lines.append("| no image (each type's most common answer) | 0 | " + " | ".join(
-        f"{results['no_image']['by_type'][t]:.3f}" for t in types) + f" | {results['no_image']['overall']:.3f} | "
-        f"{percent(retention(results['no_image']['overall'], lower, upper))} |")
-    lines += ["", f"Held-out questions: {results['full']['n']}.", "",
-              "## Table 2 in miniature: VoCo-LLaMA with K VoCo tokens", "",
-              "| K | overall | retention |", "|---:|---:|---:|"]
+    for label, name in rows:
+        cells = [f"{100 * statistics.mean(s[name]['by_type'][t] for s in per_seed.values()):.1f}" for t in types]
+        lines.append(f"| {label} | {tokens.get(name, 1)} | " + " | ".join(cells)
+                     + f" | {over_seeds(per_seed, name, 'overall')} | {over_seeds(per_seed, name, 'retention')} |")
+    lines += ["", "Table 1's ordering, consecutive methods (accuracy points, mean over seeds ± its standard error: "
+              "the larger of the questions' noise, combined over seeds, and the seeds' spread / sqrt(seeds)):", ""]
+    for pair in first["gaps"]:
+        gaps = [s["gaps"][pair]["gap"] for s in per_seed.values()]
+        within = sum(s["gaps"][pair]["se"] ** 2 for s in per_seed.values()) ** 0.5 / len(gaps)
+        se = max(within, statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else 0.0)
+        mean = statistics.mean(gaps)
+        verdict = "holds" if mean > se else "reversed" if mean < -se else "within noise"
+        lines.append(f"- {pair.replace('_k1', '')}: {100 * mean:+.1f} ± {100 * se:.1f} ({verdict})")
+    lines += ["", f"## Table 2 in miniature: VoCo-LLaMA with K VoCo tokens ({VISION_TOKENS} vision tokens -> K)", "",
+              "| K | compression | accuracy | retention |", "|---:|---:|---:|---:|"]
     for k in KS:
-        acc = results[f"voco_k{k}"]["overall"]
-        lines.append(f"| {k} | {acc:.3f} | {percent(retention(acc, lower, upper))} |")
-    summary = {name: {"overall": r["overall"], "by_type": r["by_type"],
-                      "retention": retention(r["overall"], lower, upper)} for name, r in results.items()}
-    return "\n".join(lines) + "\n", summary
+        lines.append(f"| {k} | {VISION_TOKENS // k}x | {over_seeds(per_seed, f'voco_k{k}', 'overall')} | "
+                     f"{over_seeds(per_seed, f'voco_k{k}', 'retention')} |")
+    lines += ["", "## Each seed: accuracy ± standard error, retention ± standard error (paired bootstrap), in %", "",
+              "| method | " + " | ".join(f"seed {s} accuracy | seed {s} retention" for s in seeds) + " |",
+              "|---|" + "---:|---:|" * len(seeds)]
+    for label, name in [*rows[:-1], *((f"VoCo-LLaMA K = {k}", f"voco_k{k}") for k in KS[1:]), rows[-1]]:
+        cells = [with_se(s[name]["overall"], s[name]["se"]) + " | " + with_se(s[name]["retention"],
+                                                                               s[name]["retention_se"])
+                 for s in per_seed.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    gaps = [s["full"]["overall"] - s["no_image"]["overall"] for s in per_seed.values()]
+    lines += ["", "Upper bound above the no-image answer, per seed: "
+              + ", ".join(f"seed {s} {100 * g:+.1f}" for s, g in zip(seeds, gaps)) + " points."]
+    return "\n".join(lines) + "\n"
 
 
-def plot(summary: dict, path: Path):
+def plot(per_seed: dict, path: Path):
+    """Retention against K (mean ± sd over seeds; with one seed, ± its bootstrap standard error)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def pct(name):  # an undefined retention is not drawn
-        r = summary[name]["retention"]
-        return float("nan") if r is None else 100 * r
+    def point(name):
+        values = [s[name]["retention"] for s in per_seed.values()]
+        if any(v is None for v in values):
+            return float("nan"), 0.0  # undefined retention is not drawn
+        if len(values) == 1:
+            se = next(iter(per_seed.values()))[name]["retention_se"]
+            return 100 * values[0], 100 * (se or 0.0)
+        return 100 * statistics.mean(values), 100 * statistics.stdev(values)
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    ax.plot(KS, [pct(f"voco_k{k}") for k in KS], "o-", label="VoCo-LLaMA")
+    y, err = zip(*(point(f"voco_k{k}") for k in KS))
+    ax.errorbar(KS, y, yerr=err, fmt="o-", capsize=3, label="VoCo-LLaMA")
     for mode, marker in (("avgpool", "s"), ("qformer", "^")):
-        ax.plot([1], [pct(f"{mode}_k1")], marker, label=mode)
+        y, err = point(f"{mode}_k1")
+        ax.errorbar([1], [y], yerr=[err], fmt=marker, capsize=3, label=mode)
     ax.axhline(100, color="gray", lw=0.8, ls="--")
     ax.axhline(0, color="gray", lw=0.8, ls=":")
-    ax.axhline(pct("no_image"), color="tab:red", lw=0.8, ls="-.", label="no image (priors)")
+    ax.axhline(point("no_image")[0], color="tab:red", lw=0.8, ls="-.", label="no image (priors)")
     ax.set_xscale("log", base=2)
     ax.set_xlim(0.8, 1.25 * KS[-1])  # explicit: with every retention undefined there would be no data to fit
     ax.set_xticks(KS, [str(k) for k in KS])
     ax.set_xlabel("compressed tokens per image (K)")
     ax.set_ylabel("compression retention (%)")
-    ax.set_title(f"{VISION_TOKENS} vision tokens -> K tokens (synthetic VQA)")
+    spread = "mean ± sd over seeds" if len(per_seed) > 1 else "± standard error"
+    ax.set_title(f"{VISION_TOKENS} vision tokens -> K ({len(per_seed)} seed(s), {spread})")
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
+def parse_seeds(text: str) -> list[int] | None:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        return None
+    return seeds if len(set(seeds)) == len(seeds) and min(seeds) >= 0 else None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default="runs/repro", type=Path, help="run folder (stages, tables, plot)")
+    p.add_argument("--out", default="runs/repro", type=Path, help="run folder (a folder per seed, tables, plot)")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the data and the training steps")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic data and of the full model's init")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds, each a whole run (data, vision tower, init)")
     args = p.parse_args(argv)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
     if args.scale <= 0:
-        raise SystemExit(f"--scale {args.scale}: give a positive number (1 is the 15-minute CPU run)")
+        p.exit(2, f"--scale {args.scale}: give a positive number (1 is the 15-minute CPU run)\n")
+    seeds, out = parse_seeds(args.seeds), args.out
+    if seeds is None:
+        p.exit(2, f"--seeds {args.seeds}: give distinct non-negative integers separated by commas, e.g. 0,1,2\n")
+    out.mkdir(parents=True, exist_ok=True)
     made = out / "repro.json"  # finished stages are kept, so they must come from the same recipe
-    recipe = {"scale": args.scale, "seed": args.seed}
+    recipe = {"scale": args.scale, "stages": stages(args.scale)}
     before = json.loads(made.read_text()) if made.exists() else recipe
     if before != recipe:
-        raise SystemExit(f"{out} holds a run made with --scale {before['scale']} --seed {before['seed']}: continue it "
-                         f"with those, or give this one another --out")
+        p.exit(2, f"{out} holds a run made with --scale {before['scale']} (or by another version of this recipe): "
+                  f"continue it with the same, or give this one another --out\n")
     made.write_text(json.dumps(recipe))
     t0 = time.perf_counter()
-    for name, options in stages(args.scale, args.seed).items():
-        run_stage(name, options, out)
-    table, summary = tables(out)
+    for seed in seeds:
+        for name, command in stages(args.scale, seed).items():
+            run_stage(name, command, out / f"seed{seed}")
+    names = [n for n in stages(args.scale) if n != "vision"]
+    per_seed = {seed: seed_summary(out / f"seed{seed}", names) for seed in seeds}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     efficiency = bench.markdown(bench.report("tiny", device=device, repeats=10))
-    walls = {name: float((out / name / "wall_time.txt").read_text()) for name in stages(args.scale)}
-    per_stage = ", ".join(f"{k} {v:.0f} s" for k, v in walls.items())
-    text = (f"# nanovoco reproduction (scale {args.scale}, seed {args.seed})\n\n{bench.machine(device)}. Training "
-            f"and evaluation took {sum(walls.values()):.0f} s ({per_stage}); this invocation "
-            f"{time.perf_counter() - t0:.0f} s.\n\n{table}\n## Table 7 in miniature: inference efficiency\n\n"
-            f"{efficiency}")
+    walls = {seed: {name: float((out / f"seed{seed}" / name / "wall_time.txt").read_text())
+                    for name in stages(args.scale)} for seed in seeds}
+    timing = "; ".join(f"seed {seed}: {sum(w.values()):.0f} s (" + ", ".join(f"{k} {v:.0f}" for k, v in w.items())
+                       + ")" for seed, w in walls.items())
+    text = (f"# nanovoco reproduction (scale {args.scale}, seeds {', '.join(map(str, seeds))})\n\n"
+            f"{bench.machine(device)}. Stages: {timing}; this invocation {time.perf_counter() - t0:.0f} s.\n\n"
+            f"{tables(per_seed)}\n## Table 7 in miniature: inference efficiency\n\n{efficiency}")
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    plot(summary, out / "retention.png")
+    (out / "results.json").write_text(json.dumps({"scale": args.scale, "seeds": per_seed}, indent=1))
+    plot(per_seed, out / "retention.png")
     print("\n" + text + f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'retention.png'}")
 
 

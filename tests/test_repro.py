@@ -7,21 +7,38 @@ from pathlib import Path
 
 import pytest
 
-from nanovoco.repro import KS, retention, run_stage, stages
+from nanovoco.repro import KS, retention, retention_se, run_stage, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_stages_start_from_the_full_model():
+def test_stages_start_from_the_pretrained_tower_and_the_full_model():
     runs = stages(1.0)
-    assert list(runs)[0] == "full" and len(runs) == 1 + len(KS) + 3
-    for name, options in list(runs.items())[1:]:
+    assert list(runs)[:2] == ["vision", "full"] and len(runs) == 2 + len(KS) + 3
+    assert "--vision_path={out}/vision" in runs["full"]
+    for name, options in list(runs.items())[2:]:
         assert "--init={out}/full/checkpoint/model" in options, name
 
 
 def test_retention():
     assert retention(0.5, 0.4, 0.6) == pytest.approx(0.5) and retention(0.4, 0.4, 0.6) == 0
     assert retention(0.5, 0.4, 0.4) is None  # no gap between the bounds: undefined, not a division by zero
+
+
+def test_retention_standard_error():
+    """The bootstrap against the delta method on independent questions: upper 0.8, method 0.6, lower 0.4 on 2,000
+    questions, retention 0.5; a method that answers exactly as the upper bound has retention 1 with no spread."""
+    n = 2000
+    upper = [1] * 1600 + [0] * 400
+    method = [1] * 1200 + [0] * 800
+    lower = [1] * 800 + [0] * 1200
+    shuffle = __import__("random").Random(0).sample
+    upper, method, lower = (shuffle(x, n) for x in (upper, method, lower))  # independent questions
+    se = retention_se(method, lower, upper)
+    p, q, r = 0.6, 0.4, 0.8
+    delta = ((p * (1 - p) + q * (1 - q) * ((p - r) / (r - q)) ** 2 + r * (1 - r) * ((p - q) / (r - q)) ** 2) / n) ** 0.5
+    assert se == pytest.approx(delta / (r - q), rel=0.15)
+    assert retention_se(upper, lower, upper) == 0
 
 
 @pytest.mark.slow
@@ -34,22 +51,28 @@ def test_repro_runs_and_resumes(tmp_path):
     for heading in ("Table 1 in miniature", "Table 2 in miniature", "Table 7 in miniature"):
         assert heading in text
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary) == set(stages(1.0)) | {"no_image"}
-    bounds = summary["full"]["retention"], summary["lower_bound_k1"]["retention"]
+    seed = summary["seeds"]["0"]
+    assert set(seed) == set(stages(1.0)) - {"vision"} | {"no_image"}
+    bounds = seed["full"]["retention"], seed["lower_bound_k1"]["retention"]
     assert bounds == (1.0, 0.0) or bounds == (None, None)  # None: no gap between the bounds in so short a run
     assert (out / "retention.png").stat().st_size > 1000
-    for name in stages(1.0):  # each compressed stage started from the full model, and VoCo stages have K tokens
-        state = json.loads((out / name / "checkpoint" / "state.json").read_text())["config"]
-        assert state["init"] == ("tiny" if name == "full" else str(out / "full" / "checkpoint" / "model"))
+    run = out / "seed0"
+    for name in list(stages(1.0))[1:]:  # each compressed stage started from the full model, K tokens each
+        state = json.loads((run / name / "checkpoint" / "state.json").read_text())["config"]
+        assert state["init"] == ("tiny" if name == "full" else str(run / "full" / "checkpoint" / "model"))
         assert name == "full" or state["num_voco"] == int(name.split("_k")[1])
+        assert len(json.loads((run / name / "eval.json").read_text())["correct"]) == seed[name]["n"]
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stdout.count("done before, kept") == len(stages(1.0))
     other = subprocess.run(cmd[:-1] + ["0.02"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert other.returncode != 0 and "made with --scale 0.01" in other.stderr
+    assert other.returncode == 2 and "made with --scale 0.01" in other.stderr and "Traceback" not in other.stderr
+    bad = subprocess.run(cmd + ["--seeds", "0,x"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "--seeds 0,x" in bad.stderr and "Traceback" not in bad.stderr
 
 
 @pytest.mark.slow
 def test_an_interrupted_stage_is_not_taken_as_finished_and_resumes(tmp_path, capsys):
+    run_stage("vision", stages(0.01)["vision"], tmp_path)
     options = stages(0.01)["full"]
     with pytest.raises(SystemExit, match="did not finish"):  # train.py exits 0 after saving, as on Ctrl-C
         run_stage("full", [*options, "--stop_after=4"], tmp_path)

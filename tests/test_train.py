@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanovoco.model import VoCoLlama
+from nanovoco.model import CLIPVisionTower, VoCoLlama
 from nanovoco.synthetic import generate
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
 from tiny import hf_llava, llava_original, stage1
@@ -137,6 +137,28 @@ def test_train_from_llava_style_weights(tmp_path, data):
     vlm = VoCoLlama.from_pretrained(tmp_path / "run" / "checkpoint" / "model")
     assert vlm.config.vision.image_size == 56 and vlm.config.num_voco == 2
     assert (tmp_path / "run" / "checkpoint" / "model" / "tokenizer.model").exists()
+
+
+def test_llm_from_scratch_on_a_pretrained_tower(tmp_path):
+    """The repro's full stage: --init=tiny-mha builds a fresh LLM, --vision_path brings a pretrained tower (its size
+    decides the synthetic images' size), frozen: the tower saved with the model is the one given, bit for bit."""
+    from nanovoco import vision_pretrain
+    tower = vision_pretrain.pretrain(steps=2, n_images=8, progress=False)
+    vision_pretrain.save(tower, tmp_path / "tower")
+    train("--preset=tiny-cpu", "--init=tiny-mha", f"--vision_path={tmp_path / 'tower'}", "--mode=full",
+          f"--out_dir={tmp_path / 'run'}", "--synthetic_images=16", "--synthetic_eval_images=3", "--batch_size=4",
+          "--micro_batch_size=2", "--max_steps=2", "--eval_limit=4")
+    vlm = VoCoLlama.from_pretrained(tmp_path / "run" / "checkpoint" / "model")
+    assert vlm.config.num_image_tokens == 64 and vlm.config.text.num_key_value_heads == 4
+    pixels = vision_pretrain.scene_batch(2, seed=1)[0]
+    reference = CLIPVisionTower.from_pretrained(tmp_path / "tower")  # -2: the layer LLaVA reads
+    assert torch.equal(vlm.vision(pixels), reference(pixels))
+    from PIL import Image
+    assert Image.open(tmp_path / "run" / "data" / "train" / "images" / "000000.png").size == (64, 64)
+    assert len(json.loads((tmp_path / "run" / "data" / "eval" / "data.json").read_text())) == 12
+    # the tiny tokenizer knows the template: a turn's "USER: ... ASSISTANT:" is a few tokens, not 15 letters more
+    tok = Tokenizer(tmp_path / "run" / "checkpoint" / "model" / "tokenizer.model")
+    assert len(tok.encode("USER: What shape is the red object? ASSISTANT:", bos=False)) <= 12
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,0 +1,119 @@
+"""Training speed of the repro's `full` stage, before and after this recipe, in one run on one machine.
+
+    python -m benchmarks.repro_speed                         # prints the table
+    python -m benchmarks.repro_speed --out docs/benchmarks.md
+
+Three set-ups, each one `train.py` step as the loop does it (batch 32 in micro-batches of 16: forward, loss,
+backward, clipping, AdamW), on synthetic records with 8 questions each:
+- before: the earlier recipe's full stage: preset "tiny" (GQA), 56 px images in 16 patches, and the tiny tokenizer
+  trained on the bare conversation texts, which spelled "USER:" and "ASSISTANT:" letter by letter;
+- tokenizer only: the current recipe (preset "tiny-mha", 64 px images in 64 patches) with that old tokenizer;
+- after: the current recipe with the tokenizer trained on the chunks build_sample encodes (train.tiny_tokenizer).
+Timed in interleaved rounds (A B C, C B A, ...) so that machine noise hits all alike; medians over rounds.
+"""
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+import train
+from nanovoco import synthetic, vision_pretrain
+from nanovoco.bench import machine, publish
+from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate
+from nanovoco.init import init_weights
+from nanovoco.model import CLIPVisionTower
+from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
+
+
+def old_tokenizer(train_json: Path, path: Path) -> str:
+    """The earlier train.tiny_tokenizer: trained on the bare texts of the conversations."""
+    records = json.loads(train_json.read_text())
+    texts = [t["value"].replace("<image>", "") for r in records for t in r["conversations"]]
+    return train_tiny_tokenizer([VOCO_SYSTEM] + texts, path, vocab_size=512)
+
+
+def setup(name: str, root: Path):
+    """(one training step as a function, sequence length of the first batch) for one set-up."""
+    new_recipe = name != "before"
+    size = vision_pretrain.TOWER.image_size if new_recipe else 56
+    data = root / f"data{size}"
+    if not (data / "data.json").exists():
+        synthetic.generate(data, n_images=256, questions_per_image=8, image_size=size, n_objects=3, multi_turn=True)
+    argv = ["--preset=tiny-cpu", "--mode=full", f"--init={'tiny-mha' if new_recipe else 'tiny'}"]
+    if new_recipe:  # the tower's weights do not change the speed: a random one in the pretrained tower's shape
+        tower = CLIPVisionTower(vision_pretrain.TOWER)
+        init_weights(tower)
+        vision_pretrain.save(tower, root / "tower")
+        argv.append(f"--vision_path={root / 'tower'}")
+    cfg = train.parse_args(argv)
+    tok_dir = root / name
+    tokenizer = Tokenizer(train.tiny_tokenizer(data / "data.json", tok_dir, 0) if name == "after"
+                          else old_tokenizer(data / "data.json", tok_dir / "tokenizer.model"))
+    torch.manual_seed(0)
+    vlm = train.build_model(cfg, tokenizer, None)
+    dataset = LlavaDataset(data / "data.json", data, tokenizer, vlm.config, num_voco=0, max_len=cfg.max_len,
+                           system=cfg.system_prompt)
+    params = [p for p in vlm.parameters() if p.requires_grad]
+    optim = torch.optim.AdamW(params, lr=cfg.lr)
+    mask, _ = train.mode_masks("full")
+    position = [0]
+
+    def step():
+        start = position[0] % (len(dataset) - cfg.batch_size)
+        position[0] += cfg.batch_size
+        micro = [collate([dataset[i] for i in range(start + k, start + k + cfg.micro_batch_size)])
+                 for k in range(0, cfg.batch_size, cfg.micro_batch_size)]
+        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+        for b in micro:
+            logits = vlm(b["input_ids"], b["pixel_values"], attn_mask=mask(b["segments"], b["groups"]),
+                         position_ids=b["positions"], use_cache=False).logits
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
+            (loss / n_tokens).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optim.step()
+        optim.zero_grad(set_to_none=True)
+
+    return step, collate([dataset[i] for i in range(cfg.micro_batch_size)])["input_ids"].shape[1]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--steps", type=int, default=5, help="timed steps per set-up per round")
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--out", help="append the markdown section to this file")
+    args = p.parse_args()
+    names = ("before", "tokenizer only", "after")
+    with tempfile.TemporaryDirectory() as tmp:
+        steps, lengths = {}, {}
+        for name in names:
+            steps[name], lengths[name] = setup(name, Path(tmp))
+            for _ in range(2):  # warm-up
+                steps[name]()
+        times = {name: [] for name in names}
+        for r in range(args.rounds):
+            for name in (names if r % 2 == 0 else names[::-1]):
+                t0 = time.perf_counter()
+                for _ in range(args.steps):
+                    steps[name]()
+                times[name].append((time.perf_counter() - t0) / args.steps)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    lines = [f"### The repro's full stage: training steps/s before and after ({machine('cpu')})", "",
+             f"`python -m benchmarks.repro_speed` ({args.rounds} interleaved rounds of {args.steps} steps, medians; "
+             "batch 32 in micro-batches of 16, 8 questions per image).", "",
+             "| set-up | vision tokens | tokens in the first micro-batch's rows | s/step | steps/s | vs before |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name in names:
+        vision = 16 if name == "before" else vision_pretrain.TOWER.num_patches
+        lines.append(f"| {name} | {vision} | {lengths[name]} | {median[name]:.3f} | {1 / median[name]:.2f} | "
+                     f"{median['before'] / median[name]:.2f}x |")
+    publish("\n".join(lines) + "\n", args.out)
+
+
+if __name__ == "__main__":
+    main()
