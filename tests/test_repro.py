@@ -52,14 +52,14 @@ def test_repro_runs_and_resumes(tmp_path):
         assert heading in text
     summary = json.loads((out / "results.json").read_text())
     seed = summary["seeds"]["0"]
-    assert set(seed) == set(stages(1.0)) - {"vision"} | {"no_image"}
+    assert set(seed) == set(stages(1.0)) - {"vision"} | {"no_image", "gaps"}
     bounds = seed["full"]["retention"], seed["lower_bound_k1"]["retention"]
     assert bounds == (1.0, 0.0) or bounds == (None, None)  # None: no gap between the bounds in so short a run
     assert (out / "retention.png").stat().st_size > 1000
     run = out / "seed0"
     for name in list(stages(1.0))[1:]:  # each compressed stage started from the full model, K tokens each
         state = json.loads((run / name / "checkpoint" / "state.json").read_text())["config"]
-        assert state["init"] == ("tiny" if name == "full" else str(run / "full" / "checkpoint" / "model"))
+        assert state["init"] == ("tiny-mha" if name == "full" else str(run / "full" / "checkpoint" / "model"))
         assert name == "full" or state["num_voco"] == int(name.split("_k")[1])
         assert len(json.loads((run / name / "eval.json").read_text())["correct"]) == seed[name]["n"]
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
