@@ -125,8 +125,8 @@ def probe(tower: CLIPVisionTower, seed: int = 0, n_images: int = 300) -> dict:
     as many others. It has nothing to learn, so it measures the features' geometry: a target that is only a small
     direction among others (as colour is in a random tower's features, next to position and pixel detail) is
     linearly decodable yet far from the nearest mean. That geometry is what attention's dot products see."""
-    fit, test = scene_batch(n_images, seed + 1_000_000, tower.config), scene_batch(n_images, seed + 2_000_000,
-                                                                                   tower.config)
+    fit = scene_batch(n_images, seed + 1_000_000, tower.config)
+    test = scene_batch(n_images, seed + 2_000_000, tower.config)
     f_fit, f_test = features(tower, fit[0]).flatten(0, 1), features(tower, test[0]).flatten(0, 1)  # (n N, D)
     result = {}
     for name, y_fit, y_test in zip(TARGETS, fit[1:], test[1:]):
