@@ -171,9 +171,9 @@ def with_se(x, se) -> str:
     return f"{pct(x)} ± {pct(se)}" if x is not None and se is not None else pct(x)
 
 
-def over_seeds(per_seed: dict, name: str, key: str, scale=100) -> str:
+def over_seeds(per_seed: dict, name: str, key: str) -> str:
     ms = mean_sd(s[name][key] for s in per_seed.values())
-    return "n/a" if ms is None else f"{scale * ms[0]:.1f} ± {scale * ms[1]:.1f}"
+    return "n/a" if ms is None else f"{pct(ms[0])} ± {pct(ms[1])}"
 
 
 def tables(per_seed: dict) -> str:

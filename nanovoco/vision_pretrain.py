@@ -4,9 +4,10 @@ The paper's VLM reads images through a frozen CLIP that already knows what is in
 weights gives features that the LLM must learn to decode from scratch, and that plateau eats most of a CPU budget
 at a step that depends on the seed. So the repro first trains the tower on the synthetic scenes with an objective
 of its own, never the QA answers: for every patch, the colour and the shape of the object in the grid cell that the
-patch belongs to (or "none"), and that cell's row and column. Scenes are drawn fresh (other seeds than the QA sets, 1 to 8 objects), rendered in
-memory. The tower is saved in CLIP's HF layout (CLIPVisionModel config.json + model.safetensors), so that
-`CLIPVisionTower.from_pretrained` and `train.py --vision_path` load it, and every later stage freezes it.
+patch belongs to (or "none"), and that cell's row and column. Scenes are drawn fresh (other seeds than the QA sets,
+1 to 8 objects), rendered in memory. The tower is saved in CLIP's HF layout (CLIPVisionModel config.json +
+model.safetensors), so that `CLIPVisionTower.from_pretrained` and `train.py --vision_path` load it, and every later
+stage freezes it.
 
 The per-patch heads read the last layer; the VLM reads the one before, as LLaVA reads CLIP's penultimate layer.
 

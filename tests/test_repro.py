@@ -1,6 +1,7 @@
 """The reproduction driver end to end at a toy scale: every stage trains from the `full` model, the tables, the
 plot and the JSON come out, and a second invocation keeps the finished stages instead of retraining them."""
 import json
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +33,7 @@ def test_retention_standard_error():
     upper = [1] * 1600 + [0] * 400
     method = [1] * 1200 + [0] * 800
     lower = [1] * 800 + [0] * 1200
-    shuffle = __import__("random").Random(0).sample
+    shuffle = random.Random(0).sample
     upper, method, lower = (shuffle(x, n) for x in (upper, method, lower))  # independent questions
     se = retention_se(method, lower, upper)
     p, q, r = 0.6, 0.4, 0.8
