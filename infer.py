@@ -14,7 +14,6 @@ from its prompt.json (train.py writes it), else VoCo-LLaMA's. Answers are printe
 A video is compressed frame by frame into one cache (VoCoLlama.compress_video): its frames cost K positions each.
 """
 import argparse
-import json
 import re
 import sys
 import time
@@ -24,6 +23,7 @@ import torch
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from nanovoco.cache_file import load_cache, save_cache
+from nanovoco.checkpoint import read_json
 from nanovoco.data import build_sample, compress_prefix
 from nanovoco.generate import check_length, stream
 from nanovoco.image import load_image, preprocess, to_rgb
@@ -105,9 +105,9 @@ def run(args):
     vlm = VoCoLlama.from_pretrained(model_dir, vision_path=args.vision, projector_path=args.projector, dtype=dtype,
                                     device=device).eval()
     tokenizer = Tokenizer(args.tokenizer or model_dir)
-    prompt_file = model_dir / "prompt.json"
+    prompt_file = model_dir / "prompt.json"  # {"system": the prompt it was trained with}, written by train.py
     system = args.system if args.system is not None else (
-        json.loads(prompt_file.read_text())["system"] if prompt_file.is_file() else VOCO_SYSTEM)
+        read_json(prompt_file, "the system prompt")["system"] if prompt_file.is_file() else VOCO_SYSTEM)
     c = vlm.config
     mode = args.mode or ("voco" if c.num_voco else "full")
     if mode == "voco" and not c.num_voco:

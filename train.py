@@ -38,9 +38,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from tqdm import tqdm
 
 from nanovoco import checkpoint, synthetic, synthetic_video
-from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate
+from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate, user_text
 from nanovoco.evaluate import blind_baseline, vqa_accuracy
-from nanovoco.config import VoCoLlamaConfig, preset
+from nanovoco.config import CLIPVisionConfig, VoCoLlamaConfig, preset
 from nanovoco.init import init_weights
 from nanovoco.model import CLIPVisionTower, VoCoLlama
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
@@ -113,32 +113,32 @@ def parse_args(argv) -> TrainConfig:
     values, overrides = {}, []
     for arg in argv:
         if not arg.startswith("--") or "=" not in arg:
-            raise SystemExit(f"arguments are --name=value, got {arg!r}")
+            raise ValueError(f"arguments are --name=value, got {arg!r}")
         name, value = arg[2:].split("=", 1)
         if name == "preset":
             if value not in PRESETS:
-                raise SystemExit(f"unknown preset {value!r}: choose from {', '.join(PRESETS)}")
+                raise ValueError(f"unknown preset {value!r}: choose from {', '.join(PRESETS)}")
             values.update(PRESETS[value])
         elif name not in fields:
-            raise SystemExit(f"unknown option --{name}: TrainConfig has {', '.join(fields)}")
+            raise ValueError(f"unknown option --{name}: TrainConfig has {', '.join(fields)}")
         else:
             overrides.append((name, value))
     for name, value in overrides:
         kind = type(fields[name].default)
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0"):
-                raise SystemExit(f"--{name} takes true or false, got {value!r}")
+                raise ValueError(f"--{name} takes true or false, got {value!r}")
             values[name] = value.lower() in ("true", "1")
         else:
             try:
                 values[name] = kind(value)
             except ValueError:
-                raise SystemExit(f"--{name} takes a {kind.__name__}, got {value!r}") from None
+                raise ValueError(f"--{name} takes a {kind.__name__}, got {value!r}") from None
     cfg = TrainConfig(**values)
     if cfg.mode not in MODES:
-        raise SystemExit(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
+        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if cfg.voco_init not in ("random", "newline"):
-        raise SystemExit(f"--voco_init must be random or newline, got {cfg.voco_init!r}")
+        raise ValueError(f"--voco_init must be random or newline, got {cfg.voco_init!r}")
     return cfg
 
 
@@ -174,10 +174,10 @@ def prepare_data(cfg, out: Path, rank: int, size: int):
     generated once by rank 0."""
     if cfg.data not in ("synthetic", "synthetic_video"):
         if not cfg.data:
-            raise SystemExit("--data=<LLaVA-format JSON> is required by this preset")
+            raise ValueError("--data=<LLaVA-format JSON> is required by this preset")
         for path in (cfg.data, cfg.eval_data):
             if path and not Path(path).is_file():
-                raise SystemExit(f"{path} does not exist: --data and --eval_data take LLaVA-format JSON files")
+                raise ValueError(f"{path} does not exist: --data and --eval_data take LLaVA-format JSON files")
         return Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
     data = Path(cfg.synthetic_dir) if cfg.synthetic_dir else out / "data"
     if rank == 0:
@@ -209,23 +209,25 @@ def tiny_tokenizer(train_json: Path, out: Path, rank: int) -> Path:
             turns = r.get("conversations", []) if isinstance(r, dict) else []
             values = [t.get("value") for t in turns if isinstance(t, dict) and isinstance(t.get("value"), str)]
             for user, answer in zip(values[0::2], values[1::2]):
-                texts += ["USER: " + user.replace("<image>", "").replace("\n", "") + " ASSISTANT:", answer]
+                texts += ["USER: " + user_text(user) + " ASSISTANT:", answer]
         train_tiny_tokenizer(texts, path, vocab_size=512)
     barrier()
     return path
 
 
-def image_size(cfg: TrainConfig, source) -> int:
-    """The vision tower's input size, which synthetic images are drawn at: the checkpoint's, the --vision_path
-    CLIP's, or the preset's."""
+def model_config(cfg: TrainConfig, source) -> VoCoLlamaConfig:
+    """The shape of the model to train, read without its weights: what the data is drawn and laid out for (image
+    size, vision tokens), known before the model is built. From the checkpoint, else the preset with the
+    --vision_path CLIP's vision part."""
     if source is not None:
-        config, _ = checkpoint.vlm_parts(source, cfg.vision_path or None, cfg.projector_path or None,
-                                         VoCoLlamaConfig.from_dicts)
-        return config.vision.image_size
+        return checkpoint.vlm_parts(source, cfg.vision_path or None, cfg.projector_path or None,
+                                    VoCoLlamaConfig.from_dicts)[0]
+    config = preset(cfg.init)
     if cfg.vision_path:
         clip = checkpoint.Checkpoint(cfg.vision_path)
-        return checkpoint.clip_config(clip.config, clip.config_file)["image_size"]
-    return preset(cfg.init).vision.image_size
+        checkpoint.require_kind(clip, "clip")
+        config.vision = CLIPVisionConfig(**checkpoint.clip_config(clip.config, clip.config_file))
+    return config
 
 
 def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
@@ -334,7 +336,7 @@ def check_resumable(saved: dict, cfg: TrainConfig, where: Path):
                             "micro_batch_size")  # neither changes the numbers: the loss is normalised per batch
                and getattr(cfg, k) != v}
     if changed:
-        raise SystemExit(f"{where}/state.json was trained with other settings {changed} (saved, now): resume with "
+        raise ValueError(f"{where}/state.json was trained with other settings {changed} (saved, now): resume with "
                          f"the original options or start a new --out_dir")
 
 
@@ -381,13 +383,43 @@ def evaluate(vlm, eval_set, compressed: bool, limit: int, progress=False) -> dic
     return result
 
 
+@dataclass
+class Run:
+    """What prepare() sets up for the loop."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    out: Path
+    vlm: VoCoLlama
+    optim: torch.optim.Optimizer
+    params: list
+    train_set: LlavaDataset
+    eval_set: LlavaDataset | None
+    tokenizer_path: Path
+    accumulation: int
+    total_steps: int
+    step: int
+
+
 def main(argv=None):
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    try:  # every mistake a user can make is found here, before the first step, and said in one line
+        run = prepare(parse_args(sys.argv[1:] if argv is None else argv))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        sys.exit(2)
+    fit(run)
+
+
+def prepare(cfg: TrainConfig) -> Run:
+    """Options, data (validated whole, images included) and only then the model, sharded, with its optimizer."""
     rank, world, device = setup_distributed()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.batch_size % (world * cfg.micro_batch_size):
-        raise SystemExit(f"batch_size={cfg.batch_size} must be a multiple of processes x micro_batch_size = "
+        raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of processes x micro_batch_size = "
                          f"{world} x {cfg.micro_batch_size}")
     accumulation = cfg.batch_size // (world * cfg.micro_batch_size)
 
@@ -396,32 +428,29 @@ def main(argv=None):
         saved = json.loads((resume_from / "state.json").read_text())
         check_resumable(saved["config"], cfg, resume_from)
     elif (out / "checkpoint").exists():
-        raise SystemExit(f"{out} already holds a checkpoint: pass --resume=true to continue it, or another --out_dir")
+        raise ValueError(f"{out} already holds a checkpoint: pass --resume=true to continue it, or another --out_dir")
 
     if not cfg.init:
-        raise SystemExit("--init=<checkpoint directory> is required by this preset (e.g. vicuna-7b-v1.5 with "
+        raise ValueError("--init=<checkpoint directory> is required by this preset (e.g. vicuna-7b-v1.5 with "
                          "--vision_path and --projector_path, or a LLaVA-1.5 checkpoint)")
 
-    # data and tokenizer
+    # data and tokenizer, checked whole before the model is built
     source = resume_from / "model" if resume_from else (None if cfg.init in FROM_SCRATCH else cfg.init)
-    train_json, eval_json = prepare_data(cfg, out, rank, image_size(cfg, source))
+    config = model_config(cfg, source)
+    train_json, eval_json = prepare_data(cfg, out, rank, config.vision.image_size)
     tokenizer_path = (resume_from / "model" / "tokenizer.model" if resume_from else
                       Path(cfg.tokenizer) if cfg.tokenizer else
                       tiny_tokenizer(train_json, out, rank) if cfg.init in FROM_SCRATCH else
                       Path(cfg.init) / "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
-
-    # model
-    vlm = build_model(cfg, tokenizer, source)
-    config: VoCoLlamaConfig = vlm.config
     num_voco = cfg.num_voco if cfg.mode in ("voco", "lower_bound") else 0
     folder = lambda j: Path(cfg.image_folder) if cfg.image_folder else j.parent  # noqa: E731
     data_args = dict(num_voco=num_voco, max_len=cfg.max_len, system=cfg.system_prompt)
     train_set = LlavaDataset(train_json, folder(train_json), tokenizer, config, **data_args)
     eval_set = LlavaDataset(eval_json, folder(eval_json), tokenizer, config, **data_args) if eval_json else None
-    train_mask, eval_compressed = mode_masks(cfg.mode)
 
-    vlm = shard(vlm, device, world, cfg.activation_checkpointing)
+    # model
+    vlm = shard(build_model(cfg, tokenizer, source), device, world, cfg.activation_checkpointing)
     params = [p for p in vlm.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)
@@ -431,10 +460,20 @@ def main(argv=None):
         dcp.load(state, checkpoint_id=str(resume_from / "optimizer"))
         set_optimizer_state_dict(vlm, optim, state["optimizer"])
         step = saved["step"]
+    return Run(cfg, rank, world, device, out, vlm, optim, params, train_set, eval_set, tokenizer_path, accumulation,
+               total_steps, step)
+
+
+def fit(run: Run):
+    """The training loop: steps, logs, checkpoints (also on Ctrl-C), the final held-out evaluation."""
+    cfg, rank, world, device, out, vlm, optim, params = (run.cfg, run.rank, run.world, run.device, run.out, run.vlm,
+                                                          run.optim, run.params)
+    train_set, eval_set, total_steps, step = run.train_set, run.eval_set, run.total_steps, run.step
+    train_mask, eval_compressed = mode_masks(cfg.mode)
     order = sample_order(len(train_set), total_steps, cfg.batch_size, cfg.seed)
     log_path = out / "log.jsonl"
     if rank == 0:  # a resumed run rewrites history from its checkpoint on: drop the lines of the lost steps
-        lines = log_path.read_text().splitlines() if log_path.exists() and resume_from else []
+        lines = log_path.read_text().splitlines() if log_path.exists() else []  # fresh: step 0, none kept
         kept = [line for line in lines if line.endswith("}") and json.loads(line)["step"] < step]  # "}": whole
         log_path.write_text("".join(line + "\n" for line in kept))
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and world == 1)
@@ -450,7 +489,7 @@ def main(argv=None):
     if rank == 0:
         n_train = sum(p.numel() for p in params)
         print(f"{cfg.mode}: {n_train / 1e6:.1f}M trainable parameters, {len(train_set)} samples, {total_steps} steps "
-              f"of {cfg.batch_size} ({world} process(es) x {accumulation} x {cfg.micro_batch_size}) on {device}")
+              f"of {cfg.batch_size} ({world} process(es) x {run.accumulation} x {cfg.micro_batch_size}) on {device}")
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=cfg.mode)
     first_step = step
     while step < total_steps:
@@ -500,7 +539,7 @@ def main(argv=None):
         interrupted = all_sum(torch.tensor(float(bool(stop)), device=device)).item() > 0 \
             or step - first_step == cfg.stop_after
         if step % cfg.save_every == 0 or step == total_steps or interrupted:
-            save_checkpoint(out, vlm, optim, step, cfg, tokenizer_path, rank)
+            save_checkpoint(out, vlm, optim, step, cfg, run.tokenizer_path, rank)
         if interrupted:
             if rank == 0:
                 print(f"\nstopped: saved step {step} to {out / 'checkpoint'}; continue with --resume=true")

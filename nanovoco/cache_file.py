@@ -63,6 +63,11 @@ def load_cache(path, vlm: VoCoLlama) -> VoCoCache:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path} is not a nanovoco VoCo cache of format version {VERSION} (its metadata says "
                          f"format={meta.get('format')!r}, version={meta.get('version')!r}): {redo}")
+    lacking = [k for k in ("fingerprint", "dtype", "next_position") if k not in meta] + \
+        (["positions"] if "positions" not in tensors else [])
+    if lacking or not meta["next_position"].isdigit() or tensors["positions"].ndim != 1:
+        raise ValueError(f"{path} lacks {', '.join(lacking) or 'a valid next_position or positions'}: the file is "
+                         f"damaged; {redo}")
     if meta["fingerprint"] != fingerprint(vlm):
         raise ValueError(f"{path} was made by another model (fingerprint {meta['fingerprint']}, this model's is "
                          f"{fingerprint(vlm)}): a VoCo cache is only valid for the weights that computed it; {redo}")
@@ -76,9 +81,10 @@ def load_cache(path, vlm: VoCoLlama) -> VoCoCache:
     for i in range(c.num_hidden_layers):
         k, v = tensors.get(f"layers.{i}.key"), tensors.get(f"layers.{i}.value")
         for name, t in (("key", k), ("value", v)):
-            if t is None or t.ndim != 4 or t.shape[1:] != (c.num_key_value_heads, n_voco, c.head_dim):
-                shape = None if t is None else tuple(t.shape)
-                raise ValueError(f"{path}: layers.{i}.{name} is {shape}, expected (rows, {c.num_key_value_heads}, "
-                                 f"{n_voco}, {c.head_dim}): the file is damaged; {redo}")
+            if t is None:
+                raise ValueError(f"{path} lacks layers.{i}.{name}: the file is damaged; {redo}")
+            if t.ndim != 4 or t.shape[1:] != (c.num_key_value_heads, n_voco, c.head_dim):
+                raise ValueError(f"{path}: layers.{i}.{name} is {tuple(t.shape)}, expected (rows, "
+                                 f"{c.num_key_value_heads}, {n_voco}, {c.head_dim}): the file is damaged; {redo}")
         kv.append((k.to(param.device), v.to(param.device)))
     return VoCoCache(kv=kv, positions=tensors["positions"].to(param.device), next_position=int(meta["next_position"]))

@@ -261,8 +261,8 @@ def clip_prefix(ckpt: Checkpoint, candidates=("vision_model.", "")) -> str:
     for p in candidates:
         if f"{p}embeddings.patch_embedding.weight" in ckpt.files:
             return p
-    raise KeyError(f"{ckpt.path}: no CLIP vision weights found (looked for "
-                   f"{[p + 'embeddings.patch_embedding.weight' for p in candidates]}): is this a CLIP checkpoint?")
+    raise ValueError(f"{ckpt.path}: no CLIP vision weights found (looked for "
+                     f"{[p + 'embeddings.patch_embedding.weight' for p in candidates]}): is this a CLIP checkpoint?")
 
 
 def projector_keys(kind: str, on_disk: tuple, ours="") -> dict:
@@ -379,14 +379,15 @@ def load(cls, config, parts, dtype=None, device=None):
         where = ckpt.path
         missing = [k for k in keys.values() if k not in ckpt.files]
         if missing:
-            raise KeyError(f"{where}: {len(missing)} expected tensor(s) missing, e.g. {missing[:3]}: the weights do "
-                           f"not match {ckpt.config_file or 'the expected layout'} (wrong or incomplete checkpoint?)")
+            raise ValueError(f"{where}: {len(missing)} expected tensor(s) missing, e.g. {missing[:3]}: the weights "
+                             f"do not match {ckpt.config_file or 'the expected layout'} (wrong or incomplete "
+                             f"checkpoint?)")
         mapped = set(keys.values())
         extra = [k for k in ckpt.files if k not in mapped and not any(re.fullmatch(u, k) for u in unused)]
         if extra:
-            raise KeyError(f"{where}: {len(extra)} unexpected tensor(s), e.g. {extra[:3]}: the weights hold more than "
-                           f"{ckpt.config_file or 'the model'} describes (num_hidden_layers or tie_word_embeddings "
-                           f"wrong?), or this is another kind of checkpoint")
+            raise ValueError(f"{where}: {len(extra)} unexpected tensor(s), e.g. {extra[:3]}: the weights hold more "
+                             f"than {ckpt.config_file or 'the model'} describes (num_hidden_layers or "
+                             f"tie_word_embeddings wrong?), or this is another kind of checkpoint")
         for ours, theirs in keys.items():
             if ckpt.shape(theirs) != tuple(expected[ours].shape):
                 raise ValueError(f"{ckpt.files[theirs]}: {theirs} has shape {ckpt.shape(theirs)}, but the model "
@@ -395,9 +396,9 @@ def load(cls, config, parts, dtype=None, device=None):
             state[ours] = ckpt.get(theirs).to(device=device, dtype=dtype or torch.float32)
     if state.keys() != expected.keys():
         missing, extra = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
-        raise KeyError(f"{config_source(parts)}: the checkpoint has no tensors for {missing[:3]} (of {len(missing)}) "
-                       f"and extra ones for {extra[:3]}: it was saved with another configuration (e.g. without the "
-                       f"baseline compressor)")
+        raise ValueError(f"{config_source(parts)}: the checkpoint has no tensors for {missing[:3]} (of "
+                         f"{len(missing)}) and extra ones for {extra[:3]}: it was saved with another configuration "
+                         f"(e.g. without the baseline compressor)")
     model.load_state_dict(state, strict=True, assign=True)
     return model
 

@@ -23,12 +23,14 @@ chunk, so labels and segments are right by construction. Text-only records (no "
 A video record's "image" is the list of its frame files, in time order.
 """
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
-from nanovoco.image import load_image, preprocess
+from nanovoco.image import convertible, load_image, open_image, preprocess
 from nanovoco.tokenizer import VOCO_SYSTEM
 from nanovoco.voco import PAD, TEXT, VISION, VOCO
 
@@ -102,8 +104,7 @@ def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int
 
     for k, (user, assistant) in enumerate(turns):
         head = lead + (system + " " if system else "") if k == 0 else ""
-        add(encode(head + "USER: " + user.replace("<image>", "").replace("\n", "") + " ASSISTANT:",
-                   f"turn {k}'s user text"), TEXT)
+        add(encode(head + "USER: " + user_text(user) + " ASSISTANT:", f"turn {k}'s user text"), TEXT)
         if assistant is None:
             if k != len(turns) - 1:
                 raise ValueError(f"turn {k} has no answer but is not the last turn: only the last turn can be open")
@@ -120,6 +121,14 @@ def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int
     return s
 
 
+def user_text(text: str) -> str:
+    """A user turn as the official code feeds it: LLaVA's preprocess_multimodal strips the turn that held
+    "<image>" once the tag is out ("What is this? <image>" -> "What is this?"), and VoCo-LLaMA removes every "\n"."""
+    if "<image>" in text:
+        text = text.replace("<image>", "").strip()
+    return text.replace("\n", "")
+
+
 def compress_prefix(tokenizer, image_token_id: int, num_image_tokens: int, voco_token_id: int, num_voco: int):
     """What stage 1 compresses, one image or video frame: [BOS] [image x N] [\\n] [<voco> x K] as ids."""
     return ([tokenizer.bos_id] + [image_token_id] * num_image_tokens + tokenizer.encode("\n", bos=False)
@@ -132,8 +141,11 @@ class LlavaDataset(torch.utils.data.Dataset):
     question alone, for evaluation.
 
     config is the VoCoLlamaConfig (image_token_id, num_image_tokens, vision.image_size); the VoCo id is the
-    tokenizer's "<voco>". The whole file is checked at construction, images included, so that a bad record stops a
-    run before training starts rather than hours into it; every error names the file and the record.
+    tokenizer's "<voco>". The whole file is checked at construction, so that a bad record stops a run before
+    training starts rather than hours into it: the schema, the roles, the tags, and every image's path (inside the
+    image folder), existence and header (PIL opens it, its size is sane and its mode converts to RGB). An image whose
+    pixel data is damaged behind a good header is found only when it is decoded, in __getitem__. Every error names
+    the file and the record.
     """
 
     def __init__(self, json_path, image_folder, tokenizer, config, *, num_voco: int = 2, max_len: int = 2048,
@@ -168,8 +180,17 @@ class LlavaDataset(torch.utils.data.Dataset):
             missing += [f"{self.where(i, record, file=False)}: {name}" for name in frames(record)
                         if not (self.image_folder / name).is_file()]
         if missing:
-            raise FileNotFoundError(f"{path}: {len(missing)} image(s) missing under {self.image_folder}, e.g.\n  "
-                                    + "\n  ".join(missing[:3]))
+            raise FileNotFoundError(f"{path}: {len(missing)} image(s) missing under {self.image_folder}, e.g. "
+                                    + "; ".join(missing[:3]))
+        images = [(i, record, name) for i, record in enumerate(records) for name in frames(record)]
+        for i, record, name in tqdm(images, desc="checking images", disable=len(images) < 1000, leave=False):
+            try:
+                with open_image(self.image_folder / name) as img:
+                    if not convertible(img.mode):
+                        raise ValueError(f"has mode {img.mode!r}, which does not convert to RGB faithfully: save it "
+                                         f"as an 8-bit RGB or grayscale image")
+            except ValueError as e:
+                raise ValueError(f"{self.where(i, record)}: image {name}: {e}") from None
         return records
 
     def _check(self, i, record, forbidden):
@@ -202,6 +223,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         if not (isinstance(image, str) or isinstance(image, list) and image and all(isinstance(f, str) for f in image)):
             raise ValueError(f"{where}: 'image' must be a file name relative to the image folder, or a non-empty list "
                              f"of them (the frames of a video, in time order), got {image!r}")
+        for name in frames(record):  # a path that leaves the folder is a mistake in the data (or worse)
+            if not name or Path(name).is_absolute() or os.path.normpath(name).split(os.sep)[0] == "..":
+                raise ValueError(f"{where}: image {name!r} is not a path inside the image folder "
+                                 f"{self.image_folder}: give it relative to that folder (--image_folder)")
 
     def __len__(self):
         return len(self.records)

@@ -8,7 +8,8 @@ from PIL import Image, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Modes PIL converts to RGB faithfully. 16-bit and float modes ("I;16", "I", "F") would be clipped to white.
+# Modes PIL converts to RGB faithfully. 16-bit greyscale ("I;16*", or "I" as older Pillows open such a PNG) PIL
+# would clip to white: to_rgb scales it to 8 bits itself. Float images ("F") have no agreed range: refused.
 CONVERTIBLE = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "YCbCr", "1"}
 
 
@@ -17,16 +18,41 @@ def load_image(path) -> Image.Image:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image {path} does not exist")
+    with open_image(path) as img:
+        try:
+            img.load()
+        except (OSError, SyntaxError) as e:  # SyntaxError: PIL's word for some malformed chunks
+            raise ValueError(f"{path} is not a readable image ({e}): pass a PNG or JPEG file") from None
+        return to_rgb(img, str(path))
+
+
+def open_image(path) -> Image.Image:
+    """Image.open, reading the header only (size, mode), with a one-line error for what PIL cannot or will not
+    open: not an image, a damaged file, or a header that declares more pixels than PIL's decompression-bomb limit
+    (which would otherwise take all the memory to decode)."""
     try:
-        img = Image.open(path)
-        img.load()
+        return Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"{path} declares too many pixels to decode safely ({e}): resize the image") from None
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"{path} is not a readable image ({e}): pass a PNG or JPEG file") from e
-    return to_rgb(img, str(path))
+        raise ValueError(f"{path} is not a readable image ({e}): pass a PNG or JPEG file") from None
+
+
+def convertible(mode: str) -> bool:
+    return mode in CONVERTIBLE or is_16_bit(mode)
+
+
+def is_16_bit(mode: str) -> bool:
+    return mode.startswith("I;16") or mode == "I"
 
 
 def to_rgb(img: Image.Image, name="image") -> Image.Image:
-    if img.mode not in CONVERTIBLE:
+    if is_16_bit(img.mode):  # 16-bit greyscale: keep the top 8 bits
+        grey = np.asarray(img).astype(np.int64)
+        if grey.min() < 0 or grey.max() > 65535:
+            raise ValueError(f"{name} is a 32-bit integer image: save it as an 8-bit RGB or grayscale image")
+        return Image.fromarray((grey >> 8).astype(np.uint8), "L").convert("RGB")
+    if not convertible(img.mode):
         raise ValueError(f"{name} has mode {img.mode!r}, which does not convert to RGB faithfully: save it as an "
                          f"8-bit RGB or grayscale image")
     return img.convert("RGB")

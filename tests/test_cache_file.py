@@ -85,6 +85,19 @@ def test_foreign_dtype_corrupt_and_missing_caches_are_refused(tmp_path):
         load_cache(tmp_path / "damaged.safetensors", vlm)
 
 
+@pytest.mark.parametrize("drop, lacks", [("positions", "positions"), ("layers.1.key", "layers.1.key"),
+                                         ("meta:fingerprint", "fingerprint"), ("meta:next_position", "next_position")])
+def test_a_cache_that_lacks_a_tensor_or_its_metadata_is_refused(tmp_path, drop, lacks):
+    vlm, path = model(), tmp_path / "c.safetensors"
+    save_cache(path, vlm.compress(images(1), PREFIX), vlm)
+    with safe_open(path, "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    (meta if drop.startswith("meta:") else tensors).pop(drop.removeprefix("meta:"))
+    save_file(tensors, path, metadata=meta)
+    with pytest.raises(ValueError, match=rf"c\.safetensors lacks {lacks}: the file is damaged; compute it again"):
+        load_cache(path, vlm)
+
+
 def test_writes_are_atomic(tmp_path, monkeypatch):
     vlm, path = model(), tmp_path / "c.safetensors"
     cache = vlm.compress(images(1), PREFIX)

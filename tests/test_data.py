@@ -1,6 +1,8 @@
 """The VoCo-LLaMA sequence layout (against the Vicuna template and the VoCo mask) and LLaVA-JSON loading errors."""
 import json
+import re
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -113,6 +115,27 @@ def test_special_tokens_in_text(tok):
         build(tok, [("a", "b"), ("c", "d</s>e")])
     with pytest.raises(ValueError, match="'<image>'"):
         build(tok, [("a", "an <image> here")])
+
+
+def llava_preprocess_multimodal(value: str) -> str:
+    """LLaVA's preprocess_multimodal on one turn (llava/train/train.py), then what VoCo-LLaMA does to the prompt: the
+    "<image>\n" moves before the conversation and every other "\n" goes."""
+    if "<image>" in value:
+        value = value.replace("<image>", "").strip()
+        value = ("<image>" + "\n" + value).strip()
+    return value.removeprefix("<image>\n").replace("\n", "")
+
+
+@pytest.mark.parametrize("turns", [
+    [("What is this? <image>", "A cat.")],
+    [("  <image>\n What is this?  ", "A cat.")],
+    [("<image>\nWhat is this?", "A cat."), ("And that? ", "A dog.")],  # a turn without the tag keeps its space
+])
+def test_user_turns_as_the_official_code_feeds_them(tok, turns):
+    official = [(llava_preprocess_multimodal(user), answer) for user, answer in turns]
+    assert build(tok, turns).input_ids == build(tok, official).input_ids
+    tagged, plain = build(tok, [("What is this? <image>", "A cat.")]), build(tok, [("What is this?", "A cat.")])
+    assert tagged.input_ids == plain.input_ids  # no stray "▁" before " ASSISTANT:"
 
 
 def test_collate_pads_and_links_to_the_mask(tok):
@@ -267,14 +290,35 @@ def test_dataset_file_errors(tok, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope\.json does not exist"):
         dataset(tok, tmp_path / "nope.json")
     records = [record(id=f"r{i}", image=f"gone{i}.png") for i in range(5)] + [record()]
-    with pytest.raises(FileNotFoundError, match=r"data\.json: 5 image\(s\) missing under .*\n  record 0 \(id 'r0'\): "
-                                                r"gone0\.png\n  record 1 .*gone1\.png\n  record 2 .*gone2\.png$"):
+    with pytest.raises(FileNotFoundError, match=r"data\.json: 5 image\(s\) missing under .*, e\.g\. record 0 \(id "
+                                                r"'r0'\): gone0\.png; record 1 .*gone1\.png; record 2 .*gone2\.png$"):
         dataset(tok, write(tmp_path, records))
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../outside.png", "sub/../../outside.png", ""])
+def test_an_image_outside_the_image_folder_is_refused(tok, tmp_path, name):
+    with pytest.raises(ValueError, match=rf"record 1 \(id 'out'\): image {re.escape(repr(name))} is not a path inside "
+                                         rf"the image folder .*: give it relative to that folder"):
+        dataset(tok, write(tmp_path, [record(), record(id="out", image=name)]))
+
+
+def test_unreadable_images_are_refused_at_construction(tok, tmp_path):
+    path = write(tmp_path, [record(), record(id="bad", image="bad.png")])
+    (tmp_path / "bad.png").write_text("not a png")
+    with pytest.raises(ValueError, match=r"data\.json: record 1 \(id 'bad'\): image bad\.png: .*bad\.png is not a "
+                                         r"readable image"):
+        dataset(tok, path)
+    Image.fromarray(np.zeros((4, 4), dtype=np.float32)).save(tmp_path / "bad.tiff")
+    with pytest.raises(ValueError, match=r"record 1 \(id 'bad'\): image bad\.tiff: has mode 'F', which does not "
+                                         r"convert to RGB"):
+        dataset(tok, write(tmp_path, [record(), record(id="bad", image="bad.tiff")]))
 
 
 def test_dataset_item_errors_name_the_record(tok, tmp_path):
     path = write(tmp_path, [record(), record(id="bad", image="bad.png")])
-    (tmp_path / "bad.png").write_text("not a png")
+    Image.new("RGB", (SIZE, SIZE), (255, 0, 0)).save(tmp_path / "bad.png")
+    data = (tmp_path / "bad.png").read_bytes()
+    (tmp_path / "bad.png").write_bytes(data[:len(data) // 2])  # a good header, its pixels cut off
     ds = dataset(tok, path)
     with pytest.raises(ValueError, match=r"record 1 \(id 'bad'\): .*bad\.png is not a readable image"):
         ds[1]

@@ -1,4 +1,7 @@
 """Image preprocessing equals transformers' CLIP image processor (the PIL one LLaVA-1.5 used)."""
+import struct
+import zlib
+
 import numpy as np
 import pytest
 import torch
@@ -31,8 +34,28 @@ def test_bad_images(tmp_path):
     (tmp_path / "junk.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="junk.png is not a readable image"):
         load_image(tmp_path / "junk.png")
-    Image.fromarray(np.zeros((4, 4), dtype=np.uint16)).save(tmp_path / "deep.png")
-    with pytest.raises(ValueError, match="mode 'I;16'"):
-        load_image(tmp_path / "deep.png")
+    Image.fromarray(np.zeros((4, 4), dtype=np.float32)).save(tmp_path / "float.tiff")
+    with pytest.raises(ValueError, match="float.tiff has mode 'F', which does not convert to RGB faithfully"):
+        load_image(tmp_path / "float.tiff")
     Image.new("L", (5, 7)).save(tmp_path / "gray.png")
     assert load_image(tmp_path / "gray.png").mode == "RGB"
+
+
+def test_a_header_that_declares_too_many_pixels_is_refused_before_decoding(tmp_path):
+    Image.new("RGB", (1, 1)).save(tmp_path / "bomb.png")
+    data = bytearray((tmp_path / "bomb.png").read_bytes())
+    ihdr = data[12:29]  # chunk type + width, height, ...: declare 20000 x 20000 and sign it with a right CRC
+    ihdr[4:12] = struct.pack(">II", 20000, 20000)
+    data[12:33] = ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    (tmp_path / "bomb.png").write_bytes(data)
+    with pytest.raises(ValueError, match=r"bomb\.png declares too many pixels to decode safely .*: resize the image"):
+        load_image(tmp_path / "bomb.png")
+
+
+def test_16_bit_greyscale_keeps_its_top_8_bits(tmp_path):
+    deep = np.array([[0, 0x12ff], [0x8000, 0xffff]], dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    with Image.open(tmp_path / "deep.png") as img:
+        assert img.mode in ("I;16", "I")  # what PIL reads back from a 16-bit greyscale PNG
+    rgb = np.asarray(load_image(tmp_path / "deep.png"))
+    assert rgb.shape == (2, 2, 3) and (rgb == np.array([[0, 0x12], [0x80, 0xff]])[..., None]).all()

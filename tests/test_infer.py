@@ -131,6 +131,71 @@ def test_bad_input_is_one_clear_line(setup, capsys, argv, message):
     assert code == 2 and err.startswith("error: ") and message.format(root=root) in err and "Traceback" not in err
 
 
+def damaged_copy(root, name, drop=(), extra=None, prompt=None):
+    """A copy of the voco model's directory with a tensor dropped or added, or another prompt.json."""
+    import shutil
+    from safetensors.torch import load_file, save_file
+    bad = root / name
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(root / "voco", bad)
+    tensors = load_file(bad / "model.safetensors")
+    for key in drop:
+        del tensors[key]
+    save_file({**tensors, **(extra or {})}, bad / "model.safetensors", metadata={"format": "pt"})
+    if prompt is not None:
+        (bad / "prompt.json").write_text(prompt)
+    return bad
+
+
+def bomb(path):
+    """A PNG whose header declares 20000 x 20000 pixels."""
+    import struct
+    import zlib
+    Image.new("RGB", (1, 1)).save(path)
+    data = bytearray(path.read_bytes())
+    ihdr = data[12:29]
+    ihdr[4:12] = struct.pack(">II", 20000, 20000)
+    data[12:33] = ihdr + struct.pack(">I", zlib.crc32(ihdr))
+    path.write_bytes(data)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing tensor", "{root}/lacks: 1 expected tensor(s) missing, e.g. ['model.norm.weight']"),
+    ("extra tensor", "{root}/extra: 1 unexpected tensor(s), e.g. ['model.extra.weight']"),
+    ("broken prompt.json", "{root}/prompt/prompt.json is not valid JSON"),
+    ("bomb image", "{root}/bomb.png declares too many pixels to decode safely"),
+    ("cache without positions", "{root}/nopos.voco lacks positions: the file is damaged"),
+    ("cache without fingerprint", "{root}/nofp.voco lacks fingerprint: the file is damaged"),
+])
+def test_damaged_files_are_one_clear_line(setup, capsys, case, message):
+    root, _, models = setup
+    model, source = root / "voco", ["--image", root / "frame1.png"]
+    if case == "missing tensor":
+        model = damaged_copy(root, "lacks", drop=["model.norm.weight"])
+    elif case == "extra tensor":
+        model = damaged_copy(root, "extra", extra={"model.extra.weight": torch.zeros(2)})
+    elif case == "broken prompt.json":
+        model = damaged_copy(root, "prompt", prompt="{not json")
+    elif case == "bomb image":
+        bomb(root / "bomb.png")
+        source = ["--image", root / "bomb.png"]
+    else:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+        vlm = models["voco"]
+        prefix = torch.tensor([1] + [-200] * 16 + [13] + [vlm.config.voco_token_id] * 2)
+        save_cache(root / "whole.voco", vlm.compress(torch.zeros(1, 3, 56, 56), prefix), vlm)
+        with safe_open(root / "whole.voco", "pt") as f:
+            tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+        name = "nopos" if case == "cache without positions" else "nofp"
+        (tensors if name == "nopos" else meta).pop("positions" if name == "nopos" else "fingerprint")
+        save_file(tensors, root / f"{name}.voco", metadata=meta)
+        source = ["--cache", root / f"{name}.voco"]
+    code, _, err = run(capsys, "--model", model, *source, "--question", "x")
+    assert code == 2 and err.startswith("error: ") and "Traceback" not in err, err
+    assert message.format(root=root) in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_voco_mode_on_a_model_without_voco_tokens(setup, capsys):
     root = setup[0]
     code, _, err = run(capsys, "--model", root / "full", "--image", root / "frame1.png", "--question", "x",

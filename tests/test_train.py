@@ -172,7 +172,47 @@ def test_llm_from_scratch_on_a_pretrained_tower(tmp_path):
 ])
 def test_bad_options(tmp_path, data, argv, message):
     result = train(*args(data, tmp_path), *argv, check=False)
-    assert result.returncode != 0 and message in result.stderr
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert one_line(result.stderr).startswith("error: ") and message in one_line(result.stderr)
+
+
+def one_line(stderr: str) -> str:
+    """The last line of stderr, after asserting that it is the only one that is not a progress bar."""
+    lines = [line for line in stderr.splitlines() if line.strip() and "\r" not in line and "it/s" not in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+CONVERSATION = [{"from": "human", "value": "<image>\nWhat shape is the red object?"}, {"from": "gpt", "value": "circle"}]
+
+
+@pytest.mark.parametrize("records, message", [
+    ({"id": "x"}, "expected a JSON list of records, got a dict"),
+    ([{"id": "a", "image": "a.png"}], "record 0 (id 'a') has no 'conversations' list"),
+    ([{"id": "a", "image": "a.png", "conversations": CONVERSATION[::-1]}],
+     "record 0 (id 'a'): turn 0 is from 'gpt', expected 'human'"),
+    ([{"id": "a", "conversations": CONVERSATION}], "record 0 (id 'a') has an '<image>' tag but no 'image' key"),
+    ([{"id": "a", "image": "gone.png", "conversations": CONVERSATION}],
+     "1 image(s) missing under {folder}, e.g. record 0 (id 'a'): gone.png"),
+    ([{"id": "a", "image": "../a.png", "conversations": CONVERSATION}],
+     "record 0 (id 'a'): image '../a.png' is not a path inside the image folder {folder}"),
+    ([{"id": "a", "image": "junk.png", "conversations": CONVERSATION}],
+     "record 0 (id 'a'): image junk.png: {folder}/junk.png is not a readable image"),
+])
+def test_bad_data_is_one_line_before_the_model_is_built(tmp_path, records, message):
+    """LLaVA-format data is checked whole, images included, before the model is built: exit 2 and one line naming
+    the file and the record."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    from PIL import Image
+    Image.new("RGB", (56, 56)).save(folder / "a.png")
+    (folder / "junk.png").write_text("not a png")
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    result = train("--preset=tiny-cpu", f"--data={tmp_path / 'data.json'}", f"--image_folder={folder}",
+                   f"--out_dir={tmp_path / 'run'}", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert one_line(result.stderr).startswith(f"error: {tmp_path / 'data.json'}: " + message.format(folder=folder))
+    assert "trainable parameters" not in result.stdout  # stopped before the model
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
