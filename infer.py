@@ -3,9 +3,9 @@ stage 1 compresses the image once into the VoCo tokens' KV cache, stage 2 answer
 
     python infer.py --model runs/voco/checkpoint/model --image scene.png --question "What shape is the red object?" \
         --question "How many squares are there?"
-    python infer.py --model DIR --image scene.png --save-cache scene.voco      # stage 1 only: keep the cache
+    python infer.py --model DIR --image scene.png --save_cache scene.voco      # stage 1 only: keep the cache
     python infer.py --model DIR --cache scene.voco --question "..."            # stage 2 only, later
-    python infer.py --model DIR --video clip.gif --fps 2 --max-frames 16 --question "..."   # or a folder of frames
+    python infer.py --model DIR --video clip.gif --fps 2 --max_frames 16 --question "..."   # or a folder of frames
     python infer.py --model DIR --mode full --image scene.png --question "..."  # no compression: the whole image
 
 --model is a checkpoint directory (train.py's OUT/checkpoint/model, a LLaVA-1.5 directory + --vision, or a
@@ -45,16 +45,19 @@ def parse_args(argv):
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="an image file")
     source.add_argument("--video", nargs="+", help="an animated GIF/WebP/PNG, a folder of frames, or frame files")
-    source.add_argument("--cache", help="a VoCo cache written by --save-cache (stage 2 only)")
+    source.add_argument("--cache", help="a VoCo cache written by --save_cache (stage 2 only)")
     p.add_argument("--fps", type=float, help="frames per second to keep from an animated --video")
-    p.add_argument("--max-frames", type=int, help="keep at most this many frames, evenly spaced")
+    p.add_argument("--max_frames", type=int, help="keep at most this many frames, evenly spaced")
     p.add_argument("--question", action="append", default=[], help="a question; repeat for more")
-    p.add_argument("--save-cache", help="write the image's (or video's) VoCo cache to this file")
+    p.add_argument("--save_cache", help="write the image's (or video's) VoCo cache to this file")
     p.add_argument("--mode", choices=("voco", "full"), help="voco: two-stage from the VoCo cache (default for a "
                    "model with VoCo tokens); full: the image itself in the prompt, no compression")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--num_voco", type=int, help="K, VoCo tokens per image or frame (default: the checkpoint's "
+                   "config.json; for a VoCo model whose config lost it, e.g. converted to llava-hf's layout)")
+    p.add_argument("--voco_token_id", type=int, help="the id of <voco> (default: the checkpoint's config.json)")
+    p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on CUDA, else fp32")
@@ -89,7 +92,7 @@ def load_video(sources, fps=None, max_frames=None) -> list[Image.Image]:
     if fps:
         if not durations or not all(durations):
             raise ValueError("--fps needs an animated file whose frames have durations; for frame files or a folder, "
-                             "pick the frames to keep yourself, or use --max-frames")
+                             "pick the frames to keep yourself, or use --max_frames")
         starts = torch.tensor([0] + durations[:-1]).cumsum(0) / 1000  # seconds at which each frame appears
         keep = [int((starts <= t).nonzero().max()) for t in torch.arange(0, float(starts[-1]) + 1e-9, 1 / fps)]
         frames = [frames[i] for i in keep]
@@ -103,7 +106,7 @@ def run(args):
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model_dir = Path(args.model)
     vlm = VoCoLlama.from_pretrained(model_dir, vision_path=args.vision, projector_path=args.projector, dtype=dtype,
-                                    device=device).eval()
+                                    device=device, num_voco=args.num_voco, voco_token_id=args.voco_token_id).eval()
     tokenizer = Tokenizer(args.tokenizer or model_dir)
     prompt_file = model_dir / "prompt.json"  # {"system": the prompt it was trained with}, written by train.py
     system = args.system if args.system is not None else (
@@ -113,9 +116,9 @@ def run(args):
     if mode == "voco" and not c.num_voco:
         raise ValueError(f"{model_dir} has no VoCo tokens (num_voco=0 in its config.json): use --mode full")
     if mode == "full" and (args.cache or args.save_cache):
-        raise ValueError("--cache and --save-cache hold VoCo caches: they need --mode voco")
+        raise ValueError("--cache and --save_cache hold VoCo caches: they need --mode voco")
     if not args.question and not args.save_cache:
-        raise ValueError("nothing to do: pass --question (one or more) and/or --save-cache")
+        raise ValueError("nothing to do: pass --question (one or more) and/or --save_cache")
 
     images = [load_image(args.image)] if args.image else load_video(args.video, args.fps, args.max_frames) \
         if args.video else []

@@ -5,7 +5,7 @@
     python -m nanovoco.bench --size 7b --device cuda      # ... and measured with random bf16 weights
     add --out FILE to append the tables (with a machine line) to FILE
 
-One image, one question of --text-tokens tokens, three methods:
+One image, one question of --text_tokens tokens, three methods:
 - baseline: no cache; the question runs with the whole uncompressed LLaVA prompt [BOS] [vision x N] ["\\n"] [text]
   under a causal mask;
 - full caching: the keys/values of [BOS] [vision x N] ["\\n"] at every layer are kept; the question runs only its
@@ -236,8 +236,8 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="measured runs; default float32 for tiny, bfloat16 for 7b")
-    p.add_argument("--text-tokens", type=int, default=40, help="the question's length (the text after the image)")
-    p.add_argument("--num-voco", type=int, default=1, help="K, VoCo tokens per image (Table 7: 1)")
+    p.add_argument("--text_tokens", type=int, default=40, help="the question's length (the text after the image)")
+    p.add_argument("--num_voco", type=int, default=1, help="K, VoCo tokens per image (Table 7: 1)")
     p.add_argument("--repeats", type=int, default=20, help="timing rounds; the median is reported")
     p.add_argument("--out", help="append the tables to this file")
     args = p.parse_args()

@@ -50,7 +50,7 @@ def load_cache(path, vlm: VoCoLlama) -> VoCoCache:
     """Read a cache written by save_cache for `vlm`, onto the model's device. Refuses, naming the file and the fix:
     a missing or corrupt file, another format, a cache from another model or config, another dtype."""
     path = Path(path)
-    redo = "compute it again with this model (infer.py --save-cache)"
+    redo = "compute it again with this model (infer.py --save_cache)"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {redo}")
     try:

@@ -276,16 +276,20 @@ def projector_keys(kind: str, on_disk: tuple, ours="") -> dict:
 LLAVA_PROJECTOR = {"mlp2x_gelu": ("model.mm_projector.0", "model.mm_projector.2"), "linear": ("model.mm_projector",)}
 
 
-def vlm_parts(path, vision_path, projector_path, build_config):
+def vlm_parts(path, vision_path, projector_path, build_config, num_voco=None, voco_token_id=None):
     """Recognise a VLM checkpoint's layout; return (config, parts for `load`). build_config(text=, vision=, **rest)
-    builds the VoCoLlamaConfig from config dicts."""
+    builds the VoCoLlamaConfig from config dicts. The VoCo settings come from config.json's num_voco and
+    voco_token_id in any layout (train.py writes them); num_voco / voco_token_id, when given, override them, e.g. for
+    a VoCo-LLaMA model converted to llava-hf's layout by a tool that dropped them (the official model: 2 and 32000)."""
     ckpt = Checkpoint(path)
     hf, file = ckpt.config, ckpt.config_file
     kind = require_kind(ckpt, "llava-hf", "llava", "llama")
+    voco = dict(num_voco=hf.get("num_voco", 0) if num_voco is None else num_voco,
+                voco_token_id=hf.get("voco_token_id", -1) if voco_token_id is None else voco_token_id)
 
     def make_config(**fields):  # a value the config refuses is reported with the file it came from
         try:
-            return build_config(**fields)
+            return build_config(**fields, **voco)
         except ValueError as e:
             raise ValueError(f"{file}: {e}") from e
 
@@ -319,7 +323,6 @@ def vlm_parts(path, vision_path, projector_path, build_config):
                                      "select_layer": hf.get("mm_vision_select_layer", -2),
                                      "select_feature": hf.get("mm_vision_select_feature", "patch")},
                              projector_type=kind, image_token_id=hf.get("image_token_index", -200),
-                             voco_token_id=hf.get("voco_token_id", -1), num_voco=hf.get("num_voco", 0),
                              compressor=hf.get("compressor", "none"),
                              compressor_tokens=hf.get("compressor_tokens", 0))
         if hf.get("mm_hidden_size", config.vision.hidden_size) != config.vision.hidden_size:

@@ -79,6 +79,11 @@ class VoCoLlamaConfig:
     compressor_tokens: int = 0
 
     def __post_init__(self):
+        if self.num_voco < 0:
+            raise ValueError(f"num_voco={self.num_voco} must be >= 0")
+        if self.num_voco and not 0 <= self.voco_token_id < self.text.vocab_size:
+            raise ValueError(f"num_voco={self.num_voco} needs voco_token_id, the id of <voco> in the vocabulary of "
+                             f"{self.text.vocab_size}, got {self.voco_token_id}")
         if self.compressor not in ("none", *COMPRESSORS):
             raise ValueError(f"compressor={self.compressor!r} is not supported: use 'none', 'avgpool' or 'qformer'")
         if self.compressor != "none" and self.compressor_tokens < 1:

@@ -57,6 +57,6 @@ def main(out="runs/demo", max_new_tokens=24):
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/demo")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--max_new_tokens", type=int, default=24)
     args = parser.parse_args()
     main(args.out, args.max_new_tokens)

@@ -425,15 +425,19 @@ class VoCoLlama(nn.Module):
                                      generator), eos_id)
 
     @classmethod
-    def from_pretrained(cls, path, vision_path=None, projector_path=None, dtype=None, device=None) -> VoCoLlama:
+    def from_pretrained(cls, path, vision_path=None, projector_path=None, dtype=None, device=None, num_voco=None,
+                        voco_token_id=None) -> VoCoLlama:
         """Load the VLM from any of the layouts people have (checkpoint.vlm_parts says which and how):
 
         - LLaVA-1.5 / VoCo-LLaMA training output (LLaMA keys + model.mm_projector.*; CLIP from vision_path or the
           config's mm_vision_tower when that is a local directory);
         - HF LlavaForConditionalGeneration (language_model.*, vision_tower.*, multi_modal_projector.*);
         - a LLaMA/Vicuna directory + vision_path (CLIP) + projector_path (LLaVA's stage-1 mm_projector.bin).
+
+        num_voco and voco_token_id override config.json's VoCo settings (checkpoint.vlm_parts).
         """
-        config, parts = checkpoint.vlm_parts(path, vision_path, projector_path, VoCoLlamaConfig.from_dicts)
+        config, parts = checkpoint.vlm_parts(path, vision_path, projector_path, VoCoLlamaConfig.from_dicts,
+                                             num_voco, voco_token_id)
         return checkpoint.load(cls, config, parts, dtype, device)
 
     def save_pretrained(self, path):

@@ -6,7 +6,7 @@ distinct colours on a white canvas, and one-word questions about them. Non-relat
 (the closest, the farthest, how many share its shape). The answers depend on the image only, so a model that learns
 them must read the image through whatever it is given of it: here, a few VoCo tokens.
 
-    python -m nanovoco.synthetic --out data/sort_of_clevr --n-images 10000 --seed 0
+    python -m nanovoco.synthetic --out data/sort_of_clevr --n_images 10000 --seed 0
 
 writes out/images/000000.png, ... and out/data.json, one LLaVA record per question:
     {"id": "000000_0", "image": "images/000000.png", "type": "closest",
@@ -166,12 +166,12 @@ def write_json(out_dir: Path, records: list[dict]) -> Path:
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate a Sort-of-CLEVR visual QA set in LLaVA's JSON format.")
     p.add_argument("--out", required=True, type=Path, help="output directory (images/ and data.json)")
-    p.add_argument("--n-images", type=int, default=1000)
-    p.add_argument("--questions-per-image", type=int, default=4)
+    p.add_argument("--n_images", type=int, default=1000)
+    p.add_argument("--questions_per_image", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=112)
-    p.add_argument("--n-objects", type=int, default=6)
-    p.add_argument("--multi-turn", action="store_true", help="one record per image, its questions as turns")
+    p.add_argument("--image_size", type=int, default=112)
+    p.add_argument("--n_objects", type=int, default=6)
+    p.add_argument("--multi_turn", action="store_true", help="one record per image, its questions as turns")
     a = p.parse_args(argv)
     path = generate(a.out, a.n_images, a.questions_per_image, a.seed, a.image_size, a.n_objects, a.multi_turn)
     print(f"wrote {path}")

@@ -9,7 +9,7 @@ default videos (3 objects, 4 frames, 3 moves) each object nearly always moves ex
 the frames are played backwards, so a model that sums the frames up as an unordered set cannot answer them; "shape"
 has the same answer in every frame, a control.
 
-    python -m nanovoco.synthetic_video --out data/moving_shapes --n-videos 10000 --seed 0
+    python -m nanovoco.synthetic_video --out data/moving_shapes --n_videos 10000 --seed 0
 
 writes out/videos/000000/0.png, 1.png, ... and out/data.json, one LLaVA record per question; "image" lists a video's
 frames in time order, for the one "<image>" tag:
@@ -139,13 +139,13 @@ def generate(out_dir, n_videos: int = 1000, questions_per_video: int = 4, seed: 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Generate a moving-shapes video QA set in LLaVA's JSON format.")
     p.add_argument("--out", required=True, type=Path, help="output directory (videos/ and data.json)")
-    p.add_argument("--n-videos", type=int, default=1000)
-    p.add_argument("--questions-per-video", type=int, default=4)
+    p.add_argument("--n_videos", type=int, default=1000)
+    p.add_argument("--questions_per_video", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=56)
-    p.add_argument("--n-frames", type=int, default=4)
-    p.add_argument("--n-objects", type=int, default=3)
-    p.add_argument("--multi-turn", action="store_true", help="one record per video, its questions as turns")
+    p.add_argument("--image_size", type=int, default=56)
+    p.add_argument("--n_frames", type=int, default=4)
+    p.add_argument("--n_objects", type=int, default=3)
+    p.add_argument("--multi_turn", action="store_true", help="one record per video, its questions as turns")
     a = p.parse_args(argv)
     path = generate(a.out, a.n_videos, a.questions_per_video, a.seed, a.image_size, a.n_frames, a.n_objects,
                     a.multi_turn)

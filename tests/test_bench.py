@@ -39,7 +39,7 @@ def test_7b_cache_bytes_match_the_paper():
 def test_cli_tiny_prints_the_three_methods(tmp_path):
     out = tmp_path / "table.md"
     run = subprocess.run([sys.executable, "-m", "nanovoco.bench", "--size", "tiny", "--repeats", "2",
-                          "--text-tokens", str(TEXT), "--out", str(out)], capture_output=True, text=True, timeout=120)
+                          "--text_tokens", str(TEXT), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     for method in ("| baseline |", "| full caching |", "| VoCo cache |", "torch " + torch.__version__):
         assert method in run.stdout and method in out.read_text()

@@ -69,11 +69,11 @@ def test_image_questions_and_cache_file(setup, capsys, tmp_path):
     root = setup[0]
     questions = ["What shape is the red object?", "left or right?"]
     code, out, err = run(capsys, "--model", root / "voco", "--image", root / "frame1.png", "--question", questions[0],
-                         "--question", questions[1], "--max-new-tokens", 10, "--save-cache", tmp_path / "c.voco")
+                         "--question", questions[1], "--max_new_tokens", 10, "--save_cache", tmp_path / "c.voco")
     assert code == 0 and "2 VoCo tokens" in err and (tmp_path / "c.voco").is_file()
     assert out == "".join(f"Q: {q}\nA: {expected_answer(setup, q, ['frame1.png'])}\n" for q in questions)
     code, again, err = run(capsys, "--model", root / "voco", "--cache", tmp_path / "c.voco", "--question",
-                           questions[0], "--question", questions[1], "--max-new-tokens", 10)
+                           questions[0], "--question", questions[1], "--max_new_tokens", 10)
     assert code == 0 and again == out and "loaded" in err
 
 
@@ -81,7 +81,7 @@ def test_video_sources(setup, capsys):
     root = setup[0]
     q = "What shape is the red object?"
     code, out, _ = run(capsys, "--model", root / "voco", "--video", *(root / f"frame{i}.png" for i in (1, 2, 3)),
-                       "--question", q, "--max-new-tokens", 10)
+                       "--question", q, "--max_new_tokens", 10)
     assert code == 0 and out == f"Q: {q}\nA: {expected_answer(setup, q, ['frame1.png', 'frame2.png', 'frame3.png'])}\n"
     assert [im.getpixel((0, 0)) for im in infer.load_video([str(root / "frames.gif")])][:3] == [
         (255, 0, 0), (0, 0, 255), (0, 128, 0)]
@@ -96,7 +96,7 @@ def test_video_sources(setup, capsys):
 def test_full_mode_answers_from_the_whole_image(setup, capsys):
     root, tok, models = setup
     code, out, _ = run(capsys, "--model", root / "full", "--image", root / "frame2.png", "--question", "red?",
-                       "--max-new-tokens", 6)
+                       "--max_new_tokens", 6)
     vlm, c = models["full"], models["full"].config
     s = build_sample(tok, [("red?", None)], image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens,
                      voco_token_id=-1, num_voco=0, system="")
@@ -114,8 +114,8 @@ def test_full_mode_answers_from_the_whole_image(setup, capsys):
     (["--cache", "{root}/other.voco", "--question", "x"], "other.voco was made by another model"),
     (["--cache", "{root}/voco/config.json", "--question", "x"], "is not a readable VoCo cache"),
     (["--image", "{root}/frame1.png", "--question", "x " * 600], "exceeds the model's context of 512 positions"),
-    (["--image", "{root}/frame1.png", "--question", "x", "--mode", "full", "--save-cache", "{root}/y"],
-     "--cache and --save-cache hold VoCo caches: they need --mode voco"),
+    (["--image", "{root}/frame1.png", "--question", "x", "--mode", "full", "--save_cache", "{root}/y"],
+     "--cache and --save_cache hold VoCo caches: they need --mode voco"),
     (["--video", "{root}/frames.gif", "{root}/nope.png", "--question", "x"], "image {root}/nope.png does not exist"),
     (["--video", "{root}/frame1.png", "{root}/frame2.png", "--fps", "2", "--question", "x"],
      "--fps needs an animated file"),
@@ -206,9 +206,20 @@ def test_voco_mode_on_a_model_without_voco_tokens(setup, capsys):
 def test_command_line(setup):
     root = setup[0]
     done = subprocess.run([sys.executable, ROOT / "infer.py", "--model", root / "voco", "--image",
-                           root / "frame1.png", "--question", "red?", "--max-new-tokens", "4"],
+                           root / "frame1.png", "--question", "red?", "--max_new_tokens", "4"],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.startswith("Q: red?\nA: ") and "VoCo tokens" in done.stderr
     missing = subprocess.run([sys.executable, ROOT / "infer.py", "--model", root / "nothing", "--image", "x.png",
                               "--question", "x"], capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2 and "nothing" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_num_voco_override(setup, capsys, tmp_path):
+    """--num_voco overrides the checkpoint's K: the cache holds that many VoCo tokens per image."""
+    root = setup[0]
+    code, _, err = run(capsys, "--model", root / "voco", "--image", root / "frame1.png", "--num_voco", 3,
+                       "--save_cache", tmp_path / "k3.voco")
+    assert code == 0 and "3 VoCo tokens" in err, err
+    code, _, err = run(capsys, "--model", root / "full", "--image", root / "frame1.png", "--num_voco", 2,
+                       "--question", "x")
+    assert code == 2 and "num_voco=2 needs voco_token_id" in err and "Traceback" not in err

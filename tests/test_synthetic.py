@@ -136,8 +136,8 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_cli_and_argument_checks(tmp_path, capsys):
-    synthetic.main(["--out", str(tmp_path), "--n-images", "2", "--seed", "3", "--image-size", "64",
-                    "--n-objects", "3", "--questions-per-image", "5"])
+    synthetic.main(["--out", str(tmp_path), "--n_images", "2", "--seed", "3", "--image_size", "64",
+                    "--n_objects", "3", "--questions_per_image", "5"])
     assert "data.json" in capsys.readouterr().out
     records = json.loads((tmp_path / "data.json").read_text())
     assert len(records) == 10 and all(len(r["scene"]) == 3 for r in records)

@@ -181,8 +181,8 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
 
 
 def test_cli_and_argument_checks(tmp_path, capsys):
-    synthetic_video.main(["--out", str(tmp_path), "--n-videos", "2", "--seed", "3", "--image-size", "64",
-                          "--n-frames", "5", "--n-objects", "4", "--questions-per-video", "3"])
+    synthetic_video.main(["--out", str(tmp_path), "--n_videos", "2", "--seed", "3", "--image_size", "64",
+                          "--n_frames", "5", "--n_objects", "4", "--questions_per_video", "3"])
     assert "data.json" in capsys.readouterr().out
     records = json.loads((tmp_path / "data.json").read_text())
     assert len(records) == 6 and all(len(r["scene"]) == 5 and len(r["scene"][0]) == 4 for r in records)

@@ -261,6 +261,6 @@ def test_video_training_then_infer(tmp_path):
     frames = [str(out / "data" / "eval" / f) for f in record["image"]]
     done = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", str(model), "--video", *frames,
                            "--question", record["conversations"][0]["value"].replace("<image>\n", ""),
-                           "--max-new-tokens", "3"], env=ENV, cwd=ROOT, capture_output=True, text=True)
+                           "--max_new_tokens", "3"], env=ENV, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"{len(frames)} frame(s) compressed): {2 * len(frames)} VoCo tokens" in done.stderr

@@ -71,3 +71,25 @@ def test_save_pretrained_round_trip(tmp_path):
     ids, pixels = image_ids()
     with torch.no_grad():
         torch.testing.assert_close(again(ids, pixels).logits, model(ids, pixels).logits, atol=0, rtol=0)
+
+
+def test_llava_hf_layout_keeps_its_voco_settings(tmp_path):
+    """A VoCo model saved in llava-hf's layout keeps num_voco / voco_token_id from its config.json (it used to load
+    with num_voco=0 and could not compress); from_pretrained's arguments override them."""
+    voco_id = 151
+    hf_llava(tmp_path / "voco", num_voco=2, voco_token_id=voco_id)
+    hf_llava(tmp_path / "plain")  # the same weights, a config without VoCo settings
+    vlm = VoCoLlama.from_pretrained(tmp_path / "voco")
+    assert (vlm.config.num_voco, vlm.config.voco_token_id) == (2, voco_id)
+    pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
+    prefix = torch.tensor([1] + [IMAGE_TOKEN] * NUM_PATCHES + [13, voco_id, voco_id])
+    cache = vlm.compress(pixels, prefix)
+    assert cache.positions.tolist() == [NUM_PATCHES + 2, NUM_PATCHES + 3]
+    assert VoCoLlama.from_pretrained(tmp_path / "plain").config.num_voco == 0
+    assert VoCoLlama.from_pretrained(tmp_path / "voco", num_voco=1).config.num_voco == 1
+    overridden = VoCoLlama.from_pretrained(tmp_path / "plain", num_voco=2, voco_token_id=voco_id)
+    again = overridden.compress(pixels, prefix)
+    assert all(torch.equal(a, b) for x, y in zip(cache.kv, again.kv) for a, b in zip(x, y))
+    with pytest.raises(ValueError, match=r"config\.json: num_voco=2 needs voco_token_id, the id of <voco> in the "
+                                         r"vocabulary of 160, got -1"):
+        VoCoLlama.from_pretrained(tmp_path / "plain", num_voco=2)
