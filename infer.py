@@ -23,13 +23,12 @@ import torch
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from nanovoco.cache_file import load_cache, save_cache
-from nanovoco.checkpoint import read_json
+from nanovoco.files import read_json
 from nanovoco.data import build_sample, compress_prefix
-from nanovoco.generate import check_length, stream
+from nanovoco.generate import stream, stream_from_cache
 from nanovoco.image import load_image, preprocess, to_rgb
-from nanovoco.model import VoCoLlama
+from nanovoco.model import VoCoLlama, check_length
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, stream_text
-from nanovoco.voco import without_compression
 
 FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
 
@@ -157,14 +156,13 @@ def run(args):
         print(f"Q: {question}\nA:", end=" ", flush=True)
         t0 = time.perf_counter()
         if mode == "voco":  # stage 2: only the text after the VoCo tokens; the image is in the cache
-            tokens = vlm.stream(cache, torch.tensor([s.text_ids()], device=device),
-                                **options)
+            tokens = stream_from_cache(vlm, cache, torch.tensor([s.text_ids()], device=device), **options)
         else:  # the whole prompt, vision tokens included, every time (no VoCo tokens, plain causal attention)
             ids, segments, groups, positions = (torch.tensor([x], device=device) for x in (
                 s.input_ids, s.segments, s.groups, s.positions))
             with torch.no_grad():
                 embeds = vlm.embed(ids, pixels)
-            tokens = stream(vlm.llm, inputs_embeds=embeds, segments=without_compression(segments), groups=groups,
+            tokens = stream(vlm.llm, inputs_embeds=embeds, segments=segments, groups=groups,
                             position_ids=positions, **options)
         n = 0
         for n, piece in enumerate(stream_text(tokens, tokenizer, tokenizer.eos_id), 1):

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from tqdm import tqdm
 
-from nanovoco import checkpoint, synthetic, synthetic_video
+from nanovoco import checkpoint, files, formats, synthetic, synthetic_video
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate, user_text
 from nanovoco.evaluate import blind_baseline, vqa_accuracy
 from nanovoco.config import CLIPVisionConfig, VoCoLlamaConfig, preset
@@ -203,7 +203,7 @@ def tiny_tokenizer(train_json: Path, out: Path, rank: int) -> Path:
     bare texts, it spelled "USER:" and "ASSISTANT:" letter by letter, 15 tokens a turn: half of every sequence."""
     path = out / "tokenizer.model"
     if rank == 0 and not path.exists():
-        records = checkpoint.read_json(train_json, "the training data")  # checked later, by LlavaDataset
+        records = files.read_json(train_json, "the training data")  # checked later, by LlavaDataset
         texts = [VOCO_SYSTEM]
         for r in records if isinstance(records, list) else []:
             turns = r.get("conversations", []) if isinstance(r, dict) else []
@@ -220,13 +220,13 @@ def model_config(cfg: TrainConfig, source) -> VoCoLlamaConfig:
     size, vision tokens), known before the model is built. From the checkpoint, else the preset with the
     --vision_path CLIP's vision part."""
     if source is not None:
-        return checkpoint.vlm_parts(source, cfg.vision_path or None, cfg.projector_path or None,
+        return formats.vlm_parts(source, cfg.vision_path or None, cfg.projector_path or None,
                                     VoCoLlamaConfig.from_dicts)[0]
     config = preset(cfg.init)
     if cfg.vision_path:
         clip = checkpoint.Checkpoint(cfg.vision_path)
-        checkpoint.require_kind(clip, "clip")
-        config.vision = CLIPVisionConfig(**checkpoint.clip_config(clip.config, clip.config_file))
+        formats.require_kind(clip, "clip")
+        config.vision = CLIPVisionConfig(**formats.clip_config(clip.config, clip.config_file))
     return config
 
 
@@ -308,7 +308,7 @@ def save_checkpoint(out: Path, vlm, optim, step: int, cfg: TrainConfig, tokenize
     barrier()
     full = get_model_state_dict(vlm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        checkpoint.save_vlm(tmp / "model", vlm.config, full)
+        formats.save_vlm(tmp / "model", vlm.config, full)
         shutil.copyfile(tokenizer_path, tmp / "model" / "tokenizer.model")
         # the system prompt the model was trained with, which inference must use too (infer.py reads it)
         (tmp / "model" / "prompt.json").write_text(json.dumps({"system": cfg.system_prompt}))

@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanovoco.checkpoint import atomic_write
+from nanovoco.files import atomic_write
 from nanovoco.model import VoCoCache, VoCoLlama
 
 FORMAT, VERSION = "nanovoco-voco-cache", "1"

@@ -1,13 +1,11 @@
 """Configs of the VoCo-LLaMA model as dataclasses, with named presets.
 
 Field names follow HF's config.json (LlamaConfig, CLIPVisionConfig) and LLaVA's (mm_projector_type,
-mm_vision_select_layer, ...), so that reading a checkpoint's config is a lookup (checkpoint.py does the reading).
+mm_vision_select_layer, ...), so that reading a checkpoint's config is a lookup (formats.py does the reading).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-from nanovoco.baselines import COMPRESSORS
 
 
 @dataclass
@@ -75,7 +73,7 @@ class VoCoLlamaConfig:
     voco_token_id: int = -1
     num_voco: int = 0
     # The paper's baselines: an external compressor (baselines.py) that shrinks each image to compressor_tokens
-    compressor: str = "none"  # "none", "avgpool" or "qformer"
+    compressor: str = "none"  # "none", "avgpool" or "qformer" (baselines.COMPRESSORS)
     compressor_tokens: int = 0
 
     def __post_init__(self):
@@ -84,7 +82,7 @@ class VoCoLlamaConfig:
         if self.num_voco and not 0 <= self.voco_token_id < self.text.vocab_size:
             raise ValueError(f"num_voco={self.num_voco} needs voco_token_id, the id of <voco> in the vocabulary of "
                              f"{self.text.vocab_size}, got {self.voco_token_id}")
-        if self.compressor not in ("none", *COMPRESSORS):
+        if self.compressor not in ("none", "avgpool", "qformer"):
             raise ValueError(f"compressor={self.compressor!r} is not supported: use 'none', 'avgpool' or 'qformer'")
         if self.compressor != "none" and self.compressor_tokens < 1:
             raise ValueError(f"compressor={self.compressor!r} needs compressor_tokens >= 1")

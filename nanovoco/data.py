@@ -56,8 +56,8 @@ def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int
     (user_text, assistant_text) pairs. See the module docstring for the layout. num_frames: 1 for an image, F > 1
     for a video of F frames, 0 for text only.
 
-    num_voco=0 keeps the image but no VoCo tokens: the uncompressed `full` mode, to be run with
-    voco.causal_pad_mask (voco_mask would hide the image from the text). "<image>" is removed from user texts, as
+    num_voco=0 keeps the image but no VoCo tokens: the uncompressed `full` mode, where voco_mask lets the text
+    see the image (voco.uncompressed_as_text). "<image>" is removed from user texts, as
     the official code does; any other special token written in a text ("<voco>", "<s>", "</s>", "<image>" in an
     answer) is a ValueError rather than silently stripped: it would otherwise be encoded as the control token itself.
     A training sample longer than max_len loses the tail of its text; the image/VoCo prefix is never cut.

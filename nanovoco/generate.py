@@ -2,21 +2,17 @@
 
 Works on the bare decoder (`Llama`): a VLM's prompt goes in as embeddings, `vlm.embed(input_ids, pixel_values)`.
 This is single-pass masked inference (the whole prompt, vision tokens included, in one forward), the reference that
-the two-stage VoCo inference of model.py (`VoCoLlama.compress`, `answer`, `generate`) must equal.
+two-stage VoCo inference (`VoCoLlama.compress`, then `stream_from_cache` / `generate_from_cache` here) must equal.
 The prompt is described by the segment labels of voco.py, so a VoCo prompt is generated from under exactly the mask
 it was trained with: the prompt runs under `voco_mask`, and every generated token sees the TEXT and VOCO keys but
 never the VISION ones. Plain text is all TEXT; a left-padded batch marks its padding PAD.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from nanovoco.voco import PAD, TEXT, VOCO, voco_mask
-
-if TYPE_CHECKING:  # model.py's two-stage inference uses the decode loop below
-    from nanovoco.model import KVCache, Llama, Output
+from nanovoco.model import KVCache, Llama, Output, VoCoCache, VoCoLlama, check_length
+from nanovoco.voco import PAD, TEXT, VOCO, uncompressed_as_text, voco_mask
 
 
 def sample(logits, temperature=0.0, top_p=1.0, generator=None):
@@ -47,14 +43,6 @@ def decode_one_token(llm: Llama, token, position, visible, cache: KVCache) -> Ou
     return llm(token[:, None], attn_mask=visible[:, None, None, :], position_ids=position[:, None], cache=cache)
 
 
-def check_length(last_position: int, max_new_tokens: int, limit: int):
-    """A prompt whose last position is last_position, + max_new_tokens, must fit in the model's context."""
-    if last_position + 1 + max_new_tokens > limit:
-        raise ValueError(f"a prompt that reaches position {last_position} + max_new_tokens={max_new_tokens} exceeds "
-                         f"the model's context of {limit} positions: shorten the prompt (or the video) or lower "
-                         f"max_new_tokens")
-
-
 @torch.no_grad()
 def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, position_ids=None,
            max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None):
@@ -71,11 +59,13 @@ def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups
         position_ids = ((segments != PAD).long().cumsum(-1) - 1).clamp(min=0)
     check_length(int(position_ids[:, -1].max()), max_new_tokens, llm.config.max_position_embeddings)
     out = prefill(llm, input_ids, inputs_embeds, segments, groups, position_ids)
-    visible = (segments == TEXT) | (segments == VOCO)  # what generated text may see: never VISION, never PAD
-    yield from decode(llm, out, position_ids[:, -1], visible, max_new_tokens, temperature, top_p, eos_id, generator)
+    seen = uncompressed_as_text(segments, groups)  # an image without VoCo tokens is seen directly, as TEXT
+    visible = (seen == TEXT) | (seen == VOCO)  # what generated text may see: never compressed VISION, never PAD
+    yield from decode(llm, out, position_ids[:, -1], visible, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_p=top_p, eos_id=eos_id, generator=generator)
 
 
-def decode(llm: Llama, out: Output, position, visible, max_new_tokens, temperature, top_p, eos_id, generator):
+def decode(llm: Llama, out: Output, position, visible, *, max_new_tokens, temperature, top_p, eos_id, generator):
     """The decode loop after a prefill: out holds the prompt's last logits and the cache, position (B,) the last
     prompt position, visible (B, L_cached) the cached keys that generated tokens may see."""
     if max_new_tokens < 1:
@@ -100,6 +90,29 @@ def generate(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, grou
     """The generated tokens of every row, without the eos token (see `stream` for the arguments)."""
     return until_eos(stream(llm, input_ids, inputs_embeds, segments, groups, position_ids, max_new_tokens, temperature,
                             top_p, eos_id, generator), eos_id)
+
+
+@torch.no_grad()
+def stream_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32, temperature=0.0,
+                      top_p=1.0, eos_id=None, generator=None):
+    """Stage 2 generation: the questions text_ids (B, T) answered from a VoCo cache (VoCoLlama.compress), yielding
+    the next token of every row, (B,), as `stream` does. Batched questions must be left-padded (text_mask False on
+    the padding), so that every row goes on from its last column."""
+    B, T = text_ids.shape
+    check_length(cache.next_position + T - 1, max_new_tokens, vlm.config.text.max_position_embeddings)
+    real = torch.ones_like(text_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
+    out = vlm.answer(cache, text_ids, real, last_only=True)
+    visible = torch.cat([real.new_ones(B, cache.positions.shape[0]), real], dim=1)  # the VoCo tokens + text
+    last = cache.next_position + real.long().sum(-1) - 1
+    yield from decode(vlm.llm, out, last, visible, max_new_tokens=max_new_tokens, temperature=temperature,
+                      top_p=top_p, eos_id=eos_id, generator=generator)
+
+
+def generate_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32,
+                        temperature=0.0, top_p=1.0, eos_id=None, generator=None) -> list[list[int]]:
+    """Stage 2: every row's generated tokens, without the eos token (see `stream_from_cache`)."""
+    return until_eos(stream_from_cache(vlm, cache, text_ids, text_mask, max_new_tokens, temperature, top_p, eos_id,
+                                       generator), eos_id)
 
 
 def until_eos(steps, eos_id) -> list[list[int]]:

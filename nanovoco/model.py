@@ -1,7 +1,7 @@
 """The VoCo-LLaMA model: a LLaMA decoder, a CLIP ViT vision tower and LLaVA's projector, in plain PyTorch.
 
 Mirrors HF transformers' `LlamaForCausalLM` and `CLIPVisionModel` and LLaVA-1.5's `mm_projector`, with HF's
-parameter names inside each module so that loading a checkpoint is renaming (the key maps live in checkpoint.py).
+parameter names inside each module so that loading a checkpoint is renaming (the key maps live in formats.py).
 VoCo-LLaMA (arXiv 2406.12275) adds no module of its own: its VoCo tokens are ordinary vocabulary tokens, and the
 compression comes from the attention mask that training feeds to every layer. So everything here takes an explicit
 boolean mask and explicit position ids, and all attention goes through `F.scaled_dot_product_attention`.
@@ -18,10 +18,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from nanovoco import checkpoint
+from nanovoco import checkpoint, formats
 from nanovoco.baselines import COMPRESSORS
 from nanovoco.config import CLIPVisionConfig, LlamaConfig, VoCoLlamaConfig
-from nanovoco.generate import check_length, decode, until_eos
 
 # A KV cache is a plain list with one (k, v) pair per decoder layer, each (B, n_kv_heads, L_cached, head_dim).
 # Keys are stored *after* RoPE, so a cached key carries the position it was computed at.
@@ -42,6 +41,14 @@ class VoCoCache:
     kv: KVCache  # per layer (k, v), each (B, n_kv_heads, n_voco, head_dim); keys rotated at `positions`
     positions: torch.Tensor  # (n_voco,) the VoCo tokens' original positions, the same for every row
     next_position: int  # where the text goes on: right after the last VoCo token, as in training
+
+
+def check_length(last_position: int, max_new_tokens: int, limit: int):
+    """A prompt whose last position is last_position, + max_new_tokens, must fit in the model's context."""
+    if last_position + 1 + max_new_tokens > limit:
+        raise ValueError(f"a prompt that reaches position {last_position} + max_new_tokens={max_new_tokens} exceeds "
+                         f"the model's context of {limit} positions: shorten the prompt (or the video) or lower "
+                         f"max_new_tokens")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -179,15 +186,15 @@ class Llama(nn.Module):
     def from_pretrained(cls, path, dtype=None, device=None) -> Llama:
         """Load an HF LlamaForCausalLM directory (config.json + safetensors or .bin, sharded or not)."""
         ckpt = checkpoint.Checkpoint(path)
-        checkpoint.require_kind(ckpt, "llama")
-        config = LlamaConfig(**checkpoint.llama_config(ckpt.config, ckpt.config_file))
-        return checkpoint.load(cls, config, [(ckpt, checkpoint.llama_keys(config), checkpoint.LLAMA_UNUSED)], dtype,
+        formats.require_kind(ckpt, "llama")
+        config = LlamaConfig(**formats.llama_config(ckpt.config, ckpt.config_file))
+        return checkpoint.load(cls, config, [(ckpt, formats.llama_keys(config), formats.LLAMA_UNUSED)], dtype,
                                device)
 
     def save_pretrained(self, path):
         """Write config.json + model.safetensors in HF LlamaForCausalLM layout (loadable by transformers too)."""
-        checkpoint.save(path, checkpoint.llama_hf_config(self.config), self.state_dict(),
-                        checkpoint.llama_keys(self.config))
+        checkpoint.save(path, formats.llama_hf_config(self.config), self.state_dict(),
+                        formats.llama_keys(self.config))
 
     def resize_vocab(self, vocab_size: int):
         """Grow the vocabulary for added tokens (VoCo-LLaMA's <voco>): new embedding and head rows are drawn from
@@ -268,11 +275,11 @@ class CLIPVisionTower(nn.Module):
     def from_pretrained(cls, path, select_layer=-2, select_feature="patch", dtype=None, device=None):
         """Load the vision part of an HF CLIPVisionModel or CLIPModel directory (the text part is ignored)."""
         ckpt = checkpoint.Checkpoint(path)
-        checkpoint.require_kind(ckpt, "clip")
-        config = CLIPVisionConfig(**checkpoint.clip_config(ckpt.config, ckpt.config_file),
+        formats.require_kind(ckpt, "clip")
+        config = CLIPVisionConfig(**formats.clip_config(ckpt.config, ckpt.config_file),
                                   select_layer=select_layer, select_feature=select_feature)
-        prefix = checkpoint.clip_prefix(ckpt)
-        part = (ckpt, checkpoint.clip_keys(config, prefix), checkpoint.clip_unused(config, prefix))
+        prefix = formats.clip_prefix(ckpt)
+        part = (ckpt, formats.clip_keys(config, prefix), formats.clip_unused(config, prefix))
         return checkpoint.load(cls, config, [part], dtype, device)
 
 
@@ -338,6 +345,7 @@ class VoCoLlama(nn.Module):
     # ------------------------------------------------------------------------------------------------------------
     # Two-stage inference (the paper's Sec. 3.3, which the official code does not implement): stage 1 compresses
     # each image once into a VoCoCache; stage 2 answers any number of questions from it, never seeing the image.
+    # Generation from a cache (a decode loop over `answer`) is generate.stream_from_cache.
 
     @torch.no_grad()
     def compress(self, pixel_values, prefix_ids) -> VoCoCache:
@@ -405,41 +413,22 @@ class VoCoLlama(nn.Module):
         kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in cache.kv]
         return self.llm(text_ids, attn_mask=mask, position_ids=positions, cache=kv, last_only=last_only)
 
-    @torch.no_grad()
-    def stream(self, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
-               eos_id=None, generator=None):
-        """Stage 2 generation: yield the next token of every row, (B,), as generate.stream does. Batched questions
-        must be left-padded (text_mask False on the padding), so that every row goes on from its last column."""
-        B, T = text_ids.shape
-        check_length(cache.next_position + T - 1, max_new_tokens, self.config.text.max_position_embeddings)
-        real = torch.ones_like(text_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
-        out = self.answer(cache, text_ids, real, last_only=True)
-        visible = torch.cat([real.new_ones(B, cache.positions.shape[0]), real], dim=1)  # the VoCo tokens + text
-        last = cache.next_position + real.long().sum(-1) - 1
-        yield from decode(self.llm, out, last, visible, max_new_tokens, temperature, top_p, eos_id, generator)
-
-    def generate(self, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32, temperature=0.0, top_p=1.0,
-                 eos_id=None, generator=None) -> list[list[int]]:
-        """Stage 2: every row's generated tokens, without the eos token (see `stream`)."""
-        return until_eos(self.stream(cache, text_ids, text_mask, max_new_tokens, temperature, top_p, eos_id,
-                                     generator), eos_id)
-
     @classmethod
     def from_pretrained(cls, path, vision_path=None, projector_path=None, dtype=None, device=None, num_voco=None,
                         voco_token_id=None) -> VoCoLlama:
-        """Load the VLM from any of the layouts people have (checkpoint.vlm_parts says which and how):
+        """Load the VLM from any of the layouts people have (formats.vlm_parts says which and how):
 
         - LLaVA-1.5 / VoCo-LLaMA training output (LLaMA keys + model.mm_projector.*; CLIP from vision_path or the
           config's mm_vision_tower when that is a local directory);
         - HF LlavaForConditionalGeneration (language_model.*, vision_tower.*, multi_modal_projector.*);
         - a LLaMA/Vicuna directory + vision_path (CLIP) + projector_path (LLaVA's stage-1 mm_projector.bin).
 
-        num_voco and voco_token_id override config.json's VoCo settings (checkpoint.vlm_parts).
+        num_voco and voco_token_id override config.json's VoCo settings (formats.vlm_parts).
         """
-        config, parts = checkpoint.vlm_parts(path, vision_path, projector_path, VoCoLlamaConfig.from_dicts,
+        config, parts = formats.vlm_parts(path, vision_path, projector_path, VoCoLlamaConfig.from_dicts,
                                              num_voco, voco_token_id)
         return checkpoint.load(cls, config, parts, dtype, device)
 
     def save_pretrained(self, path):
         """Write LLaVA-1.5's layout (+ the CLIP in path/vision_tower), which from_pretrained loads back."""
-        checkpoint.save_vlm(path, self.config, self.state_dict())
+        formats.save_vlm(path, self.config, self.state_dict())

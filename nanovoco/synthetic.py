@@ -24,7 +24,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from nanovoco.checkpoint import atomic_write
+from nanovoco.files import atomic_write
 
 PALETTE = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "orange": (245, 140, 20),
            "gray": (128, 128, 128), "yellow": (230, 200, 20), "purple": (140, 60, 170), "cyan": (30, 190, 200)}

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from nanovoco.checkpoint import atomic_write
+from nanovoco.files import atomic_write
 from nanovoco.synthetic import GRID, PALETTE, SHAPES, draw, llava_records, make_scene, write_json
 
 MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from nanovoco.checkpoint import atomic_write
+from nanovoco.files import atomic_write
 
 # LLaVA's conv_vicuna_v1, the template behind `--version v1` (training) and `--conv-mode vicuna_v1` (evaluation).
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "

@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanovoco import checkpoint, synthetic
+from nanovoco import checkpoint, files, formats, synthetic
 from nanovoco.config import CLIPVisionConfig
 from nanovoco.image import preprocess
 from nanovoco.init import init_weights
@@ -109,7 +109,7 @@ def pretrain(steps: int = 300, n_images: int = 4000, batch_size: int = 64, lr: f
 def save(tower: CLIPVisionTower, path):
     """CLIPVisionModel layout (config.json + model.safetensors), as HF and LLaVA keep CLIP."""
     c = tower.config
-    checkpoint.save(path, checkpoint.clip_hf_config(c), tower.state_dict(), checkpoint.clip_keys(c, "vision_model."))
+    checkpoint.save(path, formats.clip_hf_config(c), tower.state_dict(), formats.clip_keys(c, "vision_model."))
 
 
 @torch.no_grad()
@@ -158,7 +158,7 @@ def main(argv=None):
     init_weights(untrained)
     result = {"pretrained": probe(read, a.seed), "random": probe(untrained, a.seed)}
     text = json.dumps(result, indent=1)
-    checkpoint.atomic_write(a.out / "eval.json", lambda tmp: Path(tmp).write_text(text))  # last: the stage is done
+    files.atomic_write(a.out / "eval.json", lambda tmp: Path(tmp).write_text(text))  # last: the stage is done
     print(f"wrote {a.out}; nearest-class-mean balanced accuracy of the features the VLM reads, pretrained vs "
           f"random: " + ", ".join(f"{k} {result['pretrained'][k]:.3f} vs {result['random'][k]:.3f}" for k in TARGETS))
 

@@ -17,7 +17,9 @@ The rule, for query q and key k (True = q may attend to k):
     - a TEXT query sees VOCO and TEXT keys, never VISION keys: the text can learn about the image only through the
       VoCo tokens' keys and values. That is what forces the LLM to distill the image into them.
 Since BOS sits in the VISION segment in the official layout, text never sees BOS either; kept as trained.
-A sample without VoCo tokens has only TEXT (and PAD) labels and gets a plain causal mask.
+An image (or frame) without VoCo tokens is not compressed: `uncompressed_as_text` relabels its VISION tokens TEXT
+before the rule, so a sample without VoCo tokens (the `full` mode, LLaVA) gets a plain causal mask from voco_mask
+itself, and no caller has to remember to switch masks for the text to see its image.
 A PAD query also sees itself, so that no row is empty: SDPA returns NaN (CUDA) or zeros (CPU) for a query that
 sees no key at all (a left-padded PAD query would otherwise see nothing). PAD rows are never read.
 """
@@ -26,9 +28,18 @@ import torch
 TEXT, VISION, VOCO, PAD = 0, 1, 2, 3
 
 
+def uncompressed_as_text(segments: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Relabel TEXT the VISION tokens of every group that has no VoCo token: an image nothing compresses is read
+    by the text directly, as in LLaVA."""
+    same_group = groups[:, :, None] == groups[:, None, :]  # (B, L, L)
+    compressed = (same_group & (segments[:, None, :] == VOCO)).any(-1)  # (B, L): its group has VoCo tokens
+    return torch.where((segments == VISION) & ~compressed, TEXT, segments)
+
+
 def voco_mask(segments: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
     """segments, groups: (B, L) integer labels -> (B, 1, L, L) bool mask for F.scaled_dot_product_attention."""
     L = segments.shape[1]
+    segments = uncompressed_as_text(segments, groups)
     causal = torch.ones(L, L, dtype=torch.bool, device=segments.device).tril()
     q_seg, k_seg = segments[:, :, None], segments[:, None, :]  # (B, L, 1), (B, 1, L)
     q_compress = (q_seg == VISION) | (q_seg == VOCO)

@@ -3,7 +3,7 @@ import torch
 
 from nanovoco.generate import generate, sample, stream
 from nanovoco.model import Llama, VoCoLlama
-from nanovoco.voco import PAD, TEXT
+from nanovoco.voco import PAD, TEXT, VISION, VOCO
 from tiny import hf_llama, hf_llava, image_ids
 
 
@@ -68,3 +68,19 @@ def test_sampling_is_seeded_and_top_p_truncates(tmp_path):
     drawn = sample(logits, 1.0, top_p=0.8, generator=g)
     assert set(drawn.tolist()) == {0, 1}  # the 0.1 token is outside the 0.8 nucleus
     assert abs((drawn == 0).float().mean().item() - 2 / 3) < 0.05  # renormalised 0.6 / 0.9
+
+
+def test_an_image_without_voco_tokens_is_read_by_every_generated_token(tmp_path):
+    """A `full`-mode prompt keeps its image labelled VISION (no VoCo tokens): generation sees it at the prefill and
+    at every decoded token, exactly as with the whole prompt relabelled TEXT; relabelled as compressed (a VoCo
+    token appended to its group) the answer changes."""
+    hf_llama(tmp_path)
+    llm = Llama.from_pretrained(tmp_path)
+    x = torch.randn(1, 9, llm.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    segments = torch.tensor([[VISION] * 5 + [TEXT] * 4])
+    groups = torch.tensor([[0] * 5 + [-1] * 4])
+    as_text = generate(llm, inputs_embeds=x, segments=torch.full_like(segments, TEXT), max_new_tokens=12)
+    assert generate(llm, inputs_embeds=x, segments=segments, groups=groups, max_new_tokens=12) == as_text
+    hidden = segments.clone()
+    hidden[0, 4] = VOCO  # now the image is compressed by one VoCo token: the text no longer sees it directly
+    assert generate(llm, inputs_embeds=x, segments=hidden, groups=groups, max_new_tokens=12) != as_text

@@ -13,6 +13,7 @@ import infer
 from nanovoco.cache_file import save_cache
 from nanovoco.config import preset
 from nanovoco.data import build_sample, compress_prefix
+from nanovoco.generate import generate_from_cache
 from nanovoco.image import preprocess
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
@@ -60,7 +61,7 @@ def expected_answer(setup, question, frames, mode="voco"):
                      voco_token_id=c.voco_token_id, num_voco=c.num_voco, num_frames=len(frames), system="")
     prefix = torch.tensor(compress_prefix(tok, c.image_token_id, c.num_image_tokens, c.voco_token_id, c.num_voco))
     cache = vlm.compress(pixels, prefix) if len(frames) == 1 else vlm.compress_video(pixels, prefix)
-    ids = vlm.generate(cache, torch.tensor([s.text_ids()]), max_new_tokens=10,
+    ids = generate_from_cache(vlm, cache, torch.tensor([s.text_ids()]), max_new_tokens=10,
                        eos_id=tok.eos_id)[0]
     return tok.decode(ids)
 

@@ -5,7 +5,7 @@ import torch
 
 from nanovoco.config import preset
 from nanovoco.data import build_sample, compress_prefix, pad_samples
-from nanovoco.generate import generate
+from nanovoco.generate import generate, generate_from_cache
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
 from nanovoco.voco import voco_mask
@@ -84,7 +84,7 @@ def test_batched_questions_and_generation_equal_single_pass(tok, K):
         embeds = vlm.embed(b["input_ids"], pixels.expand(3, -1, -1, -1))
     expected = generate(vlm.llm, inputs_embeds=embeds, segments=b["segments"], groups=b["groups"],
                         position_ids=b["positions"], max_new_tokens=12)
-    assert vlm.generate(cache, ids, real, max_new_tokens=12) == expected
+    assert generate_from_cache(vlm, cache, ids, real, max_new_tokens=12) == expected
     # one cache row per question works too (a batch of images, one question each)
     many = vlm.compress(images(3, seed=2), prefix(tok, vlm))
     ref = single_pass(vlm, samples, images(3, seed=2))[:, -T:]
@@ -123,7 +123,7 @@ def test_video_caches_equal_single_pass_over_all_frames(tok, K):
         with torch.no_grad():
             expected = generate(vlm.llm, inputs_embeds=vlm.embed(b["input_ids"], frames), segments=b["segments"],
                                 groups=b["groups"], position_ids=b["positions"], max_new_tokens=8)
-        assert vlm.generate(cache, torch.tensor([s.text_ids()]), max_new_tokens=8) == expected
+        assert generate_from_cache(vlm, cache, torch.tensor([s.text_ids()]), max_new_tokens=8) == expected
     # the positions keep the frames' order: the same frames reversed are another video
     reverse = vlm.compress_video(frames.flip(0), prefix(tok, vlm))
     text = torch.tensor([sample(tok, vlm, QUESTIONS[0], num_frames=5).text_ids()])
@@ -140,8 +140,8 @@ def test_stage_errors(tok):
     with pytest.raises(ValueError, match="text_ids hold image placeholders: the image is in the cache"):
         vlm.answer(cache, torch.full((2, 3), vlm.config.image_token_id))
     with pytest.raises(ValueError, match="exceeds the model's context of 512 positions"):
-        vlm.generate(cache, text[:2], max_new_tokens=512 - cache.next_position - 4)
-    assert len(vlm.generate(cache, text[:2], max_new_tokens=512 - cache.next_position - 5)[0]) > 0  # exactly full
+        generate_from_cache(vlm, cache, text[:2], max_new_tokens=512 - cache.next_position - 4)
+    assert len(generate_from_cache(vlm, cache, text[:2], max_new_tokens=512 - cache.next_position - 5)[0]) > 0  # exactly full
     with pytest.raises(ValueError, match=r"needs a model with VoCo tokens \(this one has num_voco=0\)"):
         model(tok, 0).compress(images(1), prefix(tok, vlm)[:-2])
     with pytest.raises(ValueError, match="a prefix that ends with its 2 <voco> tokens: build it with "

@@ -89,6 +89,22 @@ def test_text_only_is_plain_causal():
     assert torch.equal(causal_pad_mask(segments), mask[None, None])
 
 
+def test_an_image_without_voco_tokens_is_seen_by_the_text():
+    """The num_voco=0 trap, closed: a sample whose image has no VoCo tokens (the `full` mode) keeps its VISION labels,
+    and voco_mask itself gives it the plain causal mask, also row by row in a batch that mixes it with a compressed
+    sample, and for a video whose uncompressed frames follow each other."""
+    full = torch.tensor([VISION] * 4 + [TEXT] * 3 + [PAD])
+    voco = torch.tensor([VISION] * 3 + [VOCO] + [TEXT] * 4)
+    segments = torch.stack([full, voco])
+    groups = torch.where((segments == VISION) | (segments == VOCO), 0, -1)
+    mask = voco_mask(segments, groups)
+    assert torch.equal(mask[0], causal_pad_mask(segments[:1])[0])
+    assert torch.equal(mask[1], voco_mask(segments[1:], groups[1:])[0]) and not mask[1, 0, 5, :3].any()
+    video = torch.tensor([[VISION] * 6 + [TEXT] * 2])
+    frames = torch.tensor([[0, 0, 0, 1, 1, 1, -1, -1]])
+    assert torch.equal(voco_mask(video, frames), causal_pad_mask(video))
+
+
 def test_causal_pad_mask_ignores_voco():
     segments = torch.tensor([[VISION, VISION, VOCO, TEXT, TEXT, PAD]])
     mask = causal_pad_mask(segments)[0, 0]
