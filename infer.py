@@ -14,24 +14,19 @@ from its prompt.json (train.py writes it), else VoCo-LLaMA's. Answers are printe
 A video is compressed frame by frame into one cache (VoCoLlama.compress_video): its frames cost K positions each.
 """
 import argparse
-import re
 import sys
 import time
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from nanovoco.cache_file import load_cache, save_cache
 from nanovoco.files import read_json
 from nanovoco.data import build_sample, compress_prefix
 from nanovoco.generate import stream, stream_from_cache
-from nanovoco.image import load_image, preprocess, to_rgb
+from nanovoco.image import load_image, load_video, preprocess
 from nanovoco.model import VoCoLlama, check_length
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, stream_text
-
-FRAME_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif"}
-
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
@@ -61,43 +56,6 @@ def parse_args(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on CUDA, else fp32")
     return p.parse_args(argv)
-
-
-def natural_key(path: Path):
-    """frame2.png before frame10.png."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
-
-
-def load_video(sources, fps=None, max_frames=None) -> list[Image.Image]:
-    """Frames in time order from an animated file, a folder of frames (by natural name order) or a list of files."""
-    if len(sources) == 1 and Path(sources[0]).is_dir():
-        paths = sorted((p for p in Path(sources[0]).iterdir() if p.suffix.lower() in FRAME_SUFFIXES), key=natural_key)
-        if not paths:
-            raise FileNotFoundError(f"folder {sources[0]} holds no frames ({', '.join(sorted(FRAME_SUFFIXES))})")
-        frames, durations = [load_image(p) for p in paths], None
-    elif len(sources) == 1:
-        path = Path(sources[0])
-        if not path.is_file():
-            raise FileNotFoundError(f"video {path} does not exist")
-        try:
-            with Image.open(path) as video:
-                frames = [to_rgb(f, str(path)) for f in ImageSequence.Iterator(video)]
-                durations = [f.info.get("duration", 0) for f in ImageSequence.Iterator(video)]
-        except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"{path} is not a readable animated image ({e}): pass a GIF, WebP or PNG animation, or "
-                             f"a folder of frames (video files: extract their frames first, e.g. with ffmpeg)") from e
-    else:
-        frames, durations = [load_image(p) for p in sources], None
-    if fps:
-        if not durations or not all(durations):
-            raise ValueError("--fps needs an animated file whose frames have durations; for frame files or a folder, "
-                             "pick the frames to keep yourself, or use --max_frames")
-        starts = torch.tensor([0] + durations[:-1]).cumsum(0) / 1000  # seconds at which each frame appears
-        keep = [int((starts <= t).nonzero().max()) for t in torch.arange(0, float(starts[-1]) + 1e-9, 1 / fps)]
-        frames = [frames[i] for i in keep]
-    if max_frames and len(frames) > max_frames:
-        frames = [frames[round(i)] for i in torch.linspace(0, len(frames) - 1, max_frames).tolist()]
-    return frames
 
 
 def run(args):

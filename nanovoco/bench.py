@@ -25,15 +25,26 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
 from nanovoco.config import LlamaConfig, VoCoLlamaConfig, preset
-from nanovoco.model import RMSNorm, VoCoLlama
+from nanovoco.data import compress_prefix
+from nanovoco.init import init_weights
+from nanovoco.model import VoCoLlama
 
 METHODS = ("baseline", "full caching", "VoCo cache")
-NEWLINE_ID = 13  # "\n" in LLaMA's tokenizer (<0x0A>); with random weights any id would do
+
+
+class SpecialIds:
+    """What data.compress_prefix asks of a tokenizer: the BOS id and the ids of "\n", here LLaMA's (1 and <0x0A>,
+    13). The benchmark runs on random weights, where the ids change no timing, so it needs no tokenizer file."""
+    bos_id = 1
+
+    def encode(self, text: str, bos: bool = False) -> list[int]:
+        assert text == "\n" and not bos, "only the prefix's newline is encoded here"
+        return [13]
+
 # Table 7 of the paper (LLaVA-1.5-7B, K=1): KV cache length, storage (MB), CUDA time (ms), FLOPs (T)
 PAPER = {"baseline": (None, None, 440.5, 9.6), "full caching": (576, 302.4, 154.9, 1.2),
          "VoCo cache": (1, 0.525, 134.0, 0.5)}
@@ -47,17 +58,13 @@ def configure(size: str, num_voco: int = 1) -> VoCoLlamaConfig:
 
 
 def random_model(config: VoCoLlamaConfig, device="cpu", dtype=torch.float32) -> VoCoLlama:
-    """Random weights, allocated once: built on `meta`, materialised on the device in dtype, then filled N(0, 0.02)
-    with norm weights 1. A 7B model needs this on one GPU: an fp32 CPU copy first would need 28 GB."""
+    """Random weights, allocated once: built on `meta`, materialised on the device in dtype, then initialised as a
+    model trained from scratch is (init.init_weights). A 7B model needs this on one GPU: an fp32 CPU copy first
+    would need 28 GB."""
     with torch.device("meta"):
         vlm = VoCoLlama(config)
     vlm = vlm.to(dtype).to_empty(device=device).eval()
-    with torch.no_grad():
-        for p in vlm.parameters():
-            p.normal_(0.0, 0.02)
-        for m in vlm.modules():
-            if isinstance(m, (RMSNorm, nn.LayerNorm)):
-                m.weight.fill_(1.0)
+    init_weights(vlm)
     return vlm
 
 
@@ -65,12 +72,13 @@ def stages(vlm: VoCoLlama, pixels, text_ids) -> dict:
     """Run every method's stage 1 on pixels (1, 3, H, W); return {method: (stage 2 as a call -> Output, its cache)}.
     text_ids (1, T) is the question, the same for all three."""
     c = vlm.config
-    prefix = [c.text.bos_token_id] + [c.image_token_id] * c.num_image_tokens + [NEWLINE_ID]
+    prefix = compress_prefix(SpecialIds(), c.image_token_id, c.num_image_tokens, c.voco_token_id, c.num_voco)
+    image_prefix = prefix[:len(prefix) - c.num_voco]  # [BOS] [image x N] [\n]: what the uncompressed methods keep
     llm = vlm.llm
     with torch.no_grad():
-        image = vlm.embed(torch.tensor([prefix], device=pixels.device), pixels)  # (1, P, D): the vision tower, once
+        image = vlm.embed(torch.tensor([image_prefix], device=pixels.device), pixels)  # (1, P, D): the tower, once
         full = llm(inputs_embeds=image).cache  # per layer (1, n_kv_heads, P, head_dim)
-        voco = vlm.compress(pixels, torch.tensor(prefix + [c.voco_token_id] * c.num_voco))
+        voco = vlm.compress(pixels, torch.tensor(prefix))
     return {"baseline": (lambda: llm(inputs_embeds=torch.cat([image, llm.embed_tokens(text_ids)], 1)), None),
             "full caching": (lambda: llm(text_ids, cache=full), full),  # default: causal, positions P, P+1, ...
             "VoCo cache": (lambda: vlm.answer(voco, text_ids), voco.kv)}

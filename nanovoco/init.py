@@ -2,13 +2,21 @@
 import torch
 import torch.nn as nn
 
+from nanovoco.model import RMSNorm
+
 
 def init_weights(module: nn.Module):
-    """N(0, 0.02) weights and zero biases for every Linear, Embedding and Conv2d, as GPT and ViT do; a CLIP tower
-    also gets a N(0, 0.02) class embedding and fixed 2D sine-cosine positions (see sincos_2d)."""
+    """N(0, 0.02) weights and zero biases for every Linear, Embedding and Conv2d, as GPT and ViT do, norms to the
+    identity (weight 1, bias 0); a CLIP tower also gets a N(0, 0.02) class embedding and fixed 2D sine-cosine
+    positions (see sincos_2d). Every parameter is written, so it also initialises a model materialised from the meta
+    device with to_empty (nanovoco.bench's 7B model), whose memory holds garbage."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv2d)):
             nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (RMSNorm, nn.LayerNorm)):
+            nn.init.ones_(m.weight)
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
     for m in module.modules():

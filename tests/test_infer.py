@@ -14,7 +14,7 @@ from nanovoco.cache_file import save_cache
 from nanovoco.config import preset
 from nanovoco.data import build_sample, compress_prefix
 from nanovoco.generate import generate_from_cache
-from nanovoco.image import preprocess
+from nanovoco.image import load_video, preprocess
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
 
@@ -84,14 +84,14 @@ def test_video_sources(setup, capsys):
     code, out, _ = run(capsys, "--model", root / "voco", "--video", *(root / f"frame{i}.png" for i in (1, 2, 3)),
                        "--question", q, "--max_new_tokens", 10)
     assert code == 0 and out == f"Q: {q}\nA: {expected_answer(setup, q, ['frame1.png', 'frame2.png', 'frame3.png'])}\n"
-    assert [im.getpixel((0, 0)) for im in infer.load_video([str(root / "frames.gif")])][:3] == [
+    assert [im.getpixel((0, 0)) for im in load_video([str(root / "frames.gif")])][:3] == [
         (255, 0, 0), (0, 0, 255), (0, 128, 0)]
-    assert len(infer.load_video([str(root / "frames.gif")], fps=2)) == 4  # 8 frames of 0.25 s at 2 per second
-    assert len(infer.load_video([str(root / "frames.gif")], max_frames=3)) == 3
+    assert len(load_video([str(root / "frames.gif")], fps=2)) == 4  # 8 frames of 0.25 s at 2 per second
+    assert len(load_video([str(root / "frames.gif")], max_frames=3)) == 3
     (root / "folder").mkdir()
     for i in (10, 2, 1):  # natural order: 1, 2, 10
         Image.new("RGB", (8, 8), (i, 0, 0)).save(root / "folder" / f"f{i}.png")
-    assert [im.getpixel((0, 0))[0] for im in infer.load_video([str(root / "folder")])] == [1, 2, 10]
+    assert [im.getpixel((0, 0))[0] for im in load_video([str(root / "folder")])] == [1, 2, 10]
 
 
 def test_full_mode_answers_from_the_whole_image(setup, capsys):
