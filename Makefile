@@ -4,13 +4,21 @@
 # torch installed makes pip pull a multi-GB CUDA build.
 PY := .venv/bin/python
 
+# The main job needs the runtime dependencies only; transformers (the parity reference) and the notebook runner are
+# for the tests and `make notebooks`.
 .venv/.installed: pyproject.toml
 	python3 -m venv .venv
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e .
+	touch $@
+
+.venv/.dev-installed: .venv/.installed
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 setup: .venv/.installed
+
+dev: .venv/.dev-installed
 
 repro: setup
 	$(PY) -m nanovoco.repro
@@ -18,7 +26,10 @@ repro: setup
 demo: setup
 	$(PY) -m nanovoco.demo
 
-test: setup
+test: dev
 	$(PY) -m pytest -q
 
-.PHONY: setup repro demo test
+notebooks: dev  # run every notebook and store it with its outputs
+	$(PY) notebooks/execute.py
+
+.PHONY: setup dev repro demo test notebooks

@@ -53,8 +53,8 @@ def main(out="runs/demo", max_new_tokens=24, num_voco=2):
     t0 = time.perf_counter()
     cache = vlm.compress(pixels, prefix)
     cached = sum(k.nbytes + v.nbytes for k, v in cache.kv)
-    print(f"stage 1: {prefix.numel()} tokens -> a VoCo cache of {cache.positions.numel()} tokens, {cached / 1e3:.1f} kB "
-          f"(the whole prefix's cache: {cached * prefix.numel() / c.num_voco / 1e3:.1f} kB), "
+    print(f"stage 1: {prefix.numel()} tokens -> a VoCo cache of {cache.positions.numel()} tokens, "
+          f"{cached / 1e3:.1f} kB (the whole prefix's cache: {cached * prefix.numel() / c.num_voco / 1e3:.1f} kB), "
           f"{time.perf_counter() - t0:.2f}s")
 
     # stage 2: every question from the cache alone, never seeing the image again
