@@ -198,11 +198,13 @@ def prepare_data(cfg, out: Path, rank: int, size: int):
 
 
 def tiny_tokenizer(train_json: Path, out: Path, rank: int) -> Path:
-    """A model trained from scratch gets a small tokenizer trained on its own training texts (once, by rank 0), cut
+    """A model trained from scratch gets a small tokenizer trained on its own training texts (by rank 0), cut
     into the chunks that data.build_sample encodes: "USER: <question> ASSISTANT:" and the answer. Trained on the
-    bare texts, it spelled "USER:" and "ASSISTANT:" letter by letter, 15 tokens a turn: half of every sequence."""
+    bare texts, it spelled "USER:" and "ASSISTANT:" letter by letter, 15 tokens a turn: half of every sequence.
+    Trained again by every fresh run (a second, not a cost), so that one left by a run that stopped on bad data is
+    never reused for other data; a resumed run takes its checkpoint's."""
     path = out / "tokenizer.model"
-    if rank == 0 and not path.exists():
+    if rank == 0:
         records = files.read_json(train_json, "the training data")  # checked later, by LlavaDataset
         texts = [VOCO_SYSTEM]
         for r in records if isinstance(records, list) else []:
@@ -220,13 +222,21 @@ def model_config(cfg: TrainConfig, source) -> VoCoLlamaConfig:
     size, vision tokens), known before the model is built. From the checkpoint, else the preset with the
     --vision_path CLIP's vision part."""
     if source is not None:
-        return formats.vlm_parts(source, cfg.vision_path or None, cfg.projector_path or None,
-                                    VoCoLlamaConfig.from_dicts)[0]
-    config = preset(cfg.init)
-    if cfg.vision_path:
-        clip = checkpoint.Checkpoint(cfg.vision_path)
-        formats.require_kind(clip, "clip")
-        config.vision = CLIPVisionConfig(**formats.clip_config(clip.config, clip.config_file))
+        config = formats.vlm_parts(source, cfg.vision_path or None, cfg.projector_path or None,
+                                   VoCoLlamaConfig.from_dicts)[0]
+    else:
+        config = preset(cfg.init)
+        if cfg.vision_path:
+            clip = checkpoint.Checkpoint(cfg.vision_path)
+            formats.require_kind(clip, "clip")
+            config.vision = CLIPVisionConfig(**formats.clip_config(clip.config, clip.config_file))
+    return with_compressor(config, cfg)
+
+
+def with_compressor(config: VoCoLlamaConfig, cfg: TrainConfig) -> VoCoLlamaConfig:
+    """The baselines' config: an external compressor to --num_voco tokens, unless the checkpoint has one already."""
+    if cfg.mode in ("avgpool", "qformer") and config.compressor == "none":
+        return dataclasses.replace(config, compressor=cfg.mode, compressor_tokens=cfg.num_voco)
     return config
 
 
@@ -262,9 +272,9 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
             newline = tokenizer.encode("\n", bos=False)[-1]
             with torch.no_grad():
                 vlm.llm.embed_tokens.weight[c.voco_token_id] = vlm.llm.embed_tokens.weight[newline]
-    if cfg.mode in ("avgpool", "qformer") and c.compressor == "none":
+    if with_compressor(c, cfg) is not c:
         torch.manual_seed(cfg.seed)
-        new = VoCoLlama(dataclasses.replace(c, compressor=cfg.mode, compressor_tokens=cfg.num_voco))
+        new = VoCoLlama(with_compressor(c, cfg))
         missing, unexpected = new.load_state_dict(vlm.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("compressor.") for k in missing), (missing, unexpected)
         vlm = new

@@ -1,6 +1,7 @@
 """The paper's Table 7 (inference efficiency): what one question about an already-seen image costs, three ways.
 
     python -m nanovoco.bench                              # tiny random model, measured on the CPU
+    python -m nanovoco.bench --size 135m                  # SmolLM2-135M's LLM with 576 image tokens, on the CPU
     python -m nanovoco.bench --size 7b                    # LLaMA-7B + CLIP-L/336 shapes: analytic bytes and FLOPs
     python -m nanovoco.bench --size 7b --device cuda      # ... and measured with random bf16 weights
     add --out FILE to append the tables (with a machine line) to FILE
@@ -13,7 +14,10 @@ One image, one question of --text_tokens tokens, three methods:
 - VoCo cache: VoCoLlama.compress keeps the K VoCo tokens per layer; VoCoLlama.answer runs the text over them.
 Stage 2 is one question's prefill: one forward over its tokens, up to the logits of its first answer token (and the
 cache grown by the text, for decoding). Stage 1 (the vision tower, the caches) is done once and not timed; the
-baseline gets the image's embeddings precomputed, so no method runs the vision tower in stage 2.
+baseline gets the image's embeddings precomputed, so no method runs the vision tower in stage 2. Decoding after it
+is timed on its own, per generated token (greedy, --decode_tokens of them): compressing the prefix makes the
+question's prefill cheaper, but a decoded token reads the whole cache, and that saves per token only what reading
+P - K fewer keys costs, which is little next to the weights unless the cache is long.
 """
 from __future__ import annotations
 
@@ -28,12 +32,16 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
-from nanovoco.config import LlamaConfig, VoCoLlamaConfig, preset
+from nanovoco.config import CLIPVisionConfig, LlamaConfig, VoCoLlamaConfig, preset
 from nanovoco.data import compress_prefix
+from nanovoco.generate import decode_one_token
 from nanovoco.init import init_weights
 from nanovoco.model import VoCoLlama
 
 METHODS = ("baseline", "full caching", "VoCo cache")
+# Table 7 of the paper (LLaVA-1.5-7B, K=1): KV cache length, storage (MB), CUDA time (ms), FLOPs (T)
+PAPER = {"baseline": (None, None, 440.5, 9.6), "full caching": (576, 302.4, 154.9, 1.2),
+         "VoCo cache": (1, 0.525, 134.0, 0.5)}
 
 
 class SpecialIds:
@@ -45,14 +53,25 @@ class SpecialIds:
         assert text == "\n" and not bos, "only the prefix's newline is encoded here"
         return [13]
 
-# Table 7 of the paper (LLaVA-1.5-7B, K=1): KV cache length, storage (MB), CUDA time (ms), FLOPs (T)
-PAPER = {"baseline": (None, None, 440.5, 9.6), "full caching": (576, 302.4, 154.9, 1.2),
-         "VoCo cache": (1, 0.525, 134.0, 0.5)}
+
+SIZES = ("tiny", "135m", "7b")
 
 
 def configure(size: str, num_voco: int = 1) -> VoCoLlamaConfig:
-    """tiny: preset("tiny") with a 512-token vocabulary; 7b: LLaVA-1.5-7B's shapes, Vicuna's 32,000 tokens + <voco>."""
-    config = preset("tiny", 512) if size == "tiny" else preset("llava-7b", 32001)
+    """tiny: preset("tiny") with a 512-token vocabulary; 135m: SmolLM2-135M's LLM (30 layers, width 576, 9 query
+    and 3 KV heads, vocabulary 49,152 + <voco>) with 576 image tokens, as LLaVA-1.5's CLIP-L/336 gives, from a small
+    tower (stage 2 never runs it); 7b: LLaVA-1.5-7B's shapes, Vicuna's 32,000 tokens + <voco>."""
+    if size == "tiny":
+        config = preset("tiny", 512)
+    elif size == "135m":
+        config = VoCoLlamaConfig(
+            text=LlamaConfig(vocab_size=49153, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                             num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0,
+                             max_position_embeddings=8192, tie_word_embeddings=True),
+            vision=CLIPVisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                                    image_size=336, patch_size=14))
+    else:
+        config = preset("llava-7b", 32001)
     config.num_voco, config.voco_token_id = num_voco, config.text.vocab_size - 1
     return config
 
@@ -69,8 +88,8 @@ def random_model(config: VoCoLlamaConfig, device="cpu", dtype=torch.float32) -> 
 
 
 def stages(vlm: VoCoLlama, pixels, text_ids) -> dict:
-    """Run every method's stage 1 on pixels (1, 3, H, W); return {method: (stage 2 as a call -> Output, its cache)}.
-    text_ids (1, T) is the question, the same for all three."""
+    """Run every method's stage 1 on pixels (1, 3, H, W); return {method: (stage 2 as a call -> Output, its cache,
+    the question's last position)}. text_ids (1, T) is the question, the same for all three."""
     c = vlm.config
     prefix = compress_prefix(SpecialIds(), c.image_token_id, c.num_image_tokens, c.voco_token_id, c.num_voco)
     image_prefix = prefix[:len(prefix) - c.num_voco]  # [BOS] [image x N] [\n]: what the uncompressed methods keep
@@ -79,9 +98,24 @@ def stages(vlm: VoCoLlama, pixels, text_ids) -> dict:
         image = vlm.embed(torch.tensor([image_prefix], device=pixels.device), pixels)  # (1, P, D): the tower, once
         full = llm(inputs_embeds=image).cache  # per layer (1, n_kv_heads, P, head_dim)
         voco = vlm.compress(pixels, torch.tensor(prefix))
-    return {"baseline": (lambda: llm(inputs_embeds=torch.cat([image, llm.embed_tokens(text_ids)], 1)), None),
-            "full caching": (lambda: llm(text_ids, cache=full), full),  # default: causal, positions P, P+1, ...
-            "VoCo cache": (lambda: vlm.answer(voco, text_ids), voco.kv)}
+    P, T = len(image_prefix), text_ids.shape[1]
+    return {"baseline": (lambda: llm(inputs_embeds=torch.cat([image, llm.embed_tokens(text_ids)], 1)), None,
+                         P + T - 1),
+            "full caching": (lambda: llm(text_ids, cache=full), full, P + T - 1),  # causal, positions P, P+1, ...
+            "VoCo cache": (lambda: vlm.answer(voco, text_ids), voco.kv, voco.next_position + T - 1)}
+
+
+def decode(llm, out, last_position: int, n: int) -> list[int]:
+    """n greedy tokens after a stage-2 prefill (out: its logits and cache), each seeing the whole cache: every
+    cached key is visible to generated text in all three methods."""
+    visible = torch.ones(1, out.cache[0][0].shape[2], dtype=torch.bool, device=out.logits.device)
+    position = torch.tensor([last_position], device=out.logits.device)
+    tokens = []
+    for _ in range(n):
+        tokens.append(out.logits[:, -1].argmax(-1))
+        visible, position = torch.cat([visible, visible[:, :1]], 1), position + 1
+        out = decode_one_token(llm, tokens[-1], position, visible, out.cache)
+    return torch.cat(tokens).tolist()
 
 
 def llm_flops(c: LlamaConfig, tokens: int, keys: int) -> int:
@@ -126,43 +160,52 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
-def measure(vlm: VoCoLlama, text_tokens: int = 40, repeats: int = 20, seed: int = 0) -> list[dict]:
-    """Time and count every method's stage 2 on vlm's device: interleaved rounds (the order alternates, so machine
-    noise hits all alike), median over rounds."""
+def measure(vlm: VoCoLlama, text_tokens: int = 40, repeats: int = 20, seed: int = 0, decode_tokens: int = 16,
+            progress: bool = True) -> list[dict]:
+    """Time and count every method's stage 2 (and, per token, decoding after it) on vlm's device: interleaved
+    rounds (the order alternates, so machine noise hits all alike), median over rounds."""
     param = next(vlm.parameters())
     device, c = param.device, vlm.config
     g = torch.Generator().manual_seed(seed)
     pixels = torch.randn(1, 3, c.vision.image_size, c.vision.image_size, generator=g).to(device)
     text_ids = torch.randint(3, c.text.vocab_size - 1, (1, text_tokens), generator=g).to(device)
     methods = stages(vlm, pixels, text_ids)
-    ms = {m: [] for m in methods}
+    ms, decode_ms = {m: [] for m in methods}, {m: [] for m in methods}
     with torch.no_grad():
-        counted = {m: count_flops(call) for m, (call, _) in methods.items()}  # also the warm-up
-        for r in tqdm(range(repeats), desc="timing rounds"):
+        counted = {m: count_flops(call) for m, (call, _, _) in methods.items()}  # also the warm-up
+        for r in tqdm(range(repeats), desc="timing rounds", disable=not progress):
             for m in (METHODS if r % 2 == 0 else METHODS[::-1]):
+                call, _, last = methods[m]
                 sync(device)
                 t0 = time.perf_counter()
-                methods[m][0]()
+                out = call()
                 sync(device)
-                ms[m].append((time.perf_counter() - t0) * 1000)
+                t1 = time.perf_counter()
+                decode(vlm.llm, out, last, decode_tokens)
+                sync(device)
+                ms[m].append((t1 - t0) * 1000)
+                decode_ms[m].append((time.perf_counter() - t1) * 1000 / decode_tokens)
     source = f"measured on {device.type}, {str(param.dtype).removeprefix('torch.')}, random weights"
     rows = analytic_rows(c, text_tokens, c.num_voco, param.element_size())
     for row in rows:
         kv = methods[row["method"]][1] or []
         row.update(source=source, cache_tokens=kv[0][0].shape[2] if kv else 0,
                    cache_bytes=sum(t.nbytes for pair in kv for t in pair),
-                   time_ms=statistics.median(ms[row["method"]]), flops_counted=counted[row["method"]])
+                   time_ms=statistics.median(ms[row["method"]]), flops_counted=counted[row["method"]],
+                   decode_ms=statistics.median(decode_ms[row["method"]]))
     return rows
 
 
-def report(size="tiny", device="cpu", dtype=None, text_tokens=40, num_voco=1, repeats=20) -> list[dict]:
-    """The rows of Table 7: analytic ones for 7b; measured ones for tiny (any device) and for 7b on CUDA."""
+def report(size="tiny", device="cpu", dtype=None, text_tokens=40, num_voco=1, repeats=20, decode_tokens=16,
+           progress=True) -> list[dict]:
+    """The rows of Table 7: analytic ones for 7b; measured ones for tiny and 135m (any device) and for 7b on CUDA."""
     config = configure(size, num_voco)
     rows = analytic_rows(config, text_tokens, num_voco) if size == "7b" else []
-    if size == "tiny" or torch.device(device).type == "cuda":
+    if size != "7b" or torch.device(device).type == "cuda":
         torch.manual_seed(0)
-        dtype = dtype or (torch.float32 if size == "tiny" else torch.bfloat16)
-        rows += measure(random_model(config, device, dtype), text_tokens, repeats)
+        dtype = dtype or (torch.bfloat16 if size == "7b" else torch.float32)
+        rows += measure(random_model(config, device, dtype), text_tokens, repeats, decode_tokens=decode_tokens,
+                        progress=progress)
     return rows
 
 
@@ -179,8 +222,8 @@ def markdown(rows: list[dict]) -> str:
         base, full = t["baseline"], t["full caching"]
         unit, scale = next((u, s) for u, s in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1)) if base["flops"] >= s)
         out += [f"**{source}**", "", "| method | image tokens | KV cache length | cache storage (MB) | Δ vs full "
-                f"caching | stage-2 time (ms) | Δ vs baseline | FLOPs counted ({unit}) | FLOPs analytic ({unit}) | "
-                "Δ vs baseline |", "|---|" + "---:|" * 9]
+                f"caching | stage-2 time (ms) | Δ vs baseline | decode (ms/token) | FLOPs counted ({unit}) | FLOPs "
+                f"analytic ({unit}) | Δ vs baseline |", "|---|" + "---:|" * 10]
         for m, r in t.items():
             cached, time_ms, counted = m != "baseline", r.get("time_ms"), r.get("flops_counted")
             cells = [m, r["image_tokens"], r["cache_tokens"] if cached else "-",
@@ -188,6 +231,7 @@ def markdown(rows: list[dict]) -> str:
                      _less(r["cache_bytes"], full["cache_bytes"]) if m == "VoCo cache" else "-",
                      "-" if time_ms is None else f"{time_ms:.2f}",
                      _less(time_ms, base.get("time_ms")) if cached else "-",
+                     "-" if r.get("decode_ms") is None else f"{r['decode_ms']:.2f}",
                      "-" if counted is None else f"{counted / scale:.3f}", f"{r['flops'] / scale:.3f}",
                      _less(r["flops"], base["flops"]) if cached else "-"]
             out.append("| " + " | ".join(map(str, cells)) + " |")
@@ -240,20 +284,25 @@ def publish(text: str, out=None):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--size", choices=("tiny", "7b"), default="tiny")
+    p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                   help="measured runs; default float32 for tiny, bfloat16 for 7b")
+                   help="measured runs; default float32 for tiny and 135m, bfloat16 for 7b")
     p.add_argument("--text_tokens", type=int, default=40, help="the question's length (the text after the image)")
     p.add_argument("--num_voco", type=int, default=1, help="K, VoCo tokens per image (Table 7: 1)")
     p.add_argument("--repeats", type=int, default=20, help="timing rounds; the median is reported")
+    p.add_argument("--decode_tokens", type=int, default=16, help="greedy tokens decoded after each stage 2, timed "
+                   "per token")
     p.add_argument("--out", help="append the tables to this file")
     args = p.parse_args()
+    if min(args.text_tokens, args.num_voco, args.repeats, args.decode_tokens) < 1:
+        p.error("--text_tokens, --num_voco, --repeats and --decode_tokens must be >= 1")
     rows = report(args.size, args.device, args.dtype and getattr(torch, args.dtype), args.text_tokens,
-                  args.num_voco, args.repeats)
+                  args.num_voco, args.repeats, args.decode_tokens)
     config = configure(args.size, args.num_voco)
     header = (f"{machine(args.device)}; {config.num_image_tokens} image tokens, {args.text_tokens} text tokens, "
-              f"K = {args.num_voco}; " + (f"{args.repeats} interleaved timing rounds, median" if any(
+              f"K = {args.num_voco}; " + (f"{args.repeats} interleaved timing rounds, median; decode: "
+                                          f"{args.decode_tokens} greedy tokens" if any(
                   "time_ms" in r for r in rows) else "analytic only (measured with --device cuda)"))
     text = header + "\n\n" + markdown(rows) + ("\n" + paper_table(config, rows) if args.size == "7b" else "")
     publish(text, args.out)

@@ -426,7 +426,7 @@ class VoCoLlama(nn.Module):
         num_voco and voco_token_id override config.json's VoCo settings (formats.vlm_parts).
         """
         config, parts = formats.vlm_parts(path, vision_path, projector_path, VoCoLlamaConfig.from_dicts,
-                                             num_voco, voco_token_id)
+                                          num_voco, voco_token_id)
         return checkpoint.load(cls, config, parts, dtype, device)
 
     def save_pretrained(self, path):

@@ -88,6 +88,31 @@ def test_full_caching_logits_equal_baseline():
     assert not torch.allclose(methods["VoCo cache"][0]().logits, full)  # the VoCo path sees a different context
 
 
+def test_decoding_after_each_stage_2():
+    """The timed decode loop continues each method's prefill correctly: after the baseline and after full caching
+    it generates the same tokens (the two compute the same thing), and the VoCo cache's tokens equal
+    generate_from_cache's."""
+    from nanovoco.bench import decode
+    from nanovoco.generate import generate_from_cache
+    vlm = tiny_model(2)
+    g = torch.Generator().manual_seed(2)
+    pixels, text_ids = torch.randn(1, 3, 56, 56, generator=g), torch.randint(3, 500, (1, TEXT), generator=g)
+    methods = stages(vlm, pixels, text_ids)
+    with torch.no_grad():
+        tokens = {m: decode(vlm.llm, call(), last, 8) for m, (call, _, last) in methods.items()}
+        prefix = torch.tensor([1] + [vlm.config.image_token_id] * 16 + [13] + [vlm.config.voco_token_id] * 2)
+        reference = generate_from_cache(vlm, vlm.compress(pixels, prefix), text_ids, max_new_tokens=8)[0]
+    assert tokens["baseline"] == tokens["full caching"]
+    assert tokens["VoCo cache"] == reference
+
+
+def test_135m_shape():
+    c = configure("135m")
+    assert c.num_image_tokens == 576 and c.text.num_hidden_layers == 30 and c.text.head_dim == 64
+    assert c.text.num_attention_heads // c.text.num_key_value_heads == 3  # GQA 9 / 3, as SmolLM2-135M
+    assert kv_bytes_per_token(c.text, 2) == 2 * 30 * 3 * 64 * 2  # 23 kB per cached token in fp16
+
+
 @pytest.mark.parametrize("K", [1, 3])
 def test_voco_cache_holds_k_tokens_per_layer(K):
     vlm = tiny_model(K)
