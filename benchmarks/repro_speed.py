@@ -2,13 +2,15 @@
 
     python -m benchmarks.repro_speed                         # prints the table
     python -m benchmarks.repro_speed --out docs/benchmarks.md
+    python -m benchmarks.repro_speed --bf16                  # adds the current recipe under CPU bf16 autocast
 
 Three set-ups, each one `train.py` step as the loop does it (batch 32 in micro-batches of 16: forward, loss,
 backward, clipping, AdamW), on synthetic records with 8 questions each:
 - before: the earlier recipe's full stage: preset "tiny" (GQA), 56 px images in 16 patches, and the tiny tokenizer
   trained on the bare conversation texts, which spelled "USER:" and "ASSISTANT:" letter by letter;
 - tokenizer only: the current recipe (preset "tiny-mha", 64 px images in 64 patches) with that old tokenizer;
-- after: the current recipe with the tokenizer trained on the chunks build_sample encodes (train.tiny_tokenizer).
+- after: the current recipe with the tokenizer trained on the chunks build_sample encodes (train.tiny_tokenizer);
+- after, bf16 autocast (with --bf16): the same step under torch.autocast("cpu", torch.bfloat16).
 Timed in interleaved rounds (A B C, C B A, ...) so that machine noise hits all alike; medians over rounds.
 """
 import argparse
@@ -82,16 +84,27 @@ def setup(name: str, root: Path):
     return step, statistics.mean(len(dataset[i]["sample"].input_ids) for i in range(64))
 
 
+def autocast(step):
+    def bf16_step():
+        with torch.autocast("cpu", torch.bfloat16):
+            step()
+    return bf16_step
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed steps per set-up per round")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--out", help="append the markdown section to this file")
+    p.add_argument("--bf16", action="store_true", help="also time the current recipe under CPU bf16 autocast")
     args = p.parse_args()
-    names = ("before", "tokenizer only", "after")
+    names = ("before", "tokenizer only", "after") + (("after, bf16 autocast",) if args.bf16 else ())
     with tempfile.TemporaryDirectory() as tmp:
         steps, lengths = {}, {}
         for name in names:
+            if name == "after, bf16 autocast":
+                steps[name], lengths[name] = autocast(steps["after"]), lengths["after"]
+                continue
             steps[name], lengths[name] = setup(name, Path(tmp))
             for _ in range(2):  # warm-up
                 steps[name]()
