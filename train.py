@@ -35,6 +35,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
+from torch.distributed.tensor import distribute_tensor
 from tqdm import tqdm
 
 from nanovoco import checkpoint, files, formats, synthetic, synthetic_video
@@ -282,10 +283,44 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
     return vlm
 
 
+def place(cfg: TrainConfig, tokenizer: Tokenizer, source, device, rank: int, world: int) -> VoCoLlama:
+    """The model to train, on its device(s). One process: build_model, then to the device. Under torchrun, a start
+    that fits a node: only rank 0 builds the whole model in host memory (build_model: the checkpoint, the VoCo token,
+    the compressor); every rank builds it on the meta device from rank 0's config, shards it (FSDP2), allocates its
+    own shards only and receives their values from rank 0. Host memory per node: one whole model and the shards,
+    not one whole model per process (docs/benchmarks.md measures it)."""
+    if world == 1:
+        return shard(build_model(cfg, tokenizer, source), device, world, cfg.activation_checkpointing)
+    whole = build_model(cfg, tokenizer, source) if rank == 0 else None
+    config = [whole.config if rank == 0 else None]
+    dist.broadcast_object_list(config, src=0)  # a dataclass of numbers and strings, between our own processes
+    with torch.device("meta"):
+        vlm = VoCoLlama(config[0])
+    vlm.vision.requires_grad_(not cfg.freeze_vision)
+    vlm = shard(vlm, device, world, cfg.activation_checkpointing)
+    vlm.to_empty(device=device)  # this rank's shards, uninitialised until filled below
+    # One tensor at a time, so that a rank holds its shards and one whole tensor, never the whole model: rank 0
+    # broadcasts it, every rank keeps its own slice, and rank 0 frees its whole copy as it goes.
+    # (set_model_state_dict(..., broadcast_from_rank0=True) peaked at the whole model on every rank.)
+    whole_state = whole.state_dict() if rank == 0 else None
+    with torch.no_grad():
+        for name, shard_of in vlm.state_dict().items():  # DTensors, sharded on dim 0 as fully_shard placed them
+            full = whole_state.pop(name).to(device) if rank == 0 else torch.empty(
+                shard_of.shape, dtype=shard_of.dtype, device=device)
+            dist.broadcast(full, src=0)
+            mine = distribute_tensor(full, shard_of.device_mesh, shard_of.placements, src_data_rank=None)
+            shard_of.to_local().copy_(mine.to_local())
+            if rank == 0:  # drop the whole model's reference too: the tensor is freed with `full`
+                module, _, leaf = name.rpartition(".")
+                delattr(whole.get_submodule(module), leaf)
+            del full, mine
+    return vlm
+
+
 def shard(vlm: VoCoLlama, device, world: int, activation_checkpointing: bool) -> VoCoLlama:
     """Apply activation checkpointing and FSDP2 from outside the model, torchtitan-style: one FSDP unit per decoder
     block and one for the vision tower, then the root (embeddings, projector, norm, head). bf16 compute with fp32
-    gradient reduction on CUDA; fp32 on the CPU."""
+    gradient reduction on CUDA; fp32 on the CPU. A model on the meta device stays there (place allocates it)."""
     from torch.distributed._composable import checkpoint as activation_checkpoint
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -296,7 +331,8 @@ def shard(vlm: VoCoLlama, device, world: int, activation_checkpointing: bool) ->
         return vlm.to(device)
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
         else MixedPrecisionPolicy()
-    vlm.to(device)
+    if not next(vlm.parameters()).is_meta:
+        vlm.to(device)
     for layer in vlm.llm.layers:
         fully_shard(layer, mp_policy=mp)
     fully_shard(vlm.vision, mp_policy=mp)
@@ -460,7 +496,7 @@ def prepare(cfg: TrainConfig) -> Run:
     eval_set = LlavaDataset(eval_json, folder(eval_json), tokenizer, config, **data_args) if eval_json else None
 
     # model
-    vlm = shard(build_model(cfg, tokenizer, source), device, world, cfg.activation_checkpointing)
+    vlm = place(cfg, tokenizer, source, device, rank, world)
     params = [p for p in vlm.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)
