@@ -130,3 +130,10 @@ def test_voco_cache_holds_k_tokens_per_layer(K):
     analytic = {r["method"]: r for r in analytic_rows(vlm.config, TEXT, K, bytes_per_value=4)}
     for m in ("full caching", "VoCo cache"):
         assert rows[m]["cache_bytes"] == analytic[m]["cache_bytes"]
+
+
+def test_gpu_check_refuses_a_machine_without_cuda():
+    """benchmarks/gpu_check.py is for the GPU machine; here it says so in one line and exits 2."""
+    run = subprocess.run([sys.executable, "-m", "benchmarks.gpu_check"], capture_output=True, text=True, timeout=120,
+                         env={**__import__("os").environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert run.returncode == 2 and run.stderr.strip() == "error: no CUDA device: this script is for the GPU machine"
