@@ -3,6 +3,7 @@
     python -m benchmarks.infer_vs_transformers                       # fp32, CPU
     python -m benchmarks.infer_vs_transformers --bf16                # bf16 weights
     python -m benchmarks.infer_vs_transformers --device cuda --bf16  # on a GPU
+    python -m benchmarks.infer_vs_transformers --fast                # + nanovoco's compiled static-cache decode
     add --out docs/benchmarks.md to append the result table there (run from the repository root)
 
 One random transformers model (attn_implementation="sdpa") is saved with save_pretrained and loaded into nanovoco
@@ -14,7 +15,11 @@ tokens). Measured on one prompt of random ids:
     max_new_tokens=N, min_new_tokens=N, eos_token_id=None)`, for N new tokens and for 1 new token. A decode step's
     time is (t(N) - t(1)) / (N - 1), which leaves out the prefill of the prompt (the two prefill differently:
     transformers' generate computes the logits of the last prompt token only, nanovoco's of every prompt token).
-The two implementations are timed in alternating rounds (A B, B A, ...); the table reports medians over rounds.
+With --fast, "nanovoco fast" is `generate(..., fast=True)`: the same prefill, then gpt-fast's decode (a static KV
+cache and a torch.compile'd step, generate.static_decoder), checked to give the eager path's tokens. Each decode
+time stands next to its memory-bandwidth limit on this machine: the bytes a decode step must read (all weights,
+and the cache at mid-generation) over the bandwidth of a large copy measured in the same run.
+The implementations are timed in alternating rounds (A B, B A, ...); the table reports medians over rounds.
 """
 import argparse
 import statistics
@@ -45,17 +50,25 @@ def parse_args():
     p.add_argument("--rounds", type=int, default=10)
     p.add_argument("--bf16", action="store_true", help="both models in bfloat16 (the parity checks run in fp32 first)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--fast", action="store_true", help="also time nanovoco's compiled static-cache decode")
     p.add_argument("--out", help="append the markdown section to this file")
     return p.parse_args()
 
 
 def prefill(name, model, ids):
-    return model(ids).logits if name == "nanovoco" else model(input_ids=ids).logits
+    return model(ids).logits if name.startswith("nanovoco") else model(input_ids=ids).logits
+
+
+def bandwidth(device, n_bytes=512 * 2 ** 20, rounds=5) -> float:
+    """Bytes per second a large copy moves (each byte read once and written once)."""
+    src = torch.empty(n_bytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    return 2 * n_bytes / statistics.median(timed(device, lambda: dst.copy_(src)) / 1000 for _ in range(rounds))
 
 
 def greedy(name, model, ids, new) -> list[int]:
-    if name == "nanovoco":
-        return generate(model, ids, max_new_tokens=new)[0]
+    if name.startswith("nanovoco"):
+        return generate(model, ids, max_new_tokens=new, fast=name == "nanovoco fast")[0]
     out = model.generate(ids, do_sample=False, max_new_tokens=new, min_new_tokens=new, eos_token_id=None)
     return out[0, ids.shape[1]:].tolist()
 
@@ -81,7 +94,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
         ours = Llama.from_pretrained(tmp, device=device).eval()
-    models = {"transformers": hf.to(device), "nanovoco": ours}
+    names = NAMES + (("nanovoco fast",) if args.fast else ())
+    models = {"transformers": hf.to(device), "nanovoco": ours, "nanovoco fast": ours}
     ids = torch.randint(0, args.vocab, (1, args.prompt), device=device)
 
     # parity in fp32: identical weights and prompt give the same logits and the same greedy tokens
@@ -90,24 +104,26 @@ def main():
     assert diff < 1e-4, f"logits differ by {diff:.2e}: the two models do not compute the same function"
     tokens = {n: greedy(n, models[n], ids, args.new) for n in NAMES}
     assert tokens["nanovoco"] == tokens["transformers"], "greedy tokens differ in fp32"
+    if args.fast:
+        assert greedy("nanovoco fast", ours, ids, args.new) == tokens["nanovoco"], "the fast path's tokens differ"
     if args.bf16:
         models = {n: m.to(torch.bfloat16) for n, m in models.items()}
-        tokens = {n: greedy(n, models[n], ids, args.new) for n in NAMES}  # also the bf16 warm-up
+        tokens = {n: greedy(n, models[n], ids, args.new) for n in names}  # also the bf16 warm-up
     same = sum(x == y for x, y in zip(tokens["nanovoco"], tokens["transformers"]))
 
-    for name in NAMES:  # warm-up
+    for name in names:  # warm-up
         prefill(name, models[name], ids)
         greedy(name, models[name], ids, args.new)
-    ms = {n: {"prefill": [], "generate 1": [], "generate N": []} for n in NAMES}
+    ms = {n: {"prefill": [], "generate 1": [], "generate N": []} for n in names}
     for r in tqdm(range(args.rounds), desc="rounds"):
-        for name in (NAMES if r % 2 == 0 else NAMES[::-1]):  # alternate who goes first
+        for name in (names if r % 2 == 0 else names[::-1]):  # alternate who goes first
             m = models[name]
             ms[name]["prefill"].append(timed(device, lambda: prefill(name, m, ids)))
             ms[name]["generate 1"].append(timed(device, lambda: greedy(name, m, ids, 1)))
             ms[name]["generate N"].append(timed(device, lambda: greedy(name, m, ids, args.new)))
 
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in ms.items()}
-    for n in NAMES:  # per round, so that the prefill of the same round is the one taken out
+    for n in names:  # per round, so that the prefill of the same round is the one taken out
         med[n]["step"] = statistics.median((g - g1) / (args.new - 1) for g, g1 in
                                            zip(ms[n]["generate N"], ms[n]["generate 1"]))
     N = args.new
@@ -121,16 +137,25 @@ def main():
         + (f"; in bf16 {same}/{N} greedy tokens equal" if args.bf16 else ""),
         "",
         f"| implementation | prefill ms | prefill tokens/s | generate 1 ms | generate {N} ms | "
-        f"decode ms/token | decode tokens/s | time ratio: prefill | generate {N} | decode |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"decode ms/token | decode tokens/s | bandwidth limit ms/token | time ratio: prefill | generate {N} | decode |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for n in NAMES:
+    element = next(ours.parameters()).element_size()
+    # a decode step reads every weight once, except the embedding table, of which it reads one row (its LM head
+    # is a separate matrix here: transformers' default, untied)
+    weights = (sum(p.numel() for p in ours.parameters()) - ours.embed_tokens.weight.numel()) * element
+    cache = (args.prompt + N // 2) * 2 * args.layers * args.kv_heads * (args.hidden // args.heads) * element
+    limit = (weights + cache) / bandwidth(device) * 1000
+    for n in names:
         t, ref = med[n], med["transformers"]
         lines.append(f"| {n} | {t['prefill']:.1f} | {args.prompt / t['prefill'] * 1000:,.0f} | "
                      f"{t['generate 1']:.1f} | {t['generate N']:.1f} | "
-                     f"{t['step']:.2f} | {1000 / t['step']:,.0f} | {t['prefill'] / ref['prefill']:.3f} | "
-                     f"{t['generate N'] / ref['generate N']:.3f} | {t['step'] / ref['step']:.3f} |")
-    lines += ["", "time ratio = nanovoco / transformers, below 1 when nanovoco is faster"]
+                     f"{t['step']:.2f} | {1000 / t['step']:,.0f} | {limit:.2f} | "
+                     f"{t['prefill'] / ref['prefill']:.3f} | {t['generate N'] / ref['generate N']:.3f} | "
+                     f"{t['step'] / ref['step']:.3f} |")
+    lines += ["", "time ratio = nanovoco / transformers, below 1 when nanovoco is faster; bandwidth limit = (the "
+              f"weights a step reads, {weights / 1e6:.0f} MB + cache at mid-generation {cache / 1e6:.1f} MB) / the "
+              "copy bandwidth measured here"]
     text = "\n".join(lines) + "\n"
     publish(text, args.out)
 

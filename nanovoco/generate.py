@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from nanovoco.model import KVCache, Llama, Output, VoCoCache, VoCoLlama, check_length
+from nanovoco.model import KVCache, Llama, Output, StaticKV, VoCoCache, VoCoLlama, check_length
 from nanovoco.voco import PAD, TEXT, VOCO, uncompressed_as_text, voco_mask
 
 
@@ -45,10 +45,10 @@ def decode_one_token(llm: Llama, token, position, visible, cache: KVCache) -> Ou
 
 @torch.no_grad()
 def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, position_ids=None,
-           max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None):
+           max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None, fast=False):
     """Yield the next token of every row, (B,), until max_new_tokens or every row has produced eos_id (a finished
     row keeps yielding eos_id). segments/groups: (B, L) labels of the prompt (voco.py), default all TEXT;
-    position_ids: see prefill."""
+    position_ids: see prefill. fast: decode with static_decoder (compiled; the first call per shape compiles)."""
     x = input_ids if inputs_embeds is None else inputs_embeds
     B, L = x.shape[:2]
     if segments is None:
@@ -62,39 +62,81 @@ def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups
     seen = uncompressed_as_text(segments, groups)  # an image without VoCo tokens is seen directly, as TEXT
     visible = (seen == TEXT) | (seen == VOCO)  # what generated text may see: never compressed VISION, never PAD
     yield from decode(llm, out, position_ids[:, -1], visible, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_p=top_p, eos_id=eos_id, generator=generator)
+                      top_p=top_p, eos_id=eos_id, generator=generator, fast=fast)
 
 
-def decode(llm: Llama, out: Output, position, visible, *, max_new_tokens, temperature, top_p, eos_id, generator):
+def decode(llm: Llama, out: Output, position, visible, *, max_new_tokens, temperature, top_p, eos_id, generator,
+           fast=False):
     """The decode loop after a prefill: out holds the prompt's last logits and the cache, position (B,) the last
-    prompt position, visible (B, L_cached) the cached keys that generated tokens may see."""
+    prompt position, visible (B, L_cached) the cached keys that generated tokens may see. fast: decode through
+    static_decoder (the same tokens; tested against this loop)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     B = visible.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=visible.device)
+    step_fast = static_decoder(llm, out.cache, visible, max_new_tokens) if fast else None
+    logits = out.logits[:, -1]
     for step in range(max_new_tokens):
-        token = sample(out.logits[:, -1], temperature, top_p, generator)
+        token = sample(logits, temperature, top_p, generator)
         if eos_id is not None:
             token = token.masked_fill(done, eos_id)
             done |= token == eos_id
         yield token
         if done.all() or step == max_new_tokens - 1:
             return
-        visible = torch.cat([visible, torch.ones_like(visible[:, :1])], dim=1)
         position = position + 1
-        out = decode_one_token(llm, token, position, visible, out.cache)
+        if fast:
+            logits = step_fast(token, position)
+        else:
+            visible = torch.cat([visible, torch.ones_like(visible[:, :1])], dim=1)
+            out = decode_one_token(llm, token, position, visible, out.cache)
+            logits = out.logits[:, -1]
+
+
+BUCKET = 256  # static caches are sized in multiples of this, so that prompts of similar length share a compilation
+
+
+def static_decoder(llm: Llama, cache, visible, max_new_tokens: int):
+    """gpt-fast's decode step: the prompt's cache copied into preallocated buffers of a fixed size (model.StaticKV),
+    and one torch.compile'd forward per token that writes its key and value in place and attends over every slot
+    under a mask, so that all steps have the same shapes and compile once per (batch, size). Returns
+    step(token (B,), position (B,)) -> the next logits (B, V). The eager loop of `decode` is the reference."""
+    B, n_cached = visible.shape
+    size = -(-(n_cached + max_new_tokens) // BUCKET) * BUCKET
+    buffers = []
+    for k, v in cache:
+        kb, vb = (t.new_zeros(B, t.shape[1], size, t.shape[3]) for t in (k, v))
+        kb[:, :, :n_cached], vb[:, :, :n_cached] = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+        buffers.append((kb, vb))
+    mask = torch.zeros(B, 1, 1, size, dtype=torch.bool, device=visible.device)
+    mask[:, 0, 0, :n_cached] = visible
+    slot = torch.tensor([n_cached - 1], device=visible.device)
+
+    def step(token, position):
+        slot.add_(1)
+        mask[:, :, :, slot] = True
+        return compiled_step(llm, token[:, None], position[:, None], mask, [StaticKV(k, v, slot) for k, v in buffers])
+
+    return step
+
+
+def _step(llm, token, position, mask, cache):
+    return llm(token, attn_mask=mask, position_ids=position, cache=cache, use_cache=False).logits[:, -1]
+
+
+compiled_step = torch.compile(_step, dynamic=False)
 
 
 def generate(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, position_ids=None,
-             max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None) -> list[list[int]]:
+             max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None, fast=False) -> list[list[int]]:
     """The generated tokens of every row, without the eos token (see `stream` for the arguments)."""
     return until_eos(stream(llm, input_ids, inputs_embeds, segments, groups, position_ids, max_new_tokens, temperature,
-                            top_p, eos_id, generator), eos_id)
+                            top_p, eos_id, generator, fast), eos_id)
 
 
 @torch.no_grad()
 def stream_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32, temperature=0.0,
-                      top_p=1.0, eos_id=None, generator=None):
+                      top_p=1.0, eos_id=None, generator=None, fast=False):
     """Stage 2 generation: the questions text_ids (B, T) answered from a VoCo cache (VoCoLlama.compress), yielding
     the next token of every row, (B,), as `stream` does. Batched questions must be left-padded (text_mask False on
     the padding), so that every row goes on from its last column."""
@@ -105,14 +147,14 @@ def stream_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None
     visible = torch.cat([real.new_ones(B, cache.positions.shape[0]), real], dim=1)  # the VoCo tokens + text
     last = cache.next_position + real.long().sum(-1) - 1
     yield from decode(vlm.llm, out, last, visible, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_p=top_p, eos_id=eos_id, generator=generator)
+                      top_p=top_p, eos_id=eos_id, generator=generator, fast=fast)
 
 
 def generate_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32,
-                        temperature=0.0, top_p=1.0, eos_id=None, generator=None) -> list[list[int]]:
+                        temperature=0.0, top_p=1.0, eos_id=None, generator=None, fast=False) -> list[list[int]]:
     """Stage 2: every row's generated tokens, without the eos token (see `stream_from_cache`)."""
     return until_eos(stream_from_cache(vlm, cache, text_ids, text_mask, max_new_tokens, temperature, top_p, eos_id,
-                                       generator), eos_id)
+                                       generator, fast), eos_id)
 
 
 def until_eos(steps, eos_id) -> list[list[int]]:

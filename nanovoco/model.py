@@ -34,6 +34,16 @@ class Output:
 
 
 @dataclass
+class StaticKV:
+    """One layer's keys and values in preallocated buffers (B, n_kv_heads, max_len, head_dim), for generation's fast
+    path (generate.static_decoder, as gpt-fast does): a call writes its new keys and values at `slots` (L,) and
+    attends over all max_len slots under its mask, so that every decode step has the same shapes and compiles once."""
+    k: torch.Tensor
+    v: torch.Tensor
+    slots: torch.Tensor
+
+
+@dataclass
 class VoCoCache:
     """Stage 1's result, all that stage 2 may see of an image (or a video): the keys and values of its VoCo tokens
     at every layer. Under the training mask a text token sees VoCo and text keys only, never BOS or the vision
@@ -107,7 +117,11 @@ class Attention(nn.Module):
         k = rearrange(self.k_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
         v = rearrange(self.v_proj(x), "b l (h d) -> b h l d", d=self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if past_kv is not None:  # cached keys are already rotated at their own positions: just prepend them
+        if isinstance(past_kv, StaticKV):  # the fast path: into the preallocated slots, then attend over all
+            past_kv.k.index_copy_(2, past_kv.slots, k)
+            past_kv.v.index_copy_(2, past_kv.slots, v)
+            k, v = past_kv.k, past_kv.v
+        elif past_kv is not None:  # cached keys are already rotated at their own positions: just prepend them
             k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
         # mask: (B or 1, 1, L, L_past + L) bool, True = may attend; None = plain causal with nothing cached, where
         # SDPA's own causal kernels beat a materialised mask. GQA: each KV head serves a group of query heads.
@@ -167,7 +181,7 @@ class Llama(nn.Module):
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, L, _ = x.shape
-        past = 0 if cache is None else cache[0][0].shape[2]
+        past = 0 if cache is None or isinstance(cache[0], StaticKV) else cache[0][0].shape[2]  # static: explicit
         if position_ids is None:
             position_ids = torch.arange(past, past + L, device=x.device).expand(B, L)
         if attn_mask is None and past:

@@ -84,3 +84,23 @@ def test_an_image_without_voco_tokens_is_read_by_every_generated_token(tmp_path)
     hidden = segments.clone()
     hidden[0, 4] = VOCO  # now the image is compressed by one VoCo token: the text no longer sees it directly
     assert generate(llm, inputs_embeds=x, segments=hidden, groups=groups, max_new_tokens=12) != as_text
+
+
+def test_fast_decode_gives_the_eager_tokens(tmp_path):
+    """generate(..., fast=True): a static KV cache and a torch.compile'd step (generate.static_decoder) decode the
+    same tokens as the eager loop, for a left-padded batch under the VoCo mask and from a VoCo cache (stage 2)."""
+    from nanovoco.config import preset
+    from nanovoco.generate import generate_from_cache
+    torch.manual_seed(0)
+    config = preset("tiny", 200)
+    config.num_voco, config.voco_token_id = 2, 199
+    vlm = VoCoLlama(config).eval()
+    ids = torch.randint(3, 190, (2, 12), generator=torch.Generator().manual_seed(1))
+    segments = torch.tensor([[PAD] * 3 + [TEXT] * 9, [TEXT] * 12])
+    eager = generate(vlm.llm, ids, segments=segments, max_new_tokens=20)
+    assert generate(vlm.llm, ids, segments=segments, max_new_tokens=20, fast=True) == eager
+    prefix = torch.tensor([1] + [vlm.config.image_token_id] * 16 + [13, 199, 199])
+    cache = vlm.compress(torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(2)), prefix)
+    text = torch.randint(3, 190, (3, 6), generator=torch.Generator().manual_seed(3))
+    assert generate_from_cache(vlm, cache, text, max_new_tokens=20, fast=True) == \
+        generate_from_cache(vlm, cache, text, max_new_tokens=20)
