@@ -9,6 +9,8 @@ never the VISION ones. Plain text is all TEXT; a left-padded batch marks its pad
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from nanovoco.model import KVCache, Llama, Output, StaticKV, VoCoCache, VoCoLlama, check_length
@@ -115,7 +117,8 @@ def static_decoder(llm: Llama, cache, visible, max_new_tokens: int):
     def step(token, position):
         slot.add_(1)
         mask[:, :, :, slot] = True
-        return compiled_step(llm, token[:, None], position[:, None], mask, [StaticKV(k, v, slot) for k, v in buffers])
+        return compiled_step()(llm, token[:, None], position[:, None], mask,
+                               [StaticKV(k, v, slot) for k, v in buffers])
 
     return step
 
@@ -124,7 +127,10 @@ def _step(llm, token, position, mask, cache):
     return llm(token, attn_mask=mask, position_ids=position, cache=cache, use_cache=False).logits[:, -1]
 
 
-compiled_step = torch.compile(_step, dynamic=False)
+@functools.cache
+def compiled_step():
+    """torch.compile(_step), made on first use: importing torch's compiler costs ~2 s that eager runs never need."""
+    return torch.compile(_step, dynamic=False)
 
 
 def generate(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, position_ids=None,
