@@ -53,6 +53,8 @@ def parse_args(argv):
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     p.add_argument("--top_p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fast", action="store_true", help="decode with a static KV cache and a compiled step "
+                   "(generate.static_decoder: the same tokens; the first question compiles it)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="default: bfloat16 on CUDA, else fp32")
     return p.parse_args(argv)
@@ -109,7 +111,7 @@ def run(args):
 
     generator = torch.Generator(device).manual_seed(args.seed)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                   eos_id=tokenizer.eos_id, generator=generator)
+                   eos_id=tokenizer.eos_id, generator=generator, fast=args.fast)
     for question, s in zip(args.question, prompts):
         print(f"Q: {question}\nA:", end=" ", flush=True)
         t0 = time.perf_counter()

@@ -76,6 +76,9 @@ def test_image_questions_and_cache_file(setup, capsys, tmp_path):
     code, again, err = run(capsys, "--model", root / "voco", "--cache", tmp_path / "c.voco", "--question",
                            questions[0], "--question", questions[1], "--max_new_tokens", 10)
     assert code == 0 and again == out and "loaded" in err
+    code, fast, _ = run(capsys, "--model", root / "voco", "--cache", tmp_path / "c.voco", "--question",
+                        questions[0], "--question", questions[1], "--max_new_tokens", 10, "--fast")
+    assert code == 0 and fast == out  # the compiled static-cache decode: the same answers
 
 
 def test_video_sources(setup, capsys):
