@@ -21,12 +21,11 @@ from pathlib import Path
 import torch
 
 from nanovoco.cache_file import load_cache, save_cache
-from nanovoco.files import read_json
 from nanovoco.data import build_sample, compress_prefix
 from nanovoco.generate import stream, stream_from_cache
 from nanovoco.image import load_image, load_video, preprocess
 from nanovoco.model import VoCoLlama, check_length
-from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, stream_text
+from nanovoco.tokenizer import Tokenizer, stream_text, trained_system_prompt
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
@@ -67,9 +66,7 @@ def run(args):
     vlm = VoCoLlama.from_pretrained(model_dir, vision_path=args.vision, projector_path=args.projector, dtype=dtype,
                                     device=device, num_voco=args.num_voco, voco_token_id=args.voco_token_id).eval()
     tokenizer = Tokenizer(args.tokenizer or model_dir)
-    prompt_file = model_dir / "prompt.json"  # {"system": the prompt it was trained with}, written by train.py
-    system = args.system if args.system is not None else (
-        read_json(prompt_file, "the system prompt")["system"] if prompt_file.is_file() else VOCO_SYSTEM)
+    system = args.system if args.system is not None else trained_system_prompt(model_dir)
     c = vlm.config
     mode = args.mode or ("voco" if c.num_voco else "full")
     if mode == "voco" and not c.num_voco:

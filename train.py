@@ -273,9 +273,10 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
             newline = tokenizer.encode("\n", bos=False)[-1]
             with torch.no_grad():
                 vlm.llm.embed_tokens.weight[c.voco_token_id] = vlm.llm.embed_tokens.weight[newline]
-    if with_compressor(c, cfg) is not c:
+    baseline = with_compressor(c, cfg)
+    if baseline is not c:
         torch.manual_seed(cfg.seed)
-        new = VoCoLlama(with_compressor(c, cfg))
+        new = VoCoLlama(baseline)
         missing, unexpected = new.load_state_dict(vlm.state_dict(), strict=False)
         assert not unexpected and all(k.startswith("compressor.") for k in missing), (missing, unexpected)
         vlm = new
@@ -443,7 +444,6 @@ class Run:
     train_set: LlavaDataset
     eval_set: LlavaDataset | None
     tokenizer_path: Path
-    accumulation: int
     total_steps: int
     step: int
 
@@ -467,7 +467,6 @@ def prepare(cfg: TrainConfig) -> Run:
     if cfg.batch_size % (world * cfg.micro_batch_size):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of processes x micro_batch_size = "
                          f"{world} x {cfg.micro_batch_size}")
-    accumulation = cfg.batch_size // (world * cfg.micro_batch_size)
 
     resume_from = find_checkpoint(out) if cfg.resume else None
     if resume_from:
@@ -506,8 +505,8 @@ def prepare(cfg: TrainConfig) -> Run:
         dcp.load(state, checkpoint_id=str(resume_from / "optimizer"))
         set_optimizer_state_dict(vlm, optim, state["optimizer"])
         step = saved["step"]
-    return Run(cfg, rank, world, device, out, vlm, optim, params, train_set, eval_set, tokenizer_path, accumulation,
-               total_steps, step)
+    return Run(cfg, rank, world, device, out, vlm, optim, params, train_set, eval_set, tokenizer_path, total_steps,
+               step)
 
 
 def fit(run: Run):
@@ -535,7 +534,8 @@ def fit(run: Run):
     if rank == 0:
         n_train = sum(p.numel() for p in params)
         print(f"{cfg.mode}: {n_train / 1e6:.1f}M trainable parameters, {len(train_set)} samples, {total_steps} steps "
-              f"of {cfg.batch_size} ({world} process(es) x {run.accumulation} x {cfg.micro_batch_size}) on {device}")
+              f"of {cfg.batch_size} ({world} process(es) x {cfg.batch_size // (world * cfg.micro_batch_size)} x "
+              f"{cfg.micro_batch_size}) on {device}")
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=cfg.mode)
     first_step = step
     while step < total_steps:

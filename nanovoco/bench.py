@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from nanovoco.config import CLIPVisionConfig, LlamaConfig, VoCoLlamaConfig, preset
 from nanovoco.data import compress_prefix
-from nanovoco.generate import decode_one_token
+from nanovoco import generate
 from nanovoco.init import init_weights
 from nanovoco.model import VoCoLlama
 
@@ -106,16 +106,13 @@ def stages(vlm: VoCoLlama, pixels, text_ids) -> dict:
 
 
 def decode(llm, out, last_position: int, n: int) -> list[int]:
-    """n greedy tokens after a stage-2 prefill (out: its logits and cache), each seeing the whole cache: every
-    cached key is visible to generated text in all three methods."""
+    """n greedy tokens after a stage-2 prefill (out: its logits and cache), with n decode steps (generate.decode's
+    loop, asked for one token more: it runs no step after the last token it yields), each seeing the whole cache:
+    every cached key is visible to generated text in all three methods."""
     visible = torch.ones(1, out.cache[0][0].shape[2], dtype=torch.bool, device=out.logits.device)
-    position = torch.tensor([last_position], device=out.logits.device)
-    tokens = []
-    for _ in range(n):
-        tokens.append(out.logits[:, -1].argmax(-1))
-        visible, position = torch.cat([visible, visible[:, :1]], 1), position + 1
-        out = decode_one_token(llm, tokens[-1], position, visible, out.cache)
-    return torch.cat(tokens).tolist()
+    steps = generate.decode(llm, out, torch.tensor([last_position], device=out.logits.device), visible,
+                            max_new_tokens=n + 1, temperature=0.0, top_p=1.0, eos_id=None, generator=None)
+    return torch.cat(list(steps)).tolist()[:n]
 
 
 def llm_flops(c: LlamaConfig, tokens: int, keys: int) -> int:

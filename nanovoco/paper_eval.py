@@ -40,7 +40,7 @@ from nanovoco.files import read_json
 from nanovoco.generate import generate, generate_from_cache
 from nanovoco.image import load_image, preprocess
 from nanovoco.model import VoCoLlama
-from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer
+from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, trained_system_prompt
 
 SQA_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA's --single-pred-prompt
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
@@ -329,8 +329,7 @@ def main(argv=None):
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         vlm = VoCoLlama.from_pretrained(args.model, vision_path=args.vision, dtype=dtype, device=device).eval()
         tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")
-        prompt = Path(args.model) / "prompt.json"
-        system = read_json(prompt, "the system prompt")["system"] if prompt.is_file() else VOCO_SYSTEM
+        system = trained_system_prompt(args.model)
         missing = [q["image"] for q in questions if q["image"] and not (Path(args.image_folder) / q["image"]).is_file()]
         if missing:
             raise FileNotFoundError(f"{len(missing)} image(s) missing under {args.image_folder}, e.g. {missing[0]}")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from nanovoco.files import atomic_write
+from nanovoco.files import atomic_write, read_json
 
 # LLaVA's conv_vicuna_v1, the template behind `--version v1` (training) and `--conv-mode vicuna_v1` (evaluation).
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
@@ -116,6 +116,13 @@ def stream_text(tokens, tokenizer, eos_id=None):
         text = tokenizer.decode(ids)
         yield text[len(shown):]
         shown = text
+
+
+def trained_system_prompt(model_dir) -> str:
+    """The system prompt a checkpoint was trained with: its prompt.json, {"system": ...}, which train.py writes
+    beside the weights; VoCo-LLaMA's for a checkpoint without one."""
+    path = Path(model_dir) / "prompt.json"
+    return read_json(path, "the system prompt")["system"] if path.is_file() else VOCO_SYSTEM
 
 
 def render_vicuna(turns, system=VICUNA_SYSTEM):
