@@ -1,9 +1,12 @@
-"""The paper's external-compressor baselines (Table 1): modules that shrink the N projected vision tokens to K
-tokens *before* the LLM, in contrast with VoCo-LLaMA, where the LLM compresses them itself.
+"""The paper's external-compressor baselines (Table 1): modules that shrink the N vision tokens to K tokens *before*
+the LLM, in contrast with VoCo-LLaMA, where the LLM compresses them itself.
 
-- `AvgPoolCompressor`: average pooling + a linear layer, as LLaMA-VID compresses its context tokens.
+- `AvgPoolCompressor`: average pooling + a linear layer, as LLaMA-VID makes its content token (the mean of the
+  vision encoder's tokens, then a linear map).
 - `QFormerCompressor`: K learned queries that cross-attend to the vision tokens, a small BLIP-2 Q-Former.
-Both map (n_images, N, D) -> (n_images, K, D) in the LLM's embedding space, right after the projector.
+Both map the vision tower's features (n_images, N, D_vision) -> (n_images, K, D_vision), which the VLM's projector
+then maps into the LLM's embedding space: as in LLaMA-VID and BLIP-2, they read the frozen encoder's output, not
+the output of a projector trained with them (a trainable MLP before the average would learn codes that survive it).
 """
 import torch
 import torch.nn as nn

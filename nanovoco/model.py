@@ -324,8 +324,11 @@ class VoCoLlama(nn.Module):
         self.config = config
         self.vision = CLIPVisionTower(config.vision)
         self.projector = Projector(config.projector_type, config.vision.hidden_size, config.text.hidden_size)
+        # the baselines compress the vision tower's features, before the projector, as LLaMA-VID averages its
+        # encoder's tokens and BLIP-2's Q-Former reads its frozen encoder: a compressor after the trainable projector
+        # would pool codes learned to survive pooling, a set encoder the paper's baselines are not
         self.compressor = None if config.compressor == "none" else COMPRESSORS[config.compressor](
-            config.text.hidden_size, config.compressor_tokens)
+            config.vision.hidden_size, config.compressor_tokens)
         self.llm = Llama(config.text)
 
     def embed(self, input_ids, pixel_values=None):
@@ -345,9 +348,10 @@ class VoCoLlama(nn.Module):
                              f" x {self.config.num_image_tokens} features were given: expand each <image> to "
                              f"{self.config.num_image_tokens} placeholder ids, one image per <image>")
         if n_images:
-            features = self.projector(self.vision(pixel_values))  # (n_images, N, D)
+            features = self.vision(pixel_values)  # (n_images, N, D_vision)
             if self.compressor is not None:
-                features = self.compressor(features)  # (n_images, K, D)
+                features = self.compressor(features)  # (n_images, K, D_vision)
+            features = self.projector(features)  # (n_images, N or K, D)
             x = x.masked_scatter(is_image[..., None], features.to(x.dtype))
         return x
 

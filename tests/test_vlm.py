@@ -1,5 +1,7 @@
 """The CLIP vision tower and the whole VLM equal transformers' CLIPVisionModel / LlavaForConditionalGeneration,
 from every checkpoint layout nanovoco loads."""
+import dataclasses
+
 import pytest
 import torch
 
@@ -93,3 +95,23 @@ def test_llava_hf_layout_keeps_its_voco_settings(tmp_path):
     with pytest.raises(ValueError, match=r"config\.json: num_voco=2 needs voco_token_id, the id of <voco> in the "
                                          r"vocabulary of 160, got -1"):
         VoCoLlama.from_pretrained(tmp_path / "plain", num_voco=2)
+
+
+@pytest.mark.parametrize("kind", ["avgpool", "qformer"])
+def test_baselines_compress_the_vision_features_before_the_projector(tmp_path, kind):
+    """LLaMA-VID averages its vision encoder's tokens and BLIP-2's Q-Former reads its frozen encoder; the VLM's
+    projector then maps the K compressed features into the LLM. At its identity init, average pooling + linear gives
+    exactly the projector applied to the mean of the tower's features."""
+    hf_llava(tmp_path)
+    plain = VoCoLlama.from_pretrained(tmp_path)
+    vlm = VoCoLlama(dataclasses.replace(plain.config, compressor=kind, compressor_tokens=1))
+    missing, unexpected = vlm.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("compressor.") for k in missing)
+    ids, pixels = image_ids()
+    ids = torch.cat([ids[:, :1], torch.full((2, 1), IMAGE_TOKEN), ids[:, 1 + NUM_PATCHES:]], 1)  # one image token
+    with torch.no_grad():
+        features = vlm.vision(pixels)
+        x = vlm.embed(ids, pixels)[:, 1]
+        compressed = features.mean(1) if kind == "avgpool" else vlm.compressor(features)[:, 0]
+        torch.testing.assert_close(x, vlm.projector(compressed), atol=1e-6, rtol=0)
+    assert vlm.compressor(features).shape == (2, 1, VISION_CONFIG["hidden_size"])  # in the tower's width
