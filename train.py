@@ -554,11 +554,12 @@ def fit(run: Run):
         for b in micro:  # FSDP reduce-scatters after every micro-batch: gradients stay sharded, as in ZeRO-3
             ids, labels = b["input_ids"].to(device), b["labels"].to(device)
             pixels = None if b["pixel_values"] is None else b["pixel_values"].to(device)
+            # position t predicts token t + 1: the head runs only where that token is an answer's
+            answered = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))
             with autocast:
                 logits = vlm(ids, pixels, attn_mask=train_mask(b["segments"], b["groups"]).to(device),
-                             position_ids=b["positions"].to(device), use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+                             position_ids=b["positions"].to(device), use_cache=False, logits_at=answered).logits
+            loss = F.cross_entropy(logits.float(), labels[:, 1:][answered[:, :-1]], reduction="sum")
             (loss * world / max(n_tokens, 1)).backward()
             loss_sum += loss.detach()
         loss = all_sum(loss_sum).item() / max(n_tokens, 1)

@@ -29,7 +29,7 @@ KVCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 @dataclass
 class Output:
-    logits: torch.Tensor  # (B, L, vocab)
+    logits: torch.Tensor  # (B, L, vocab); (n, vocab) for the n positions of logits_at
     cache: KVCache | None  # the keys/values of the cached tokens followed by those of this call's tokens
 
 
@@ -169,7 +169,8 @@ class Llama(nn.Module):
                                                                           bias=False)
 
     def forward(self, input_ids=None, inputs_embeds=None, attn_mask=None, position_ids=None,
-                cache: KVCache | None = None, use_cache: bool = True, last_only: bool = False) -> Output:
+                cache: KVCache | None = None, use_cache: bool = True, last_only: bool = False,
+                logits_at: torch.Tensor | None = None) -> Output:
         """Logits for new tokens given as ids (B, L) or embeddings (B, L, D).
 
         attn_mask: bool (B or 1, 1, L, L_cached + L), True where a query may attend; default causal over cache+new.
@@ -177,7 +178,8 @@ class Llama(nn.Module):
         least one key (SDPA gives NaN or zeros for an empty row, depending on the kernel).
         use_cache=False returns no cache: training does not hold every layer's keys and values (which activation
         checkpointing would otherwise keep alive). last_only: logits of the last position only, all that generation
-        needs from a prompt (the head is the largest matmul per token at a small hidden size).
+        needs from a prompt (the head is the largest matmul per token at a small hidden size). logits_at: bool
+        (B, L), logits of those positions only, flattened to (n, vocab): training's loss needs the answers' alone.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         B, L, _ = x.shape
@@ -192,7 +194,7 @@ class Llama(nn.Module):
             x, kv = layer(x, cos, sin, attn_mask, None if cache is None else cache[i])
             if use_cache:
                 new_cache.append(kv)
-        x = self.norm(x[:, -1:] if last_only else x)
+        x = self.norm(x[:, -1:] if last_only else x if logits_at is None else x[logits_at])
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return Output(logits=F.linear(x, head), cache=new_cache)
 
@@ -356,9 +358,9 @@ class VoCoLlama(nn.Module):
         return x
 
     def forward(self, input_ids, pixel_values=None, attn_mask=None, position_ids=None, cache=None,
-                use_cache=True) -> Output:
+                use_cache=True, logits_at=None) -> Output:
         return self.llm(inputs_embeds=self.embed(input_ids, pixel_values), attn_mask=attn_mask,
-                        position_ids=position_ids, cache=cache, use_cache=use_cache)
+                        position_ids=position_ids, cache=cache, use_cache=use_cache, logits_at=logits_at)
 
     # ------------------------------------------------------------------------------------------------------------
     # Two-stage inference (the paper's Sec. 3.3, which the official code does not implement): stage 1 compresses

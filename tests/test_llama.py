@@ -28,6 +28,21 @@ def test_logits_match_transformers(tmp_path, name):
     assert (ours.lm_head is None) == hf.config.tie_word_embeddings
 
 
+@pytest.mark.parametrize("name", ["gqa", "tied"])
+def test_logits_at_and_last_only_are_the_logits_of_those_positions(tmp_path, name):
+    """Training asks for the answers' logits only, generation for the last position's: the same numbers as the
+    whole (B, L, vocab) tensor at those positions."""
+    hf_llama(tmp_path, **CONFIGS[name])
+    ours = Llama.from_pretrained(tmp_path)
+    ids = torch.randint(0, ours.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(3))
+    at = torch.zeros(2, 17, dtype=torch.bool)
+    at[0, [3, 4, 16]] = at[1, [0, 9]] = True
+    with torch.no_grad():
+        full = ours(ids).logits
+        torch.testing.assert_close(ours(ids, logits_at=at).logits, full[at], atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours(ids, last_only=True).logits, full[:, -1:], atol=1e-5, rtol=0)
+
+
 def test_left_padded_batch_matches_transformers(tmp_path):
     hf = hf_llama(tmp_path)
     ours = Llama.from_pretrained(tmp_path)
