@@ -3,6 +3,7 @@
     python -m benchmarks.repro_speed                         # prints the table
     python -m benchmarks.repro_speed --out docs/benchmarks.md
     python -m benchmarks.repro_speed --bf16                  # adds the current recipe under CPU bf16 autocast
+    python -m benchmarks.repro_speed --answers_only          # adds the LM head on the answers' positions only
 
 Three set-ups, each one `train.py` step as the loop does it (batch 32 in micro-batches of 16: forward, loss,
 backward, clipping, AdamW), on synthetic records with 8 questions each:
@@ -10,7 +11,9 @@ backward, clipping, AdamW), on synthetic records with 8 questions each:
   trained on the bare conversation texts, which spelled "USER:" and "ASSISTANT:" letter by letter;
 - tokenizer only: the current recipe (preset "tiny-mha", 64 px images in 64 patches) with that old tokenizer;
 - after: the current recipe with the tokenizer trained on the chunks build_sample encodes (train.tiny_tokenizer);
-- after, bf16 autocast (with --bf16): the same step under torch.autocast("cpu", torch.bfloat16).
+- after, bf16 autocast (with --bf16): the same step under torch.autocast("cpu", torch.bfloat16);
+- after, answers' logits only (with --answers_only): the same step with the LM head run only where the next token is
+  an answer's (`logits_at`), as train.py does since 2026-11-30; the loss is the same sum.
 Timed in interleaved rounds (A B C, C B A, ...) so that machine noise hits all alike; medians over rounds.
 Then, for "after", where a step's time goes: loading its batch (PNG decode, preprocessing, collation) and the frozen
 tower's forward, the two parts that caching the tower's features would remove, against the whole step.
@@ -41,7 +44,7 @@ def old_tokenizer(train_json: Path, path: Path) -> str:
     return train_tiny_tokenizer([VOCO_SYSTEM] + texts, path, vocab_size=512)
 
 
-def setup(name: str, root: Path):
+def setup(name: str, root: Path, answers_only: bool = False):
     """(one training step as a function, the mean length of a training sample in tokens) for one set-up."""
     new_recipe = name != "before"
     size = vision_pretrain.TOWER.image_size if new_recipe else 56
@@ -77,10 +80,15 @@ def setup(name: str, root: Path):
         micro = batch()
         n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         for b in micro:
+            labels = b["labels"][:, 1:]
+            answered = F.pad(labels != IGNORE_INDEX, (0, 1)) if answers_only else None
             logits = vlm(b["input_ids"], b["pixel_values"], attn_mask=mask(b["segments"], b["groups"]),
-                         position_ids=b["positions"], use_cache=False).logits
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), b["labels"][:, 1:].flatten(),
-                                   ignore_index=IGNORE_INDEX, reduction="sum")
+                         position_ids=b["positions"], use_cache=False, logits_at=answered).logits
+            if answers_only:
+                loss = F.cross_entropy(logits, labels[answered[:, :-1]], reduction="sum")
+            else:
+                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                       reduction="sum")
             (loss / n_tokens).backward()
         torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optim.step()
@@ -112,15 +120,18 @@ def main():
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--out", help="append the markdown section to this file")
     p.add_argument("--bf16", action="store_true", help="also time the current recipe under CPU bf16 autocast")
+    p.add_argument("--answers_only", action="store_true", help="also time the LM head on the answers' positions only")
     args = p.parse_args()
-    names = ("before", "tokenizer only", "after") + (("after, bf16 autocast",) if args.bf16 else ())
+    names = (("before", "tokenizer only", "after") + (("after, bf16 autocast",) if args.bf16 else ())
+             + (("after, answers' logits only",) if args.answers_only else ()))
     with tempfile.TemporaryDirectory() as tmp:
         steps, lengths = {}, {}
         for name in names:
             if name == "after, bf16 autocast":
                 steps[name], lengths[name] = autocast(steps["after"]), lengths["after"]
                 continue
-            steps[name], lengths[name] = setup(name, Path(tmp))
+            steps[name], lengths[name] = (setup("after", Path(tmp), answers_only=True)
+                                          if name == "after, answers' logits only" else setup(name, Path(tmp)))
             for _ in range(2):  # warm-up
                 steps[name]()
         times = {name: [] for name in names}

@@ -194,7 +194,11 @@ class Llama(nn.Module):
             x, kv = layer(x, cos, sin, attn_mask, None if cache is None else cache[i])
             if use_cache:
                 new_cache.append(kv)
-        x = self.norm(x[:, -1:] if last_only else x if logits_at is None else x[logits_at])
+        if last_only:
+            x = x[:, -1:]
+        elif logits_at is not None:
+            x = x[logits_at]
+        x = self.norm(x)
         head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return Output(logits=F.linear(x, head), cache=new_cache)
 
@@ -326,9 +330,8 @@ class VoCoLlama(nn.Module):
         self.config = config
         self.vision = CLIPVisionTower(config.vision)
         self.projector = Projector(config.projector_type, config.vision.hidden_size, config.text.hidden_size)
-        # the baselines compress the vision tower's features, before the projector, as LLaMA-VID averages its
-        # encoder's tokens and BLIP-2's Q-Former reads its frozen encoder: a compressor after the trainable projector
-        # would pool codes learned to survive pooling, a set encoder the paper's baselines are not
+        # the baselines compress the tower's features, before the projector, as LLaMA-VID averages its encoder's
+        # tokens and BLIP-2's Q-Former reads its frozen encoder (after a trainable MLP, an average is a set encoder)
         self.compressor = None if config.compressor == "none" else COMPRESSORS[config.compressor](
             config.vision.hidden_size, config.compressor_tokens)
         self.llm = Llama(config.text)
