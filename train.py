@@ -546,16 +546,16 @@ def fit(run: Run):
         mine = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
         micro = [collate([train_set[i] for i in mine[k:k + cfg.micro_batch_size]])
                  for k in range(0, len(mine), cfg.micro_batch_size)]
+        # position t predicts token t + 1: the loss (and the head) only where that token is an answer's
+        answers = [F.pad(b["labels"][:, 1:] != IGNORE_INDEX, (0, 1)) for b in micro]
         # normalise by the answer tokens of the whole global batch, so that any split over processes and
         # micro-batches gives the same gradient; FSDP averages over processes, hence the factor `world`
-        n_tokens = all_sum(torch.tensor(sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro),
-                                        dtype=torch.float64, device=device)).item()
+        n_tokens = all_sum(torch.tensor(sum(int(a.sum()) for a in answers), dtype=torch.float64,
+                                        device=device)).item()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for b in micro:  # FSDP reduce-scatters after every micro-batch: gradients stay sharded, as in ZeRO-3
-            ids, labels = b["input_ids"].to(device), b["labels"].to(device)
+        for b, answered in zip(micro, answers):  # FSDP reduce-scatters after every micro-batch: ZeRO-3's sharding
+            ids, labels, answered = b["input_ids"].to(device), b["labels"].to(device), answered.to(device)
             pixels = None if b["pixel_values"] is None else b["pixel_values"].to(device)
-            # position t predicts token t + 1: the head runs only where that token is an answer's
-            answered = F.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))
             with autocast:
                 logits = vlm(ids, pixels, attn_mask=train_mask(b["segments"], b["groups"]).to(device),
                              position_ids=b["positions"].to(device), use_cache=False, logits_at=answered).logits

@@ -64,9 +64,8 @@ def stages(scale: float, seed: int = 0, ks=KS) -> dict:
     # as many training images as the full stage reads, so that it never sees one twice: with 2,000 images read 16
     # times it memorised them (held-out 0.672, its own training images 0.785), with 32,000 read once: 0.719
     common = ["train.py", "--preset=tiny-cpu", f"--synthetic_images={steps(FULL_STEPS * BATCH)}",
-              "--synthetic_objects=3",
-              f"--synthetic_eval_images={held_out}", "--eval_every=0", "--eval_limit=0", f"--seed={seed}",
-              "--synthetic_dir={out}/data"]
+              "--synthetic_objects=3", f"--synthetic_eval_images={held_out}", "--eval_every=0", "--eval_limit=0",
+              f"--seed={seed}", "--synthetic_dir={out}/data"]
     runs["full"] = [*common, "--mode=full", "--init=tiny-mha", "--vision_path={out}/vision",
                     f"--max_steps={steps(FULL_STEPS)}", "--lr=1e-3"]
     compressed = [("voco", k) for k in ks] + [(mode, 1) for mode in BASELINES]
