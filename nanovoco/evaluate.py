@@ -29,14 +29,17 @@ def normalise(text: str) -> str:
 
 def score(answers: list[str], references: list[str], types: list) -> dict:
     """Exact match after `normalise`, overall and per question type (None: "all"). Returns {"overall", "by_type",
-    "n", "correct"}: correct is 0/1 per question, in order, so that methods scored on the same questions can be
-    compared question by question (repro's paired standard errors)."""
-    correct = [int(normalise(a) == normalise(r)) for a, r in zip(answers, references, strict=True)]
+    "n", "correct", "answers"}: correct is 0/1 per question, in order, so that methods scored on the same questions
+    can be compared question by question (repro's paired standard errors); answers are the normalised answers, so
+    that what a model says when it is wrong can be read afterwards (repro's answer table)."""
+    answers = [normalise(a) for a in answers]
+    correct = [int(a == normalise(r)) for a, r in zip(answers, references, strict=True)]
     by_type = {}
     for kind, c in zip(types, correct, strict=True):
         by_type.setdefault(kind or "all", []).append(c)
     return {"overall": sum(correct) / max(1, len(correct)),
-            "by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())}, "n": len(correct), "correct": correct}
+            "by_type": {k: sum(v) / len(v) for k, v in sorted(by_type.items())}, "n": len(correct), "correct": correct,
+            "answers": answers}
 
 
 @torch.no_grad()

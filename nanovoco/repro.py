@@ -29,6 +29,7 @@ paired bootstrap over the questions (every method answers the same ones), so it 
 import argparse
 import json
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from nanovoco import bench
+from nanovoco import bench, vision_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 16)  # the default's Table 2: what the 15-minute budget holds (a K is a stage of ~2 minutes)
@@ -140,6 +141,54 @@ def paired_se(a: list, b: list) -> float:
     return statistics.stdev(x - y for x, y in zip(a, b, strict=True)) / len(a) ** 0.5
 
 
+# Question types that a model can score on without finding the object the question names (synthetic.ask), and
+# what such a model answers instead
+SHORTCUTS = {"shape": "the most common shape in the image", "horizontal": "the side where most objects are",
+             "vertical": "the side where most objects are", "closest": "the colour of another object",
+             "farthest": "the shape of another object"}
+
+
+def shortcut_answers(scene: list[dict], qtype: str, named: str) -> list[str]:
+    """The shortcut's answers to one question (several on a tie, one of which it picks at random): for "shape",
+    left/right and top/bottom the most common shape or side among all of the scene's objects; for "closest" (a
+    colour) and "farthest" (a shape) that attribute of each object other than the one named."""
+    if qtype in ("closest", "farthest"):
+        return [o["color" if qtype == "closest" else "shape"] for o in scene if o["color"] != named]
+    half = vision_pretrain.TOWER.image_size / 2  # the halves of synthetic.ask
+    values = [o["shape"] if qtype == "shape" else
+              ("left" if o["x"] < half else "right") if qtype == "horizontal" else
+              ("top" if o["y"] < half else "bottom") for o in scene]
+    most = max(map(values.count, values))
+    return sorted({v for v in values if values.count(v) == most})
+
+
+def shortcuts(folder: Path, results: dict) -> dict | None:
+    """Per SHORTCUTS type, on a seed's held-out questions: what the shortcut scores ("shortcut": the share of its
+    answers that are right, averaged over questions), and for each stage its accuracy and how often its answer is
+    one of the shortcut's ("follows"). A stage that follows the shortcut on every question while scoring what it
+    scores has not found the object asked about. None when an eval.json predates the stored answers."""
+    if any("answers" not in r for r in results.values()):
+        return None
+    records = json.loads((folder / "data" / "eval" / "data.json").read_text())
+    out = {}
+    for qtype in SHORTCUTS:
+        rows, guesses = [], []
+        for i, r in enumerate(records):
+            if r["type"] == qtype:
+                named = re.search(r"the (\w+) object", r["conversations"][0]["value"]).group(1)
+                rows.append(i)
+                guesses.append(shortcut_answers(r["scene"], qtype, named))
+        if not rows:  # a toy run's few questions may lack a type
+            continue
+        truth = [records[i]["conversations"][1]["value"] for i in rows]
+        out[qtype] = {"n": len(rows), "shortcut": statistics.mean(g.count(t) / len(g) if g else 0.0
+                                                                     for g, t in zip(guesses, truth))}
+        for name, r in results.items():
+            out[qtype][name] = {"accuracy": statistics.mean(r["correct"][i] for i in rows),
+                                "follows": statistics.mean(r["answers"][i] in g for i, g in zip(rows, guesses))}
+    return out
+
+
 def seed_summary(folder: Path, names) -> dict:
     """Every stage's accuracy and retention (each with its standard error) for one seed's folder."""
     results = {name: json.loads((folder / name / "eval.json").read_text()) for name in names}
@@ -154,6 +203,7 @@ def seed_summary(folder: Path, names) -> dict:
     summary["gaps"] = {f"{a} - {b}": {"gap": results[a]["overall"] - results[b]["overall"],
                                       "se": paired_se(results[a]["correct"], results[b]["correct"])}
                        for a, b in zip(ORDER, ORDER[1:])}
+    summary["shortcuts"] = shortcuts(folder, results)
     blind = upper["blind"]  # each question type's most common answer: what a model ignoring the image scores
     summary["no_image"] = {"overall": blind["overall"], "se": accuracy_se(blind["overall"], blind["n"]),
                            "n": blind["n"], "by_type": blind["by_type"],
@@ -213,6 +263,26 @@ def tables(per_seed: dict) -> str:
         mean = statistics.mean(gaps)
         verdict = "holds" if mean > se else "reversed" if mean < -se else "within noise"
         lines.append(f"- {pair.replace('_k1', '')}: {100 * mean:+.1f} ± {100 * se:.1f} ({verdict})")
+    shortcut_types = [t for t in SHORTCUTS if all(s["shortcuts"] and t in s["shortcuts"] for s in per_seed.values())]
+    if shortcut_types:
+        lines += ["", "### What the answers are made of", "",
+                  "These question types can be scored on without finding the object that the question names. For "
+                  "each, \"follows\" is how often a method's answer, right or wrong, is the shortcut's: "
+                  + "; ".join(f"{t}: {SHORTCUTS[t]}" for t in shortcut_types) + ". The last row is what the shortcut "
+                  "scores on these questions. A method that follows it every time and scores what it scores answers "
+                  "from what is in the image as a whole, not from the object asked about. In %, means over seeds.",
+                  "", "| method | " + " | ".join(f"{t} accuracy | {t} follows" for t in shortcut_types) + " |",
+                  "|---|" + "---:|---:|" * len(shortcut_types)]
+
+        def cell(qtype, name, key):
+            return f"{100 * statistics.mean(s['shortcuts'][qtype][name][key] for s in per_seed.values()):.1f}"
+
+        for label, name in [*TABLE1, *((f"VoCo-LLaMA K = {k}", f"voco_k{k}") for k in ks[1:])]:
+            lines.append(f"| {label} | " + " | ".join(f"{cell(t, name, 'accuracy')} | {cell(t, name, 'follows')}"
+                                                      for t in shortcut_types) + " |")
+        lines.append("| the shortcut itself | " + " | ".join(
+            f"{100 * statistics.mean(s['shortcuts'][t]['shortcut'] for s in per_seed.values()):.1f} | 100"
+            for t in shortcut_types) + " |")
     lines += ["", f"## Table 2 in miniature: VoCo-LLaMA with K VoCo tokens ({VISION_TOKENS} vision tokens -> K)", "",
               "| K | compression | accuracy | retention |", "|---:|---:|---:|---:|"]
     for k in ks:

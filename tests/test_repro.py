@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nanovoco.repro import KS, main, retention, retention_se, run_stage, stages
+from nanovoco.repro import KS, main, retention, retention_se, run_stage, shortcut_answers, shortcuts, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +61,36 @@ def test_retention_standard_error():
     assert retention_se(upper, lower, upper) == 0
 
 
+def test_shortcut_answers_on_a_hand_made_scene(tmp_path):
+    """Red and blue circles on the left (red at the top, blue at the bottom), a green square at the top right of a
+    64-pixel image: what a model that reads the scene as a whole, not the object asked about, would answer."""
+    scene = [{"color": "red", "shape": "circle", "x": 8, "y": 8}, {"color": "blue", "shape": "circle", "x": 8, "y": 56},
+             {"color": "green", "shape": "square", "x": 56, "y": 8}]
+    assert shortcut_answers(scene, "shape", "green") == ["circle"]  # the most common shape, whichever is named
+    assert shortcut_answers(scene, "horizontal", "green") == ["left"]  # where most objects are
+    assert shortcut_answers(scene, "vertical", "blue") == ["top"]
+    assert shortcut_answers(scene, "closest", "red") == ["blue", "green"]  # another object's colour
+    assert shortcut_answers(scene, "farthest", "blue") == ["circle", "square"]
+    distinct = [{**o, "shape": s} for o, s in zip(scene, ("circle", "square", "triangle"))]
+    assert shortcut_answers(distinct, "shape", "red") == ["circle", "square", "triangle"]  # a tie: any of them
+
+    ask = lambda qtype, question, answer: {"type": qtype, "scene": scene, "conversations": [  # noqa: E731
+        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+    records = [ask("shape", "What shape is the green object?", "square"),
+               ask("horizontal", "Is the green object on the left or the right?", "right"),
+               ask("closest", "What is the colour of the object closest to the red object?", "blue"),
+               ask("count", "How many circles are there?", "two")]
+    (tmp_path / "data" / "eval").mkdir(parents=True)
+    (tmp_path / "data" / "eval" / "data.json").write_text(json.dumps(records))
+    results = {"full": {"correct": [0, 1, 0, 1], "answers": ["circle", "right", "green", "two"]}}
+    found = shortcuts(tmp_path, results)
+    assert set(found) == {"shape", "horizontal", "closest"}  # the types these questions have
+    assert found["shape"]["shortcut"] == 0 and found["shape"]["full"] == {"accuracy": 0, "follows": 1}
+    assert found["horizontal"]["full"] == {"accuracy": 1, "follows": 0}  # it found the green object
+    assert found["closest"]["shortcut"] == 0.5 and found["closest"]["full"] == {"accuracy": 0, "follows": 1}
+    assert shortcuts(tmp_path, {"full": {"correct": [0, 1, 0, 1]}}) is None  # an eval.json without answers
+
+
 @pytest.mark.slow
 def test_repro_runs_and_resumes(tmp_path):
     out = tmp_path / "repro"
@@ -72,7 +102,8 @@ def test_repro_runs_and_resumes(tmp_path):
         assert heading in text
     summary = json.loads((out / "results.json").read_text())
     seed = summary["seeds"]["0"]
-    assert set(seed) == set(stages(1.0)) - {"vision"} | {"no_image", "gaps"}
+    assert set(seed) == set(stages(1.0)) - {"vision"} | {"no_image", "gaps", "shortcuts"}
+    assert seed["shortcuts"] and "What the answers are made of" in text  # eval.json keeps the answers
     bounds = seed["full"]["retention"], seed["lower_bound_k1"]["retention"]
     assert bounds == (1.0, 0.0) or bounds == (None, None)  # None: no gap between the bounds in so short a run
     assert (out / "retention.png").stat().st_size > 1000

@@ -20,6 +20,7 @@ def test_score_on_hand_made_answers():
     types = ["closest", "count", "horizontal", "shape", "count"]
     result = evaluate.score(answers, references, types)
     assert result["correct"] == [1, 0, 1, 0, 1]
+    assert result["answers"] == ["blue", "two", "left", "square", "three"]  # normalised, in order
     assert result["overall"] == pytest.approx(3 / 5) and result["n"] == 5
     assert result["by_type"] == {"closest": 1.0, "count": 0.5, "horizontal": 1.0, "shape": 0.0}
     assert evaluate.score(["a"], ["a"], [None])["by_type"] == {"all": 1.0}
