@@ -45,8 +45,9 @@ def parse_args(argv):
     p.add_argument("--save_cache", help="write the image's (or video's) VoCo cache to this file")
     p.add_argument("--mode", choices=("voco", "full"), help="voco: two-stage from the VoCo cache (default for a "
                    "model with VoCo tokens); full: the image itself in the prompt, no compression")
-    p.add_argument("--num_voco", type=int, help="K, VoCo tokens per image or frame (default: the checkpoint's "
-                   "config.json; for a VoCo model whose config lost it, e.g. converted to llava-hf's layout)")
+    p.add_argument("--num_voco", type=int, help="K, VoCo tokens per image or frame to compress to (default: the "
+                   "checkpoint's config.json): any K of a model trained with several (train.py --voco_ks), or a K "
+                   "that a model was not trained for (the paper's Table 4); with --cache, the K the cache must hold")
     p.add_argument("--voco_token_id", type=int, help="the id of <voco> (default: the checkpoint's config.json)")
     p.add_argument("--max_new_tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -60,6 +61,8 @@ def parse_args(argv):
 
 
 def run(args):
+    if args.num_voco is not None and args.num_voco < 1:
+        raise ValueError(f"--num_voco {args.num_voco}: give the number of VoCo tokens per image, at least 1")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model_dir = Path(args.model)
@@ -93,7 +96,7 @@ def run(args):
     if mode == "voco":
         t0 = time.perf_counter()
         if args.cache:
-            cache = load_cache(args.cache, vlm)
+            cache = load_cache(args.cache, vlm, num_voco=args.num_voco)
         else:
             prefix = torch.tensor(compress_prefix(tokenizer, c.image_token_id, c.num_image_tokens, c.voco_token_id,
                                                   c.num_voco), device=device)

@@ -15,7 +15,8 @@ Every field of TrainConfig can be set as --name=value, on top of a --preset.
 Modes (Table 1 of the paper): full (no compression, the upper bound), voco (K VoCo tokens under the VoCo mask),
 lower_bound (K VoCo tokens trained without the VoCo mask, evaluated with it), avgpool and qformer (external
 compressors to K tokens). The loss is plain next-token cross-entropy on the answers: VoCo-LLaMA's "attention
-distillation" is the mask alone.
+distillation" is the mask alone. --voco_ks=1,2,4,8,16 trains one model for every K of the set (K drawn per sample;
+eval.json then scores it at each K).
 """
 import dataclasses
 import json
@@ -58,6 +59,9 @@ class TrainConfig:
     # what to train
     mode: str = "voco"  # one of MODES
     num_voco: int = 2  # K: VoCo tokens per image (voco, lower_bound) or compressed tokens (avgpool, qformer)
+    voco_ks: str = ""  # any-K training, e.g. "1,2,4,8,16": each sample gets one of these K, and the one checkpoint
+    # compresses to any of them (VoCoLlama.compress(num_voco=k), infer.py --num_voco k); num_voco must be one of
+    # them: the K of inference by default, and of eval.json's headline (eval.json's by_num_voco has every K)
     init: str = "tiny"  # a model preset trained from scratch ("tiny", "tiny-mha"), or a checkpoint directory
     vision_path: str = ""  # CLIP directory, for a LLaVA or plain LLaMA checkpoint, or a pretrained tower (HF CLIP
     # layout, e.g. from nanovoco.vision_pretrain) for a model from scratch
@@ -140,7 +144,26 @@ def parse_args(argv) -> TrainConfig:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if cfg.voco_init not in ("random", "newline"):
         raise ValueError(f"--voco_init must be random or newline, got {cfg.voco_init!r}")
+    if cfg.voco_ks:
+        ks = voco_ks(cfg)
+        if ks is None:
+            raise ValueError(f"--voco_ks={cfg.voco_ks}: give distinct numbers of VoCo tokens >= 1 separated by "
+                             f"commas, e.g. 1,2,4,8,16")
+        if cfg.mode not in ("voco", "lower_bound"):
+            raise ValueError(f"--voco_ks is for the modes with VoCo tokens (voco, lower_bound), not {cfg.mode}")
+        if cfg.num_voco not in ks:
+            raise ValueError(f"--num_voco={cfg.num_voco} must be one of --voco_ks={cfg.voco_ks}: it is the K used "
+                             f"when none is asked")
     return cfg
+
+
+def voco_ks(cfg) -> tuple[int, ...] | None:
+    """The K of any-K training (--voco_ks), increasing; None if the option is not a list of distinct K >= 1."""
+    try:
+        ks = [int(k) for k in cfg.voco_ks.split(",")]
+    except ValueError:
+        return None
+    return tuple(sorted(ks)) if len(set(ks)) == len(ks) and min(ks) >= 1 else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,6 +296,8 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
             newline = tokenizer.encode("\n", bos=False)[-1]
             with torch.no_grad():
                 vlm.llm.embed_tokens.weight[c.voco_token_id] = vlm.llm.embed_tokens.weight[newline]
+    if cfg.mode in ("voco", "lower_bound"):
+        c.num_voco = cfg.num_voco  # the K it trains on (of --voco_ks, the default one): inference's default K
     baseline = with_compressor(c, cfg)
     if baseline is not c:
         torch.manual_seed(cfg.seed)
@@ -488,11 +513,13 @@ def prepare(cfg: TrainConfig) -> Run:
                       tiny_tokenizer(train_json, out, rank) if cfg.init in FROM_SCRATCH else
                       Path(cfg.init) / "tokenizer.model")
     tokenizer = Tokenizer(tokenizer_path)
-    num_voco = cfg.num_voco if cfg.mode in ("voco", "lower_bound") else 0
+    num_voco = (voco_ks(cfg) if cfg.voco_ks else cfg.num_voco) if cfg.mode in ("voco", "lower_bound") else 0
     folder = lambda j: Path(cfg.image_folder) if cfg.image_folder else j.parent  # noqa: E731
     data_args = dict(num_voco=num_voco, max_len=cfg.max_len, system=cfg.system_prompt)
     train_set = LlavaDataset(train_json, folder(train_json), tokenizer, config, **data_args)
     eval_set = LlavaDataset(eval_json, folder(eval_json), tokenizer, config, **data_args) if eval_json else None
+    if eval_set is not None and cfg.voco_ks:
+        eval_set = eval_set.with_num_voco(cfg.num_voco)  # every question at the default K; the end: at each K
 
     # model
     vlm = place(cfg, tokenizer, source, device, rank, world)
@@ -595,6 +622,9 @@ def fit(run: Run):
     if step == total_steps and eval_set is not None:
         result = evaluate(vlm, eval_set, eval_compressed, cfg.eval_limit, progress=rank == 0)
         result["blind"] = blind_baseline(eval_set, cfg.eval_limit)  # chance: the best answers without the image
+        if cfg.voco_ks:  # the one any-K checkpoint, at each of its K
+            result["by_num_voco"] = {k: evaluate(vlm, eval_set.with_num_voco(k), eval_compressed, cfg.eval_limit)
+                                     for k in voco_ks(cfg)}
         if rank == 0:
             print(f"VQA accuracy {result['overall']:.3f} on {result['n']} held-out questions (without the image at "
                   f"best {result['blind']['overall']:.3f}): {result['by_type']}")

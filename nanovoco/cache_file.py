@@ -2,9 +2,11 @@
 
 One safetensors file: per decoder layer `layers.{i}.key` and `layers.{i}.value`, (rows, n_kv_heads, n_voco,
 head_dim), the keys already rotated at their positions; `positions` (n_voco,); and string metadata: the format and
-its version, next_position, the dtype, and the fingerprint of the model that made it. A cache is only meaningful to
-the very weights that computed it (another checkpoint reads the same numbers as noise, without any error), so loading
-checks the fingerprint and refuses a cache from another model. Writes are atomic (a temporary file, then a rename).
+its version, next_position, num_voco (K per image or frame), the dtype, and the fingerprint of the model that made
+it. A cache is only meaningful to the very weights that computed it (another checkpoint reads the same numbers as
+noise, without any error), so loading checks the fingerprint and refuses a cache from another model; and a model
+asked for K VoCo tokens refuses a cache of another K, which it would read without an error too. Writes are atomic
+(a temporary file, then a rename).
 """
 import hashlib
 import json
@@ -18,14 +20,16 @@ from safetensors.torch import save_file
 from nanovoco.files import atomic_write
 from nanovoco.model import VoCoCache, VoCoLlama
 
-FORMAT, VERSION = "nanovoco-voco-cache", "1"
+FORMAT, VERSION = "nanovoco-voco-cache", "2"  # 2: num_voco recorded, the fingerprint without it
 
 
 def fingerprint(vlm: VoCoLlama) -> str:
     """A short hash of the model's config and of a strided sample of every parameter (256 values each), so that any
     retraining or other checkpoint changes it. The values are hashed in bf16, so that the same checkpoint loaded in
-    fp32, bf16 or fp16 gives one fingerprint (the dtype is checked on its own)."""
-    h = hashlib.sha256(json.dumps(asdict(vlm.config), sort_keys=True).encode())
+    fp32, bf16 or fp16 gives one fingerprint (the dtype is checked on its own). The config's num_voco is left out:
+    it is only the K used when none is asked, and the cache records its own K (checked on its own)."""
+    config = {k: v for k, v in asdict(vlm.config).items() if k != "num_voco"}
+    h = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name, p in sorted(vlm.state_dict().items()):
         flat = p.detach().flatten()
         sample = flat[::max(1, flat.numel() // 256)].to("cpu", torch.bfloat16).contiguous()
@@ -42,13 +46,15 @@ def save_cache(path, cache: VoCoCache, vlm: VoCoLlama):
     for i, (k, v) in enumerate(cache.kv):
         tensors[f"layers.{i}.key"], tensors[f"layers.{i}.value"] = k.contiguous().cpu(), v.contiguous().cpu()
     metadata = {"format": FORMAT, "version": VERSION, "next_position": str(cache.next_position),
+                "num_voco": str(cache.num_voco),
                 "dtype": str(cache.kv[0][0].dtype).removeprefix("torch."), "fingerprint": fingerprint(vlm)}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_cache(path, vlm: VoCoLlama) -> VoCoCache:
+def load_cache(path, vlm: VoCoLlama, num_voco: int | None = None) -> VoCoCache:
     """Read a cache written by save_cache for `vlm`, onto the model's device. Refuses, naming the file and the fix:
-    a missing or corrupt file, another format, a cache from another model or config, another dtype."""
+    a missing or corrupt file, another format, a cache from another model or config, another dtype, and, when
+    num_voco is given, a cache of another K."""
     path = Path(path)
     redo = "compute it again with this model (infer.py --save_cache)"
     if not path.is_file():
@@ -63,11 +69,17 @@ def load_cache(path, vlm: VoCoLlama) -> VoCoCache:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path} is not a nanovoco VoCo cache of format version {VERSION} (its metadata says "
                          f"format={meta.get('format')!r}, version={meta.get('version')!r}): {redo}")
-    lacking = [k for k in ("fingerprint", "dtype", "next_position") if k not in meta] + \
+    lacking = [k for k in ("fingerprint", "dtype", "next_position", "num_voco") if k not in meta] + \
         (["positions"] if "positions" not in tensors else [])
-    if lacking or not meta["next_position"].isdigit() or tensors["positions"].ndim != 1:
-        raise ValueError(f"{path} lacks {', '.join(lacking) or 'a valid next_position or positions'}: the file is "
-                         f"damaged; {redo}")
+    if (lacking or not meta["next_position"].isdigit() or not meta["num_voco"].isdigit()
+            or tensors["positions"].ndim != 1 or int(meta["num_voco"]) < 1
+            or tensors["positions"].shape[0] % int(meta["num_voco"])):
+        raise ValueError(f"{path} lacks {', '.join(lacking) or 'a valid next_position, num_voco or positions'}: the "
+                         f"file is damaged; {redo}")
+    if num_voco is not None and int(meta["num_voco"]) != num_voco:
+        raise ValueError(f"{path} holds {meta['num_voco']} VoCo tokens per image or frame, but {num_voco} were asked "
+                         f"for: answer from it with num_voco {meta['num_voco']} (infer.py --num_voco "
+                         f"{meta['num_voco']}), or compress the image again with {num_voco}")
     if meta["fingerprint"] != fingerprint(vlm):
         raise ValueError(f"{path} was made by another model (fingerprint {meta['fingerprint']}, this model's is "
                          f"{fingerprint(vlm)}): a VoCo cache is only valid for the weights that computed it; {redo}")
@@ -87,4 +99,5 @@ def load_cache(path, vlm: VoCoLlama) -> VoCoCache:
                 raise ValueError(f"{path}: layers.{i}.{name} is {tuple(t.shape)}, expected (rows, "
                                  f"{c.num_key_value_heads}, {n_voco}, {c.head_dim}): the file is damaged; {redo}")
         kv.append((k.to(param.device), v.to(param.device)))
-    return VoCoCache(kv=kv, positions=tensors["positions"].to(param.device), next_position=int(meta["next_position"]))
+    return VoCoCache(kv=kv, positions=tensors["positions"].to(param.device), next_position=int(meta["next_position"]),
+                     num_voco=int(meta["num_voco"]))

@@ -22,8 +22,12 @@ tokenizer merges across a boundary: LLaVA's "tokenization mismatch" warning). He
 chunk, so labels and segments are right by construction. Text-only records (no "image" key) are plain Vicuna.
 A video record's "image" is the list of its frame files, in time order.
 """
+from __future__ import annotations
+
+import copy
 import json
 import os
+import random
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,20 +145,34 @@ class LlavaDataset(torch.utils.data.Dataset):
     question alone, for evaluation.
 
     config is the VoCoLlamaConfig (image_token_id, num_image_tokens, vision.image_size); the VoCo id is the
-    tokenizer's "<voco>". The whole file is checked at construction, so that a bad record stops a run before
+    tokenizer's "<voco>"; num_voco is K, or a tuple of K for any-K training (`num_voco_of`). The whole file is checked at construction, so that a bad record stops a run before
     training starts rather than hours into it: the schema, the roles, the tags, and every image's path (inside the
     image folder), existence and header (PIL opens it, its size is sane and its mode converts to RGB). An image whose
     pixel data is damaged behind a good header is found only when it is decoded, in __getitem__. Every error names
     the file and the record.
     """
 
-    def __init__(self, json_path, image_folder, tokenizer, config, *, num_voco: int = 2, max_len: int = 2048,
-                 system: str = VOCO_SYSTEM):
+    def __init__(self, json_path, image_folder, tokenizer, config, *, num_voco: int | tuple[int, ...] = 2,
+                 max_len: int = 2048, system: str = VOCO_SYSTEM):
         self.json_path, self.image_folder = Path(json_path), Path(image_folder)
         self.tokenizer, self.num_voco, self.max_len, self.system = tokenizer, num_voco, max_len, system
         self.image_token_id, self.num_image_tokens = config.image_token_id, config.num_image_tokens
         self.image_size, self.voco_token_id = config.vision.image_size, tokenizer.special_ids["<voco>"]
         self.records = self._read()
+
+    def num_voco_of(self, i) -> int:
+        """K for record i: num_voco, or with several (any-K training, train.py --voco_ks) one of them drawn for this
+        record, the same on every read, so that a resumed run and every process see the same samples."""
+        if isinstance(self.num_voco, int):
+            return self.num_voco
+        return self.num_voco[random.Random(i).randrange(len(self.num_voco))]
+
+    def with_num_voco(self, num_voco: int) -> LlavaDataset:
+        """The same records laid out with num_voco VoCo tokens per image (an any-K model evaluated at each K),
+        without checking the files again."""
+        other = copy.copy(self)
+        other.num_voco = num_voco
+        return other
 
     def where(self, i, record, file=True) -> str:
         """How errors name a record: "data.json: record 3 (id '000001_2')"."""
@@ -246,8 +264,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         try:
             sample = build_sample(self.tokenizer, turns, image_token_id=self.image_token_id,
                                   num_image_tokens=self.num_image_tokens, voco_token_id=self.voco_token_id,
-                                  num_voco=self.num_voco, num_frames=len(frames(record)), max_len=self.max_len,
-                                  system=self.system)
+                                  num_voco=self.num_voco_of(i), num_frames=len(frames(record)),
+                                  max_len=self.max_len, system=self.system)
             # LLaVA-1.5's image_aspect_ratio="pad": the whole image, centred on a square
             images = [preprocess(load_image(self.image_folder / name), self.image_size) for name in frames(record)]
             pixel_values = torch.stack(images) if images else None

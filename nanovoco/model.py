@@ -51,6 +51,22 @@ class VoCoCache:
     kv: KVCache  # per layer (k, v), each (B, n_kv_heads, n_voco, head_dim); keys rotated at `positions`
     positions: torch.Tensor  # (n_voco,) the VoCo tokens' original positions, the same for every row
     next_position: int  # where the text goes on: right after the last VoCo token, as in training
+    num_voco: int  # K, VoCo tokens per image or frame (n_voco = frames x K)
+
+    def first(self, k: int) -> VoCoCache:
+        """The cache of the same image compressed to k <= K VoCo tokens, without running the model again. VoCo
+        tokens are causal and share one embedding, so the first k of a K-token compression see, and compute,
+        exactly what a k-token compression does: the layout is nested, and one stage-1 pass at the largest K
+        serves every smaller budget (tests/test_two_stage.py). Images only: a video's frames sit K positions
+        apart, and would have to be moved."""
+        if not 1 <= k <= self.num_voco:
+            raise ValueError(f"this cache holds {self.num_voco} VoCo tokens per image: it can give the first 1 to "
+                             f"{self.num_voco}, not {k}")
+        if self.positions.numel() != self.num_voco:
+            raise ValueError("first(k) takes an image's cache; a video's frames are compressed again at k instead")
+        return VoCoCache(kv=[(key[:, :, :k].clone(), value[:, :, :k].clone()) for key, value in self.kv],
+                         positions=self.positions[:k].clone(), next_position=int(self.positions[k - 1]) + 1,
+                         num_voco=k)
 
 
 def check_length(last_position: int, max_new_tokens: int, limit: int):
@@ -371,25 +387,30 @@ class VoCoLlama(nn.Module):
     # Generation from a cache (a decode loop over `answer`) is generate.stream_from_cache.
 
     @torch.no_grad()
-    def compress(self, pixel_values, prefix_ids) -> VoCoCache:
+    def compress(self, pixel_values, prefix_ids, num_voco: int | None = None) -> VoCoCache:
         """Stage 1. pixel_values (n, 3, H, W), prefix_ids (P,): what one image is in a training sample,
         [BOS] [image x N] [\\n] [<voco> x K] (data.compress_prefix) -> a VoCoCache with one row per image.
+        K is num_voco, by default the config's: a model trained with several K (train.py --voco_ks) compresses
+        to any of them, and any model can be run at a K it was not trained for (the paper's Table 4).
 
         The prefix is one compression group, where the VoCo mask is plain causal attention (a VISION or VOCO token
         sees the earlier tokens of its own group), so no mask is needed. The positions are those of training,
         0..P-1, so the cached keys are rotated (RoPE) exactly as the text saw them in training."""
-        K = self.config.num_voco
-        if K == 0 or prefix_ids.ndim != 1 or prefix_ids[-K:].ne(self.config.voco_token_id).any():
-            raise ValueError(f"compress needs a model with VoCo tokens (this one has num_voco={K}) and a prefix that "
-                             f"ends with its {K} <voco> tokens: build it with data.compress_prefix")
+        K = self.config.num_voco if num_voco is None else num_voco
+        voco = self.config.voco_token_id
+        if (self.config.num_voco == 0 or K < 1 or prefix_ids.ndim != 1 or prefix_ids.shape[0] <= K
+                or prefix_ids[-K:].ne(voco).any() or prefix_ids[-K - 1] == voco):
+            raise ValueError(f"compress needs a model with VoCo tokens (this one has num_voco="
+                             f"{self.config.num_voco}) and a prefix that ends with exactly {K} <voco> tokens: build "
+                             f"it with data.compress_prefix(..., num_voco={K})")
         ids = prefix_ids.to(pixel_values.device).expand(pixel_values.shape[0], -1)  # (n, P)
         out = self.llm(inputs_embeds=self.embed(ids, pixel_values))  # positions 0..P-1, causal
         P = ids.shape[1]
         # clone: a slice would keep the whole prefix's keys and values alive, ~576x what the cache needs
         return VoCoCache(kv=[(k[:, :, P - K:].clone(), v[:, :, P - K:].clone()) for k, v in out.cache],
-                         positions=torch.arange(P - K, P, device=ids.device), next_position=P)
+                         positions=torch.arange(P - K, P, device=ids.device), next_position=P, num_voco=K)
 
-    def compress_video(self, frames, prefix_ids, batch_size: int = 16) -> VoCoCache:
+    def compress_video(self, frames, prefix_ids, batch_size: int = 16, num_voco: int | None = None) -> VoCoCache:
         """Stage 1 for a video: frames (F, 3, H, W) in time order -> one cache row with the F*K VoCo tokens.
 
         Every frame is compressed alone, like an image (its own BOS, positions 0..P-1), then moved to its place in
@@ -398,8 +419,9 @@ class VoCoLlama(nn.Module):
         more gives the key made at p + d, R(d) R(p) = R(p + d), and the values do not depend on absolute positions
         when a frame sees nothing outside itself (the VoCo mask's groups). frames are compressed batch_size at a
         time, so a long video needs the memory of batch_size frames, and its cache F*K tokens."""
-        K = self.config.num_voco
-        parts = [self.compress(frames[i:i + batch_size], prefix_ids) for i in range(0, frames.shape[0], batch_size)]
+        parts = [self.compress(frames[i:i + batch_size], prefix_ids, num_voco)
+                 for i in range(0, frames.shape[0], batch_size)]
+        K = parts[0].num_voco
         kv = [(torch.cat([c.kv[i][0] for c in parts]), torch.cat([c.kv[i][1] for c in parts]))
               for i in range(len(parts[0].kv))]  # per layer (F, n_kv_heads, K, head_dim)
         F = kv[0][0].shape[0]
@@ -409,7 +431,7 @@ class VoCoLlama(nn.Module):
         return VoCoCache(kv=[(rearrange(k, "f h k d -> 1 h (f k) d"), rearrange(v, "f h k d -> 1 h (f k) d"))
                              for k, v in kv],  # the frames side by side, in time order
                          positions=(parts[0].positions + shift).flatten(),
-                         next_position=parts[0].next_position + (F - 1) * K)
+                         next_position=parts[0].next_position + (F - 1) * K, num_voco=K)
 
     def answer(self, cache: VoCoCache, text_ids, text_mask=None, last_only=False) -> Output:
         """Stage 2. text_ids (B, T): the text after the VoCo tokens (from the "\\n" that follows them, data.py),

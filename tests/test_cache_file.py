@@ -31,6 +31,7 @@ def test_round_trip_is_bit_exact(tmp_path, video):
     save_cache(tmp_path / "c.safetensors", cache, vlm)
     back = load_cache(tmp_path / "c.safetensors", vlm)
     assert back.next_position == cache.next_position and torch.equal(back.positions, cache.positions)
+    assert back.num_voco == cache.num_voco == K
     assert all(torch.equal(a, b) for x, y in zip(cache.kv, back.kv) for a, b in zip(x, y))
     text = torch.randint(3, 90, (back.kv[0][0].shape[0], 7))
     with torch.no_grad():
@@ -44,7 +45,11 @@ def test_fingerprint_follows_the_weights_not_the_dtype():
     vlm = model()
     assert fingerprint(vlm) == fingerprint(model())
     assert fingerprint(vlm) != fingerprint(model(seed=1))
-    assert fingerprint(vlm) != fingerprint(model(num_voco=4))  # same weights, another config
+    # num_voco is only the K used when none is asked (the cache records its own): the same model at any K
+    assert fingerprint(vlm) == fingerprint(model(num_voco=4))
+    other = model()
+    other.config.voco_token_id = 98
+    assert fingerprint(vlm) != fingerprint(other)  # same weights, another config
     tweaked = model()
     with torch.no_grad():
         tweaked.llm.layers[3].mlp.down_proj.weight[0, 0] += 1.0  # one weight of the last layer
@@ -72,7 +77,7 @@ def test_foreign_dtype_corrupt_and_missing_caches_are_refused(tmp_path):
                                              rf"truncated safetensors file"):
             load_cache(tmp_path / f"{name}.safetensors", vlm)
     save_file({"x": torch.zeros(2)}, tmp_path / "weights.safetensors")
-    with pytest.raises(ValueError, match=r"weights\.safetensors is not a nanovoco VoCo cache of format version 1 "
+    with pytest.raises(ValueError, match=r"weights\.safetensors is not a nanovoco VoCo cache of format version 2 "
                                          r"\(its metadata says format=None"):
         load_cache(tmp_path / "weights.safetensors", vlm)
 
@@ -86,7 +91,8 @@ def test_foreign_dtype_corrupt_and_missing_caches_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("drop, lacks", [("positions", "positions"), ("layers.1.key", "layers.1.key"),
-                                         ("meta:fingerprint", "fingerprint"), ("meta:next_position", "next_position")])
+                                         ("meta:fingerprint", "fingerprint"), ("meta:next_position", "next_position"),
+                                         ("meta:num_voco", "num_voco")])
 def test_a_cache_that_lacks_a_tensor_or_its_metadata_is_refused(tmp_path, drop, lacks):
     vlm, path = model(), tmp_path / "c.safetensors"
     save_cache(path, vlm.compress(images(1), PREFIX), vlm)
@@ -112,3 +118,15 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         save_cache(path, vlm.compress(images(2), PREFIX), vlm)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
+
+
+def test_a_cache_of_another_k_is_refused_when_a_k_is_asked(tmp_path):
+    vlm, path = model(num_voco=4), tmp_path / "c.safetensors"
+    prefix = torch.tensor([1] + [-200] * 16 + [13] + [VOCO] * 4)
+    save_cache(path, vlm.compress(images(1), prefix), vlm)
+    assert load_cache(path, vlm, num_voco=4).num_voco == 4
+    assert load_cache(path, model(num_voco=2)).num_voco == 4  # no K asked: the cache's own
+    with pytest.raises(ValueError, match=r"c\.safetensors holds 4 VoCo tokens per image or frame, but 2 were asked "
+                                         r"for: answer from it with num_voco 4 \(infer\.py --num_voco 4\), or "
+                                         r"compress the image again with 2"):
+        load_cache(path, vlm, num_voco=2)

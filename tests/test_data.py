@@ -210,6 +210,21 @@ def test_dataset_items(tok, tmp_path):
     assert tok.decode(p.input_ids[p.segments.index(TEXT):]).endswith("ASSISTANT:") and set(p.labels) == {IGNORE_INDEX}
 
 
+def test_any_k_dataset_draws_a_k_per_record(tok, tmp_path):
+    """num_voco as a tuple (train.py --voco_ks): every record is laid out with one K of the set, the same K on every
+    read (resumed runs and every process see the same samples), all K about equally often; with_num_voco gives the
+    same records at one K, for scoring an any-K model at each of its K."""
+    ds = dataset(tok, write(tmp_path, [record(type="shape")] * 300), num_voco=(1, 2, 4))
+    voco = tok.special_ids["<voco>"]
+    ks = [ds[i]["sample"].input_ids.count(voco) for i in range(len(ds))]
+    assert ks == [ds.num_voco_of(i) for i in range(len(ds))] == [ds[i]["sample"].input_ids.count(voco)
+                                                                  for i in range(len(ds))]
+    assert all(70 <= ks.count(k) <= 130 for k in (1, 2, 4))  # 100 each expected
+    at_4 = ds.with_num_voco(4)
+    assert {at_4.prompt(i)["sample"].input_ids.count(voco) for i in range(len(ds))} == {4}
+    assert ds.num_voco == (1, 2, 4)  # the original is unchanged
+
+
 def test_dataset_on_synthetic_data(tok, tmp_path):
     synthetic.generate(tmp_path, n_images=3, questions_per_image=2, seed=0)
     ds = dataset(tok, tmp_path / "data.json")

@@ -219,11 +219,22 @@ def test_command_line(setup):
 
 
 def test_num_voco_override(setup, capsys, tmp_path):
-    """--num_voco overrides the checkpoint's K: the cache holds that many VoCo tokens per image."""
+    """--num_voco overrides the checkpoint's K: the cache holds that many VoCo tokens per image, and answering from a
+    cache file with --num_voco checks that the cache holds that K."""
     root = setup[0]
     code, _, err = run(capsys, "--model", root / "voco", "--image", root / "frame1.png", "--num_voco", 3,
                        "--save_cache", tmp_path / "k3.voco")
     assert code == 0 and "3 VoCo tokens" in err, err
+    code, _, err = run(capsys, "--model", root / "voco", "--cache", tmp_path / "k3.voco", "--num_voco", 3,
+                       "--question", "x", "--max_new_tokens", 2)
+    assert code == 0 and "3 VoCo tokens" in err, err
+    code, _, err = run(capsys, "--model", root / "voco", "--cache", tmp_path / "k3.voco", "--num_voco", 2,
+                       "--question", "x")  # a cache of 3 tokens, 2 asked: refused, not read as if it fitted
+    assert code == 2 and "k3.voco holds 3 VoCo tokens per image or frame, but 2 were asked for" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    code, _, err = run(capsys, "--model", root / "voco", "--image", root / "frame1.png", "--num_voco", 0,
+                       "--question", "x")
+    assert code == 2 and "--num_voco 0: give the number of VoCo tokens per image, at least 1" in err
     code, _, err = run(capsys, "--model", root / "full", "--image", root / "frame1.png", "--num_voco", 2,
                        "--question", "x")
     assert code == 2 and "num_voco=2 needs voco_token_id" in err and "Traceback" not in err

@@ -123,6 +123,15 @@ def test_modes_train_and_save(tmp_path, data, mode):
     assert json.loads((tmp_path / "eval.json").read_text())["n"] == 8
 
 
+def test_one_model_for_every_k(tmp_path, data):
+    """--voco_ks: each sample is laid out with one of the K, and the one checkpoint is scored at each of them."""
+    train(*args(data, tmp_path, "--mode=voco", "--voco_ks=1,2,4", "--num_voco=2", "--max_steps=3"))
+    assert VoCoLlama.from_pretrained(tmp_path / "checkpoint" / "model").config.num_voco == 2  # the default K
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert set(result["by_num_voco"]) == {"1", "2", "4"} and all(r["n"] == 8 for r in result["by_num_voco"].values())
+    assert result["by_num_voco"]["2"]["correct"] == result["correct"]  # the headline is the default K's
+
+
 def test_train_from_llava_style_weights(tmp_path, data):
     """The official recipe's start: a plain LLaMA directory (with its tokenizer.model) + CLIP + mm_projector.bin."""
     records = json.loads((data / "train" / "data.json").read_text())
@@ -169,6 +178,9 @@ def test_llm_from_scratch_on_a_pretrained_tower(tmp_path):
     (["--preset=huge"], "unknown preset 'huge'"),
     (["--batch_size=7"], "batch_size=7 must be a multiple of processes x micro_batch_size = 1 x 2"),
     (["--data=missing.json"], "missing.json does not exist"),
+    (["--voco_ks=0,2"], "--voco_ks=0,2: give distinct numbers of VoCo tokens >= 1"),
+    (["--voco_ks=1,4"], "--num_voco=2 must be one of --voco_ks=1,4"),
+    (["--voco_ks=1,2", "--mode=full"], "--voco_ks is for the modes with VoCo tokens (voco, lower_bound), not full"),
 ])
 def test_bad_options(tmp_path, data, argv, message):
     result = train(*args(data, tmp_path), *argv, check=False)

@@ -26,15 +26,16 @@ def model(tok, num_voco):
     return VoCoLlama(config).eval()
 
 
-def sample(tok, vlm, question, num_frames=1):
+def sample(tok, vlm, question, num_frames=1, num_voco=None):
     c = vlm.config
     return build_sample(tok, [(question, None)], image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens,
-                        voco_token_id=c.voco_token_id, num_voco=c.num_voco, num_frames=num_frames)
+                        voco_token_id=c.voco_token_id, num_voco=num_voco or c.num_voco, num_frames=num_frames)
 
 
-def prefix(tok, vlm):
+def prefix(tok, vlm, num_voco=None):
     c = vlm.config
-    return torch.tensor(compress_prefix(tok, c.image_token_id, c.num_image_tokens, c.voco_token_id, c.num_voco))
+    return torch.tensor(compress_prefix(tok, c.image_token_id, c.num_image_tokens, c.voco_token_id,
+                                        num_voco or c.num_voco))
 
 
 def single_pass(vlm, samples, pixels):
@@ -92,6 +93,38 @@ def test_batched_questions_and_generation_equal_single_pass(tok, K):
         torch.testing.assert_close(vlm.answer(many, ids, real).logits[real], ref[real], atol=1e-5, rtol=0)
 
 
+def test_one_model_at_every_k_equals_single_pass_and_its_first_k_tokens_are_a_k_compression(tok):
+    """One set of weights at several K (an any-K model, train.py --voco_ks; or a per-K model run at another K, the
+    paper's Table 4): compress(num_voco=k) and answer equal the masked single pass over the sample laid out with k
+    VoCo tokens, for each k. And the layout is nested: the first k VoCo tokens of an 8-token compression are the
+    k-token compression, so one stage-1 pass serves every smaller budget (VoCoCache.first)."""
+    vlm = model(tok, 4)  # its config's K, the default; asked for others
+    pixels = images(1, seed=2)
+    largest = vlm.compress(pixels, prefix(tok, vlm, 8), num_voco=8)
+    for k in (1, 2, 4, 8):
+        P = len(prefix(tok, vlm, k))
+        cache = vlm.compress(pixels, prefix(tok, vlm, k), num_voco=k)
+        assert cache.num_voco == k and cache.positions.tolist() == list(range(P - k, P)) and cache.next_position == P
+        nested = largest.first(k)
+        assert nested.num_voco == k and torch.equal(nested.positions, cache.positions)
+        assert nested.next_position == cache.next_position
+        for (a, b), (c, d) in zip(nested.kv, cache.kv):
+            torch.testing.assert_close((a, b), (c, d), atol=1e-5, rtol=0)
+        s = sample(tok, vlm, QUESTIONS[0], num_voco=k)
+        ref = single_pass(vlm, [s], pixels)[:, P:]
+        with torch.no_grad():
+            got, from_nested = (vlm.answer(x, torch.tensor([s.text_ids()])).logits for x in (cache, nested))
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
+        torch.testing.assert_close(from_nested, ref, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match=r"ends with exactly 2 <voco> tokens: build it with "
+                                         r"data.compress_prefix\(\.\.\., num_voco=2\)"):
+        vlm.compress(pixels, prefix(tok, vlm, 4), num_voco=2)  # a prefix of 4 VoCo tokens, 2 asked
+    with pytest.raises(ValueError, match="holds 8 VoCo tokens per image: it can give the first 1 to 8, not 9"):
+        largest.first(9)
+    with pytest.raises(ValueError, match="first\\(k\\) takes an image's cache"):
+        vlm.compress_video(images(2), prefix(tok, vlm)).first(1)
+
+
 def test_text_positions_continue_after_the_voco_tokens(tok):
     """Why answer() does not simply continue after the cache's length: that would close the gap of the dropped vision
     tokens, and every relative distance the model saw in training would change."""
@@ -144,6 +177,6 @@ def test_stage_errors(tok):
     assert len(generate_from_cache(vlm, cache, text[:2], max_new_tokens=512 - cache.next_position - 5)[0]) > 0  # exactly full
     with pytest.raises(ValueError, match=r"needs a model with VoCo tokens \(this one has num_voco=0\)"):
         model(tok, 0).compress(images(1), prefix(tok, vlm)[:-2])
-    with pytest.raises(ValueError, match="a prefix that ends with its 2 <voco> tokens: build it with "
+    with pytest.raises(ValueError, match="a prefix that ends with exactly 2 <voco> tokens: build it with "
                                          "data.compress_prefix"):
         vlm.compress(images(1), prefix(tok, vlm)[:-1])
