@@ -3,6 +3,7 @@
     python -m nanovoco.repro                          # one seed, ~15 minutes on a 2-core CPU; writes runs/repro/
     python -m nanovoco.repro --seeds 0,1,2            # three seeds: tables as mean +- sd, error bars in the plot
     python -m nanovoco.repro --ks 1,2,4,8,16          # Table 2 at more K (each K a stage of ~2 CPU minutes)
+    python -m nanovoco.repro --any_k                  # + one model for every K, and Table 4 (~4 CPU minutes)
     python -m nanovoco.repro --scale 8                # a larger run (8x the data and steps), for a GPU
 
 As the paper does (Sec. 4.1), every seed runs these stages, each in its own folder of runs/repro/seed<s>/:
@@ -20,6 +21,8 @@ the same command picks up where it stopped. Then it writes, into the run folder:
 - Table 1: held-out accuracy per question type for each method at K = 1, and the compression retention rate
   (result - lower bound) / (upper bound - lower bound), per seed with its standard error, and over seeds;
 - Table 2: VoCo-LLaMA's accuracy and retention for each K (K = 1 and 16: 64x and 4x compression);
+- with --any_k, Table 2's column for one model trained for every K (`voco_any`), and Table 4: each model run at
+  every K;
 - Table 7: the inference-efficiency report of nanovoco.bench on the tiny shape;
 - results.md (the tables), results.json (every number, per seed) and retention.png (retention against K).
 
@@ -38,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from nanovoco import bench, vision_pretrain
+from nanovoco import bench, files, vision_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 16)  # the default's Table 2: what the 15-minute budget holds (a K is a stage of ~2 minutes)
@@ -55,9 +58,11 @@ FULL_STEPS = 1000
 COMPRESSED_STEPS = 300  # every compressed stage alike, so that Table 1 compares methods trained equally
 
 
-def stages(scale: float, seed: int = 0, ks=KS) -> dict:
+def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False) -> dict:
     """Stage name -> the command that makes it (run from the repository root; {out} is the seed's folder). The step
-    counts are the default's time budget on a 2-core CPU; the choices behind them are measured in docs/results.md."""
+    counts are the default's time budget on a 2-core CPU; the choices behind them are measured in docs/results.md.
+    any_k adds `voco_any`: one VoCo-LLaMA model for every K of ks (train.py --voco_ks), trained as long as two
+    per-K stages."""
     steps = lambda n: str(max(1, round(n * scale)))  # noqa: E731
     runs = {"vision": ["-m", "nanovoco.vision_pretrain", "--out", "{out}/vision", "--steps", steps(300),
                        "--images", steps(4000), "--seed", str(seed)]}
@@ -78,6 +83,10 @@ def stages(scale: float, seed: int = 0, ks=KS) -> dict:
         runs[f"{mode}_k{k}"] = [*common, f"--mode={mode}", f"--num_voco={k}", *voco_init,
                                 f"--max_steps={steps(COMPRESSED_STEPS)}", "--warmup_ratio=0.03",
                                 "--init={out}/full/checkpoint/model"]
+    if any_k:
+        runs["voco_any"] = [*common, "--mode=voco", "--num_voco=1", "--voco_init=newline",
+                            f"--voco_ks={','.join(map(str, ks))}", f"--max_steps={steps(2 * COMPRESSED_STEPS)}",
+                            "--warmup_ratio=0.03", "--init={out}/full/checkpoint/model"]
     return runs
 
 
@@ -189,9 +198,47 @@ def shortcuts(folder: Path, results: dict) -> dict | None:
     return out
 
 
-def seed_summary(folder: Path, names) -> dict:
-    """Every stage's accuracy and retention (each with its standard error) for one seed's folder."""
+def other_k(folder: Path, ks) -> dict:
+    """The paper's Table 4 in miniature: each per-K VoCo-LLaMA model of a seed's folder run at every other K of ks
+    (its greedy answers to the held-out questions laid out with k VoCo tokens), as "voco_k{K}_at_k{k}" -> the
+    evaluation. Each is kept in the stage's folder (eval_at_k{k}.json), so a second invocation reads it."""
+    from nanovoco.data import LlavaDataset  # the model's modules, only for this (the stages run in subprocesses)
+    from nanovoco.evaluate import vqa_accuracy
+    from nanovoco.model import VoCoLlama
+    from nanovoco.tokenizer import Tokenizer, trained_system_prompt
+
+    out = {}
+    for trained in ks:
+        stage = folder / f"voco_k{trained}"
+        missing = [k for k in ks if k != trained and not (stage / f"eval_at_k{k}.json").exists()]
+        if missing:
+            model = stage / "checkpoint" / "model"
+            vlm = VoCoLlama.from_pretrained(model, vision_path=model / "vision_tower").eval()
+            data = LlavaDataset(folder / "data" / "eval" / "data.json", folder / "data" / "eval",
+                                Tokenizer(model / "tokenizer.model"), vlm.config, num_voco=trained,
+                                max_len=vlm.config.text.max_position_embeddings, system=trained_system_prompt(model))
+            for k in missing:
+                text = json.dumps(vqa_accuracy(vlm, data.with_num_voco(k), compressed=True))
+                files.atomic_write(stage / f"eval_at_k{k}.json", lambda tmp: Path(tmp).write_text(text))
+        out.update({f"voco_k{trained}_at_k{k}": json.loads((stage / f"eval_at_k{k}.json").read_text())
+                    for k in ks if k != trained})
+    return out
+
+
+def load_results(folder: Path, names, ks) -> dict:
+    """Each stage's eval.json, with the any-K model (if run) as "voco_any_k{k}" at each K, and the per-K models at
+    the other K (other_k) when there is an any-K model to compare with."""
     results = {name: json.loads((folder / name / "eval.json").read_text()) for name in names}
+    if "voco_any" in results:
+        any_k = results.pop("voco_any")["by_num_voco"]
+        results.update({f"voco_any_k{k}": any_k[str(k)] for k in ks})
+        results.update(other_k(folder, ks))
+    return results
+
+
+def seed_summary(folder: Path, results: dict) -> dict:
+    """Every stage's accuracy and retention (each with its standard error) for one seed's folder, from its
+    evaluations (load_results)."""
     upper, lower = results["full"], results["lower_bound_k1"]
     summary = {}
     for name, r in results.items():
@@ -283,11 +330,31 @@ def tables(per_seed: dict) -> str:
         lines.append("| the shortcut itself | " + " | ".join(
             f"{100 * statistics.mean(s['shortcuts'][t]['shortcut'] for s in per_seed.values()):.1f} | 100"
             for t in shortcut_types) + " |")
-    lines += ["", f"## Table 2 in miniature: VoCo-LLaMA with K VoCo tokens ({VISION_TOKENS} vision tokens -> K)", "",
-              "| K | compression | accuracy | retention |", "|---:|---:|---:|---:|"]
+    any_k = f"voco_any_k{ks[0]}" in first
+    lines += ["", f"## Table 2 in miniature: VoCo-LLaMA with K VoCo tokens ({VISION_TOKENS} vision tokens -> K)", ""]
+    if any_k:
+        lines += [f"One model per K (each {COMPRESSED_STEPS} steps), and one model for every K (`voco_any`: K drawn "
+                  f"per sample, {2 * COMPRESSED_STEPS} steps, scored at each K).", "",
+                  "| K | compression | per-K accuracy | per-K retention | one model: accuracy | one model: retention |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines += ["| K | compression | accuracy | retention |", "|---:|---:|---:|---:|"]
     for k in ks:
+        extra = (f" {over_seeds(per_seed, f'voco_any_k{k}', 'overall')} | "
+                 f"{over_seeds(per_seed, f'voco_any_k{k}', 'retention')} |" if any_k else "")
         lines.append(f"| {k} | {VISION_TOKENS // k}x | {over_seeds(per_seed, f'voco_k{k}', 'overall')} | "
-                     f"{over_seeds(per_seed, f'voco_k{k}', 'retention')} |")
+                     f"{over_seeds(per_seed, f'voco_k{k}', 'retention')} |" + extra)
+    if any_k:
+        lines += ["", "## Table 4 in miniature: each model run at every K", "",
+                  "Retention (%), mean ± sd over seeds, of the model trained at K (rows) when run at k (columns); "
+                  "the diagonal is Table 2's per-K column.", "",
+                  "| trained at | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+        for trained in ks:
+            cells = [over_seeds(per_seed, f"voco_k{trained}" if k == trained else f"voco_k{trained}_at_k{k}",
+                                "retention") for k in ks]
+            lines.append(f"| K = {trained} | " + " | ".join(cells) + " |")
+        lines.append("| every K (one model) | " + " | ".join(over_seeds(per_seed, f"voco_any_k{k}", "retention")
+                                                             for k in ks) + " |")
     lines += ["", "## Each seed: accuracy ± standard error, retention ± standard error (paired bootstrap), in %", "",
               "| method | " + " | ".join(f"seed {s} accuracy | seed {s} retention" for s in seeds) + " |",
               "|---|" + "---:|---:|" * len(seeds)]
@@ -320,7 +387,10 @@ def plot(per_seed: dict, path: Path):
     ks = run_ks(next(iter(per_seed.values())))
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     y, err = zip(*(point(f"voco_k{k}") for k in ks))
-    ax.errorbar(ks, y, yerr=err, fmt="o-", capsize=3, label="VoCo-LLaMA")
+    ax.errorbar(ks, y, yerr=err, fmt="o-", capsize=3, label="VoCo-LLaMA, one model per K")
+    if f"voco_any_k{ks[0]}" in next(iter(per_seed.values())):
+        y, err = zip(*(point(f"voco_any_k{k}") for k in ks))
+        ax.errorbar(ks, y, yerr=err, fmt="D--", capsize=3, label="VoCo-LLaMA, one model for every K")
     for mode, marker in (("avgpool", "s"), ("qformer", "^")):
         y, err = point(f"{mode}_k1")
         ax.errorbar([1], [y], yerr=[err], fmt=marker, capsize=3, label=mode)
@@ -341,7 +411,7 @@ def plot(per_seed: dict, path: Path):
 
 def run_ks(summary: dict) -> list[int]:
     """The K of a seed's VoCo-LLaMA stages, in increasing order."""
-    return sorted(int(name.removeprefix("voco_k")) for name in summary if name.startswith("voco_k"))
+    return sorted(int(m.group(1)) for m in map(re.compile(r"voco_k(\d+)").fullmatch, summary) if m)
 
 
 def parse_ints(text: str, least: int) -> list[int] | None:
@@ -359,6 +429,9 @@ def main(argv=None):
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the data and the training steps")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, each a whole run (data, vision tower, init)")
     p.add_argument("--ks", default=",".join(map(str, KS)), help="comma-separated K of Table 2 (K = 1 is always run)")
+    p.add_argument("--any_k", action="store_true", help="also one VoCo-LLaMA model for every K of --ks (a stage as "
+                   "long as two per-K ones, ~4 CPU minutes), against the per-K models, and each per-K model run at "
+                   "the other K (the paper's Table 4)")
     args = p.parse_args(argv)
     if args.scale <= 0:
         p.exit(2, f"--scale {args.scale}: give a positive number (1 is the 15-minute CPU run)\n")
@@ -379,14 +452,15 @@ def main(argv=None):
     made.write_text(json.dumps(recipe))
     t0 = time.perf_counter()
     for seed in seeds:
-        for name, command in stages(args.scale, seed, ks).items():
+        for name, command in stages(args.scale, seed, ks, args.any_k).items():
             run_stage(name, command, out / f"seed{seed}")
-    names = [n for n in stages(args.scale, ks=ks) if n != "vision"]
-    per_seed = {seed: seed_summary(out / f"seed{seed}", names) for seed in seeds}
+    names = [n for n in stages(args.scale, ks=ks, any_k=args.any_k) if n != "vision"]
+    per_seed = {seed: seed_summary(out / f"seed{seed}", load_results(out / f"seed{seed}", names, ks))
+                for seed in seeds}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     efficiency = bench.markdown(bench.report("tiny", device=device, repeats=10))
     walls = {seed: {name: float((out / f"seed{seed}" / name / "wall_time.txt").read_text())
-                    for name in stages(args.scale, ks=ks)} for seed in seeds}
+                    for name in stages(args.scale, ks=ks, any_k=args.any_k)} for seed in seeds}
     timing = "; ".join(f"seed {seed}: {sum(w.values()):.0f} s (" + ", ".join(f"{k} {v:.0f}" for k, v in w.items())
                        + ")" for seed, w in walls.items())
     text = (f"# nanovoco reproduction (scale {args.scale}, seeds {', '.join(map(str, seeds))})\n\n"

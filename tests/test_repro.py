@@ -117,6 +117,15 @@ def test_repro_runs_and_resumes(tmp_path):
     assert second.returncode == 0 and second.stdout.count("done before, kept") == len(stages(1.0))
     other = subprocess.run(cmd[:-1] + ["0.02"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "made with --scale 0.01" in other.stderr and "Traceback" not in other.stderr
+    # --any_k on the same folder: only the one-model-for-every-K stage is new, then every per-K model at each K
+    third = subprocess.run(cmd + ["--any_k"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
+    assert third.stdout.count("done before, kept") == len(stages(1.0)) and "== voco_any:" in third.stdout
+    seed = json.loads((out / "results.json").read_text())["seeds"]["0"]
+    assert {f"voco_any_k{k}" for k in KS} | {"voco_k1_at_k16", "voco_k16_at_k1"} <= set(seed)
+    assert json.loads((run / "voco_k16" / "eval_at_k1.json").read_text())["n"] == seed["voco_k16"]["n"]
+    text = (out / "results.md").read_text()
+    assert "one model: retention" in text and "Table 4 in miniature" in text
 
 
 @pytest.mark.slow
