@@ -6,8 +6,9 @@ distinct colours sit on Sort-of-CLEVR's GRID x GRID cells; between consecutive f
 free neighbouring cell. The mover is always one of the objects that have moved least so far (and can move), so in the
 default videos (3 objects, 4 frames, 3 moves) each object nearly always moves exactly once. The temporal questions
 (which object moved first, which last, which way one moved, did one move before another) change their answer when
-the frames are played backwards, so a model that sums the frames up as an unordered set cannot answer them; "shape"
-has the same answer in every frame, a control.
+the frames are played backwards, so a model that sums the frames up as an unordered set cannot answer them; two of
+them (which way the first move went, which way the last) name no object, so that a model that cannot find an object
+by its colour can still show whether it knows the order; "shape" has the same answer in every frame, a control.
 
     python -m nanovoco.synthetic_video --out data/moving_shapes --n_videos 10000 --seed 0
 
@@ -30,7 +31,9 @@ from nanovoco.files import atomic_write
 from nanovoco.synthetic import GRID, PALETTE, SHAPES, draw, llava_records, make_scene, write_json
 
 MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 QUESTION_TYPES = ("first_mover", "last_mover", "direction", "before",  # temporal: reversing the video changes them
+                  "first_move", "last_move",  # temporal, and naming no object
                   "shape")  # order-free control
 ANSWERS = tuple(PALETTE) + tuple(MOVES) + ("yes", "no") + SHAPES
 
@@ -84,6 +87,16 @@ def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str
         i = rng.choice(once)
         o = objects[i]
         return f"Which way did the {o['color']} {o['shape']} move?", moves[movers.index(i)][1]
+    if qtype in ("first_move", "last_move"):
+        # Which way the first (last) move went: no object is named, so a model that knows what moved where in each
+        # frame, but cannot find an object by its colour, can still answer it, from the order of the frames alone.
+        # Backwards, the first move is the last one undone: asked only when that gives another answer.
+        first = qtype == "first_move"
+        forward = moves[0 if first else -1][1]
+        backward = OPPOSITE[moves[-1 if first else 0][1]]
+        if forward == backward:
+            return None
+        return f"Which way did the {'first' if first else 'last'} move go?", forward
     if qtype == "before":
         if len(once) < 2:
             return None
