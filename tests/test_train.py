@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from nanovoco import synthetic_video
 from nanovoco.model import CLIPVisionTower, VoCoLlama
 from nanovoco.synthetic import generate
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
@@ -266,7 +267,7 @@ def test_video_training_then_infer(tmp_path):
           f"--out_dir={out}", "--batch_size=4", "--micro_batch_size=2", "--max_steps=3", "--eval_limit=4")
     assert len(losses(out)) == 3
     result = json.loads((out / "eval.json").read_text())
-    assert result["n"] == 4 and set(result["by_type"]) <= {"first_mover", "last_mover", "direction", "before", "shape"}
+    assert result["n"] == 4 and set(result["by_type"]) <= set(synthetic_video.QUESTION_TYPES)
     model = out / "checkpoint" / "model"
     assert json.loads((model / "prompt.json").read_text()) == {"system": ""}
     record = json.loads((out / "data" / "eval" / "data.json").read_text())[0]
