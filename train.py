@@ -621,10 +621,11 @@ def fit(run: Run):
     bar.close()
     if step == total_steps and eval_set is not None:
         result = evaluate(vlm, eval_set, eval_compressed, cfg.eval_limit, progress=rank == 0)
-        result["blind"] = blind_baseline(eval_set, cfg.eval_limit)  # chance: the best answers without the image
-        if cfg.voco_ks:  # the one any-K checkpoint, at each of its K
-            result["by_num_voco"] = {k: evaluate(vlm, eval_set.with_num_voco(k), eval_compressed, cfg.eval_limit)
+        if cfg.voco_ks:  # the one any-K checkpoint, at each of its K (the default K's is the result above)
+            result["by_num_voco"] = {k: dict(result) if k == cfg.num_voco else
+                                     evaluate(vlm, eval_set.with_num_voco(k), eval_compressed, cfg.eval_limit)
                                      for k in voco_ks(cfg)}
+        result["blind"] = blind_baseline(eval_set, cfg.eval_limit)  # chance: the best answers without the image
         if rank == 0:
             print(f"VQA accuracy {result['overall']:.3f} on {result['n']} held-out questions (without the image at "
                   f"best {result['blind']['overall']:.3f}): {result['by_type']}")

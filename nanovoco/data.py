@@ -145,11 +145,11 @@ class LlavaDataset(torch.utils.data.Dataset):
     question alone, for evaluation.
 
     config is the VoCoLlamaConfig (image_token_id, num_image_tokens, vision.image_size); the VoCo id is the
-    tokenizer's "<voco>"; num_voco is K, or a tuple of K for any-K training (`num_voco_of`). The whole file is checked at construction, so that a bad record stops a run before
-    training starts rather than hours into it: the schema, the roles, the tags, and every image's path (inside the
-    image folder), existence and header (PIL opens it, its size is sane and its mode converts to RGB). An image whose
-    pixel data is damaged behind a good header is found only when it is decoded, in __getitem__. Every error names
-    the file and the record.
+    tokenizer's "<voco>"; num_voco is K, or a tuple of K for any-K training (`num_voco_of`). The whole file is
+    checked at construction, so that a bad record stops a run before training starts rather than hours into it: the
+    schema, the roles, the tags, and every image's path (inside the image folder), existence and header (PIL opens
+    it, its size is sane and its mode converts to RGB). An image whose pixel data is damaged behind a good header is
+    found only when it is decoded, in __getitem__. Every error names the file and the record.
     """
 
     def __init__(self, json_path, image_folder, tokenizer, config, *, num_voco: int | tuple[int, ...] = 2,
