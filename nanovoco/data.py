@@ -174,6 +174,13 @@ class LlavaDataset(torch.utils.data.Dataset):
         other.num_voco = num_voco
         return other
 
+    def with_frames(self, pick) -> LlavaDataset:
+        """The same records with each one's frames replaced by pick(i, frames) (a list of the same file names:
+        a video model evaluated with its frames shuffled, or shown one of them), without checking the files again."""
+        other = copy.copy(self)
+        other.records = [{**r, "image": pick(i, frames(r))} for i, r in enumerate(self.records)]
+        return other
+
     def where(self, i, record, file=True) -> str:
         """How errors name a record: "data.json: record 3 (id '000001_2')"."""
         name = f"record {i}" + (f" (id {record['id']!r})" if isinstance(record, dict) and "id" in record else "")

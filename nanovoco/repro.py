@@ -4,6 +4,7 @@
     python -m nanovoco.repro --seeds 0,1,2            # three seeds: tables as mean +- sd, error bars in the plot
     python -m nanovoco.repro --ks 1,2,4,8,16          # Table 2 at more K (each K a stage of ~2 CPU minutes)
     python -m nanovoco.repro --any_k                  # + one model for every K, and Table 4 (~4 CPU minutes)
+    python -m nanovoco.repro --video                  # + video: do the per-frame caches carry time? (~6 CPU minutes)
     python -m nanovoco.repro --scale 8                # a larger run (8x the data and steps), for a GPU
 
 As the paper does (Sec. 4.1), every seed runs these stages, each in its own folder of runs/repro/seed<s>/:
@@ -23,6 +24,9 @@ the same command picks up where it stopped. Then it writes, into the run folder:
 - Table 2: VoCo-LLaMA's accuracy and retention for each K (K = 1 and 16: 64x and 4x compression);
 - with --any_k, Table 2's column for one model trained for every K (`voco_any`), and Table 4: each model run at
   every K;
+- with --video, the K = 1 model trained on moving-shapes videos (`video`, a VoCo token per frame), asked about the
+  frames' order with its caches (a) in time order, (b) shuffled, (c) of one frame, (d) not at all: the video table,
+  and video.png;
 - Table 7: the inference-efficiency report of nanovoco.bench on the tiny shape;
 - results.md (the tables), results.json (every number, per seed) and retention.png (retention against K).
 
@@ -41,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from nanovoco import bench, files, vision_pretrain
+from nanovoco import bench, files, synthetic_video, vision_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 16)  # the default's Table 2: what the 15-minute budget holds (a K is a stage of ~2 minutes)
@@ -56,13 +60,19 @@ HELD_OUT_IMAGES = 750
 BATCH = 32  # images per step (train.py's tiny-cpu preset)
 FULL_STEPS = 1000
 COMPRESSED_STEPS = 300  # every compressed stage alike, so that Table 1 compares methods trained equally
+# --video: VIDEO_STEPS steps of 32 moving-shapes videos (~5 CPU minutes, + ~1 of evaluation), each seen once, and
+# 250 held-out videos x 4 questions. VIDEO_OBJECTS: the questions that need the order must not hinge on finding an
+# object by its colour, which no model of this miniature learns (docs/results.md): with one object, every question
+# about it is about the whole frame
+VIDEO_STEPS, VIDEO_OBJECTS, HELD_OUT_VIDEOS = 300, 1, 250
 
 
-def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False) -> dict:
+def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool = False) -> dict:
     """Stage name -> the command that makes it (run from the repository root; {out} is the seed's folder). The step
     counts are the default's time budget on a 2-core CPU; the choices behind them are measured in docs/results.md.
     any_k adds `voco_any`: one VoCo-LLaMA model for every K of ks (train.py --voco_ks), trained as long as two
-    per-K stages."""
+    per-K stages. video adds `video`: the K = 1 VoCo-LLaMA model trained on moving-shapes videos, a VoCo token per
+    frame."""
     steps = lambda n: str(max(1, round(n * scale)))  # noqa: E731
     runs = {"vision": ["-m", "nanovoco.vision_pretrain", "--out", "{out}/vision", "--steps", steps(300),
                        "--images", steps(4000), "--seed", str(seed)]}
@@ -87,6 +97,14 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False) -> dict:
         runs["voco_any"] = [*common, "--mode=voco", "--num_voco=1", "--voco_init=newline",
                             f"--voco_ks={','.join(map(str, ks))}", f"--max_steps={steps(2 * COMPRESSED_STEPS)}",
                             "--warmup_ratio=0.03", "--init={out}/full/checkpoint/model"]
+    if video:
+        videos = max(1, round(HELD_OUT_VIDEOS * min(scale, 1)))
+        runs["video"] = ["train.py", "--preset=tiny-cpu", "--data=synthetic_video",
+                         f"--synthetic_images={steps(VIDEO_STEPS * BATCH)}", f"--synthetic_objects={VIDEO_OBJECTS}",
+                         f"--synthetic_eval_images={videos}", "--eval_every=0", "--eval_limit=0", f"--seed={seed}",
+                         "--synthetic_dir={out}/video_data", "--mode=voco", "--num_voco=1", "--max_len=512",
+                         f"--max_steps={steps(VIDEO_STEPS)}", "--warmup_ratio=0.03",
+                         "--init={out}/voco_k1/checkpoint/model"]
     return runs
 
 
@@ -236,6 +254,77 @@ def load_results(folder: Path, names, ks) -> dict:
     return results
 
 
+def shuffled(i: int, frames: list) -> list:
+    """Record i's frames in an order of their own (seeded by i), never the time order."""
+    rng, order = random.Random(i), list(range(len(frames)))
+    while order == sorted(order):
+        rng.shuffle(order)
+    return [frames[j] for j in order]
+
+
+# What the video model is shown of each held-out video: (a) its per-frame caches in time order, or reversed, (b) in a
+# shuffled order (a frame is compressed alone, so reordering the frames reorders their caches), (c) one frame's
+VIEWS = {"in order": None, "reversed": lambda i, frames: frames[::-1], "shuffled": shuffled,
+         "first frame only": lambda i, frames: frames[:1], "last frame only": lambda i, frames: frames[-1:]}
+KINDS = {"motion": synthetic_video.MOTION, "when": synthetic_video.WHEN}  # the two kinds of temporal question
+
+
+def read_at_its_place(record: dict, frames: list) -> bool:
+    """Whether a "start" ("end") question's answer is the quarter that its object has in the frame shown first
+    (last) of frames, a reordering of the record's: what a model scores that answers from the frame at that place,
+    whichever frame it is."""
+    color = re.search(r"the (\w+) \w+ at the", record["conversations"][0]["value"]).group(1)
+    k = [o["color"] for o in record["scene"][0]].index(color)
+    shown = record["scene"][record["image"].index(frames[0 if record["type"] == "start" else -1])]
+    return synthetic_video.quarter(shown[k], vision_pretrain.TOWER.image_size) == record["conversations"][1]["value"]
+
+
+def video_summary(folder: Path) -> dict:
+    """The video stage of a seed's folder, evaluated on its held-out questions in each of VIEWS, and (d) without the
+    video (each type's most common answer): accuracy per question type and per kind of temporal question (KINDS).
+    "chance" is a uniform guess among a question's possible answers; "shuffled, read at the place" is what the
+    shuffled view scores on the "when" questions if the model answers from whichever frame is at the first (last)
+    place. Each view's evaluation is kept in the stage's folder (eval_<view>.json), so a second invocation reads
+    it."""
+    from nanovoco.data import LlavaDataset  # the model's modules, only for this (the stages run in subprocesses)
+    from nanovoco.evaluate import vqa_accuracy
+    from nanovoco.model import VoCoLlama
+    from nanovoco.tokenizer import Tokenizer, trained_system_prompt
+
+    stage, data = folder / "video", folder / "video_data" / "eval"
+    path = lambda view: stage / ("eval.json" if view == "in order" else f"eval_{view.replace(' ', '_')}.json")  # noqa: E731
+    if not all(path(view).exists() for view in VIEWS):
+        model = stage / "checkpoint" / "model"
+        vlm = VoCoLlama.from_pretrained(model, vision_path=model / "vision_tower").eval()
+        dataset = LlavaDataset(data / "data.json", data, Tokenizer(model / "tokenizer.model"), vlm.config,
+                               num_voco=vlm.config.num_voco, max_len=vlm.config.text.max_position_embeddings,
+                               system=trained_system_prompt(model))
+        for view, pick in VIEWS.items():
+            if not path(view).exists():
+                text = json.dumps(vqa_accuracy(vlm, dataset.with_frames(pick), compressed=True))
+                files.atomic_write(path(view), lambda tmp: Path(tmp).write_text(text))
+    records = json.loads((data / "data.json").read_text())
+    types = [r["type"] for r in records]
+    counts = {t: types.count(t) for t in synthetic_video.QUESTION_TYPES if t in types}
+
+    def by_kind(by_type: dict) -> dict:
+        """Accuracy over each kind's questions (None when a video set has none of them), from per-type accuracy."""
+        out = {}
+        for kind, kind_types in KINDS.items():
+            n = sum(counts.get(t, 0) for t in kind_types)
+            out[kind] = sum(by_type[t] * counts[t] for t in kind_types if t in counts) / n if n else None
+        return {"by_type": by_type, **out}
+
+    views = {view: by_kind(json.loads(path(view).read_text())["by_type"]) for view in VIEWS}
+    views["no video"] = by_kind(json.loads(path("in order").read_text())["blind"]["by_type"])
+    views["chance"] = by_kind({t: statistics.mean(1 / synthetic_video.n_answers(t, len(r["scene"][0]))
+                                                  for r in records if r["type"] == t) for t in counts})
+    when = [(i, r) for i, r in enumerate(records) if r["type"] in synthetic_video.WHEN]
+    views["shuffled, read at the place"] = {"when": statistics.mean(read_at_its_place(r, shuffled(i, r["image"]))
+                                                                    for i, r in when) if when else None}
+    return {"n": len(records), "counts": counts, "views": views}
+
+
 def seed_summary(folder: Path, results: dict) -> dict:
     """Every stage's accuracy and retention (each with its standard error) for one seed's folder, from its
     evaluations (load_results)."""
@@ -369,6 +458,79 @@ def tables(per_seed: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def video_table(per_seed: dict) -> str:
+    """The video stage's table: accuracy for each view, per kind of temporal question (mean ± sd over seeds) and per
+    question type (means)."""
+    first = next(iter(per_seed.values()))
+    types, kinds = list(first["counts"]), [k for k in KINDS if first["views"]["in order"][k] is not None]
+    n_kind = {k: sum(first["counts"].get(t, 0) for t in KINDS[k]) for k in kinds}
+    lines = [f"## Video: do the per-frame caches carry time? ({len(per_seed)} seed(s))", "",
+             f"The seed's K = 1 VoCo-LLaMA model trained {VIDEO_STEPS} more steps on moving-shapes videos "
+             f"(synthetic_video: {VIDEO_OBJECTS} object(s), 4 frames, one move a frame), one VoCo token per frame. "
+             f"Accuracy (%) on {first['n']} held-out questions per seed. Two kinds of question need the frames' order "
+             "(reversing the video changes their answers): *when*, where an object was at the start or the end "
+             f"(reading one frame chosen by its place in time; {n_kind.get('when', 0)} questions), and *motion*, "
+             f"what moved which way (comparing frames; {n_kind.get('motion', 0)}); shape is an order-free control. "
+             "Kinds: mean ± sd over seeds; types: means. Chance is a uniform guess among a question's possible "
+             "answers.", "",
+             "| answered from | " + " | ".join(kinds) + " | " + " | ".join(types) + " |",
+             "|---|" + "---:|" * (len(kinds) + len(types))]
+    labels = {"in order": "(a) per-frame caches in time order", "reversed": "(a) the same caches, reversed",
+              "shuffled": "(b) the same caches, shuffled", "first frame only": "(c) the first frame's cache only",
+              "last frame only": "(c) the last frame's cache only",
+              "no video": "(d) no video (each type's most common answer)", "chance": "chance (a uniform guess)",
+              "shuffled, read at the place": "(b) if read from the frame at the first / last place"}
+    for view, label in labels.items():
+        values = [s["views"][view] for s in per_seed.values()]
+        cells = []
+        for kind in kinds:
+            ms = mean_sd(v.get(kind) for v in values)
+            cells.append("" if ms is None else f"{pct(ms[0])} ± {pct(ms[1])}")
+        cells += [f"{100 * statistics.mean(v['by_type'][t] for v in values):.1f}" if "by_type" in values[0] else ""
+                  for t in types]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "Above chance, per seed (points, one seed's standard error about "
+              + ", ".join(f"{pct(accuracy_se(0.5, n_kind[k]))} for {k}" for k in kinds) + "):"]
+    for kind in kinds:
+        gaps = {view: ", ".join(f"{100 * (s['views'][view][kind] - s['views']['chance'][kind]):+.1f}"
+                                for s in per_seed.values()) for view in ("in order", "shuffled")}
+        lines.append(f"- {kind}: in order {gaps['in order']}; shuffled {gaps['shuffled']}")
+    return "\n".join(lines) + "\n"
+
+
+def video_plot(per_seed: dict, path: Path):
+    """Accuracy per kind of temporal question for each view (bars: mean over seeds ± sd; one seed: ± standard
+    error), against chance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(per_seed.values()))
+    kinds = [k for k in KINDS if first["views"]["in order"][k] is not None]
+    views = [*VIEWS, "no video"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / len(kinds)
+    for j, (kind, color) in enumerate(zip(kinds, ("tab:blue", "tab:orange"))):
+        n = sum(first["counts"].get(t, 0) for t in KINDS[kind])
+        means, errs = [], []
+        for view in views:
+            values = [s["views"][view][kind] for s in per_seed.values()]
+            means.append(100 * statistics.mean(values))
+            errs.append(100 * (statistics.stdev(values) if len(values) > 1 else accuracy_se(values[0], n)))
+        x = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(views))]
+        ax.bar(x, means, width, yerr=errs, capsize=3, color=color, label=f"{kind} ({', '.join(t for t in KINDS[kind] if t in first['counts'])})")
+        chance = 100 * statistics.mean(s["views"]["chance"][kind] for s in per_seed.values())
+        ax.axhline(chance, color=color, ls="--", lw=1)
+    ax.set_xticks(range(len(views)), [v.replace(" only", "").replace(" frame", "\nframe") for v in views])
+    ax.set_ylabel("accuracy (%); dashed: chance")
+    ax.set_ylim(0, 105)
+    spread = "mean ± sd over seeds" if len(per_seed) > 1 else "± standard error"
+    ax.set_title(f"Video questions that need the frames' order ({len(per_seed)} seed(s), {spread})")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
 def plot(per_seed: dict, path: Path):
     """Retention against K (mean ± sd over seeds; with one seed, ± its bootstrap standard error)."""
     import matplotlib
@@ -432,6 +594,8 @@ def main(argv=None):
     p.add_argument("--any_k", action="store_true", help="also one VoCo-LLaMA model for every K of --ks (a stage as "
                    "long as two per-K ones, ~4 CPU minutes), against the per-K models, and each per-K model run at "
                    "the other K (the paper's Table 4)")
+    p.add_argument("--video", action="store_true", help="also the K = 1 model trained on moving-shapes videos and "
+                   "asked about the frames' order, shown them in order, shuffled, one frame, none (~6 CPU minutes)")
     args = p.parse_args(argv)
     if args.scale <= 0:
         p.exit(2, f"--scale {args.scale}: give a positive number (1 is the 15-minute CPU run)\n")
@@ -452,7 +616,7 @@ def main(argv=None):
     made.write_text(json.dumps(recipe))
     t0 = time.perf_counter()
     for seed in seeds:
-        for name, command in stages(args.scale, seed, ks, args.any_k).items():
+        for name, command in stages(args.scale, seed, ks, args.any_k, args.video).items():
             run_stage(name, command, out / f"seed{seed}")
     names = [n for n in stages(args.scale, ks=ks, any_k=args.any_k) if n != "vision"]
     per_seed = {seed: seed_summary(out / f"seed{seed}", load_results(out / f"seed{seed}", names, ks))
@@ -460,16 +624,21 @@ def main(argv=None):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     efficiency = bench.markdown(bench.report("tiny", device=device, repeats=10))
     walls = {seed: {name: float((out / f"seed{seed}" / name / "wall_time.txt").read_text())
-                    for name in stages(args.scale, ks=ks, any_k=args.any_k)} for seed in seeds}
+                    for name in stages(args.scale, ks=ks, any_k=args.any_k, video=args.video)} for seed in seeds}
     timing = "; ".join(f"seed {seed}: {sum(w.values()):.0f} s (" + ", ".join(f"{k} {v:.0f}" for k, v in w.items())
                        + ")" for seed, w in walls.items())
+    video = {seed: video_summary(out / f"seed{seed}") for seed in seeds} if args.video else {}
     text = (f"# nanovoco reproduction (scale {args.scale}, seeds {', '.join(map(str, seeds))})\n\n"
             f"{bench.machine(device)}. Stages: {timing}; this invocation {time.perf_counter() - t0:.0f} s.\n\n"
-            f"{tables(per_seed)}\n## Table 7 in miniature: inference efficiency\n\n{efficiency}")
+            f"{tables(per_seed)}\n" + (f"{video_table(video)}\n" if video else "")
+            + f"## Table 7 in miniature: inference efficiency\n\n{efficiency}")
     (out / "results.md").write_text(text)
-    (out / "results.json").write_text(json.dumps({"scale": args.scale, "seeds": per_seed}, indent=1))
-    plot(per_seed, out / "retention.png")
-    print("\n" + text + f"\nwrote {out / 'results.md'}, {out / 'results.json'}, {out / 'retention.png'}")
+    (out / "results.json").write_text(json.dumps({"scale": args.scale, "seeds": per_seed, "video": video}, indent=1))
+    plots = [out / "retention.png"] + [out / "video.png"] * bool(video)
+    plot(per_seed, plots[0])
+    if video:
+        video_plot(video, plots[1])
+    print("\n" + text + f"\nwrote {out / 'results.md'}, {out / 'results.json'}, " + ", ".join(map(str, plots)))
 
 
 if __name__ == "__main__":

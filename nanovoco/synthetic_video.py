@@ -4,11 +4,14 @@ VoCo-LLaMA extends to video by compressing each frame to its own VoCo tokens and
 sequence of them. These videos test what that sequence must keep: the order of the frames. A few flat shapes of
 distinct colours sit on Sort-of-CLEVR's GRID x GRID cells; between consecutive frames exactly one object moves to a
 free neighbouring cell. The mover is always one of the objects that have moved least so far (and can move), so in the
-default videos (3 objects, 4 frames, 3 moves) each object nearly always moves exactly once. The temporal questions
-(which object moved first, which last, which way one moved, did one move before another) change their answer when
-the frames are played backwards, so a model that sums the frames up as an unordered set cannot answer them; two of
-them (which way the first move went, which way the last) name no object, so that a model that cannot find an object
-by its colour can still show whether it knows the order; "shape" has the same answer in every frame, a control.
+default videos (3 objects, 4 frames, 3 moves) each object nearly always moves exactly once; a video of one object
+moves it every frame. The temporal questions (which object moved first, which last, which way one moved, did one
+move before another, which way the first / the last move went, in which quarter of the image an object was at the
+start / at the end) change their answer when the frames are played backwards, so a model that sums the frames up as
+an unordered set cannot answer them. They come in two kinds: comparing two frames (what moved, and which way) and
+reading one frame by its place in time (where an object was at the start or the end). "shape" has the same answer
+in every frame, a control. With one object, no question hinges on finding an object by its colour (which the
+models of nanovoco.repro do not learn; docs/results.md).
 
     python -m nanovoco.synthetic_video --out data/moving_shapes --n_videos 10000 --seed 0
 
@@ -32,10 +35,20 @@ from nanovoco.synthetic import GRID, PALETTE, SHAPES, draw, llava_records, make_
 
 MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-QUESTION_TYPES = ("first_mover", "last_mover", "direction", "before",  # temporal: reversing the video changes them
-                  "first_move", "last_move",  # temporal, and naming no object
-                  "shape")  # order-free control
-ANSWERS = tuple(PALETTE) + tuple(MOVES) + ("yes", "no") + SHAPES
+QUARTERS = ("top left", "top right", "bottom left", "bottom right")
+# Reversing the video changes the answers of both kinds of temporal question
+MOTION = ("first_mover", "last_mover", "direction", "before",  # comparing frames: what moved, which way, when
+          "first_move", "last_move")  # the same, naming no object
+WHEN = ("start", "end")  # reading one frame, chosen by its place in time
+TEMPORAL = MOTION + WHEN
+QUESTION_TYPES = TEMPORAL + ("shape",)  # shape: an order-free control
+ANSWERS = tuple(PALETTE) + tuple(MOVES) + ("yes", "no") + QUARTERS + SHAPES
+
+
+def n_answers(qtype: str, n_objects: int) -> int:
+    """How many answers a question of type qtype can have in a video of n_objects objects: chance is one over it."""
+    return {"first_mover": n_objects, "last_mover": n_objects, "before": 2, "start": len(QUARTERS),
+            "end": len(QUARTERS), "shape": len(SHAPES)}.get(qtype, len(MOVES))
 
 
 def step(o: dict, direction: str, image_size: int):
@@ -68,7 +81,12 @@ def make_video(rng: random.Random, image_size: int, n_frames: int, n_objects: in
     return frames, moves
 
 
-def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str]], qtype: str):
+def quarter(o: dict, image_size: int) -> str:
+    half = image_size / 2
+    return f"{'top' if o['y'] < half else 'bottom'} {'left' if o['x'] < half else 'right'}"
+
+
+def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str]], qtype: str, image_size: int):
     """(question, answer) of type qtype, or None if this video has no fair one: a temporal question is asked only
     when playing the video backwards changes its answer, so it cannot be answered without the order."""
     objects, movers = frames[0], [i for i, _ in moves]
@@ -97,6 +115,13 @@ def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str
         if forward == backward:
             return None
         return f"Which way did the {'first' if first else 'last'} move go?", forward
+    if qtype in ("start", "end"):
+        i = rng.randrange(len(objects))
+        start, end = quarter(frames[0][i], image_size), quarter(frames[-1][i], image_size)
+        if start == end:  # backwards, the start is the end
+            return None
+        o = objects[i]
+        return f"Where was the {o['color']} {o['shape']} at the {qtype}?", start if qtype == "start" else end
     if qtype == "before":
         if len(once) < 2:
             return None
@@ -106,7 +131,7 @@ def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str
     raise ValueError(f"unknown question type {qtype!r}: use one of {QUESTION_TYPES}")
 
 
-def questions(rng: random.Random, frames, moves, n: int) -> list[tuple[str, str, str]]:
+def questions(rng: random.Random, frames, moves, n: int, image_size: int) -> list[tuple[str, str, str]]:
     """n (type, question, answer) about one video, types dealt from shuffled decks of all types (as in
     nanovoco.synthetic), so a video gets different kinds of questions and every type is about equally frequent."""
     out, deck = [], []
@@ -114,7 +139,7 @@ def questions(rng: random.Random, frames, moves, n: int) -> list[tuple[str, str,
         if not deck:
             deck = rng.sample(QUESTION_TYPES, len(QUESTION_TYPES))
         qtype = deck.pop()
-        qa = ask(rng, frames, moves, qtype)
+        qa = ask(rng, frames, moves, qtype, image_size)
         if qa is not None:  # "shape" never fails: the loop ends
             out.append((qtype, *qa))
     return out
@@ -126,8 +151,8 @@ def generate(out_dir, n_videos: int = 1000, questions_per_video: int = 4, seed: 
     out_dir/data.json; return the JSON's path. multi_turn=True writes one record per video instead, its questions as
     the turns of one conversation. The default image_size is the tiny model's: one 14 px patch per grid cell.
     The same arguments give byte-identical files; video i depends only on (seed, i)."""
-    if not 2 <= n_objects <= len(PALETTE):  # len(PALETTE) < GRID * GRID: some object can always move
-        raise ValueError(f"n_objects={n_objects}: use 2..{len(PALETTE)} (one colour per object)")
+    if not 1 <= n_objects <= len(PALETTE):  # len(PALETTE) < GRID * GRID: some object can always move
+        raise ValueError(f"n_objects={n_objects}: use 1..{len(PALETTE)} (one colour per object)")
     if image_size < 8 * GRID:
         raise ValueError(f"image_size={image_size} is too small for a {GRID}x{GRID} grid: use at least {8 * GRID}")
     if n_frames < 3:
@@ -145,7 +170,8 @@ def generate(out_dir, n_videos: int = 1000, questions_per_video: int = 4, seed: 
             img = draw(scene, image_size)
             # PIL picks the format from the name's suffix, and the temporary name has none
             atomic_write(out_dir / name, lambda tmp: img.save(tmp, format="PNG"))
-        records += llava_records(i, video, questions(rng, frames, moves, questions_per_video), frames, multi_turn)
+        records += llava_records(i, video, questions(rng, frames, moves, questions_per_video, image_size), frames,
+                                 multi_turn)
     return write_json(out_dir, records)
 
 

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from nanovoco import synthetic_video
-from nanovoco.synthetic_video import ANSWERS, PALETTE, QUESTION_TYPES, generate
+from nanovoco.synthetic_video import ANSWERS, PALETTE, QUARTERS, QUESTION_TYPES, TEMPORAL, generate, n_answers
 
 N_VIDEOS, PER_VIDEO, SIZE, CELL = 300, 5, 56, 14
 DIRECTIONS = {(-CELL, 0): "left", (CELL, 0): "right", (0, -CELL): "up", (0, CELL): "down"}
@@ -19,6 +19,13 @@ DIRECTIONS = {(-CELL, 0): "left", (CELL, 0): "right", (0, -CELL): "up", (0, CELL
 def big(tmp_path_factory):
     out = tmp_path_factory.mktemp("videos")
     return out, json.loads(generate(out, N_VIDEOS, PER_VIDEO, seed=0).read_text())
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One object, moving every frame: only the questions that need no object told from another can be asked."""
+    out = tmp_path_factory.mktemp("single")
+    return out, json.loads(generate(out, 100, PER_VIDEO, seed=2, n_objects=1).read_text())
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +59,10 @@ def expected_answer(qtype, question, frames):
         return objects[movers[0] if qtype == "first_mover" else movers[-1]]["color"]
     if qtype in ("first_move", "last_move"):
         return moves[0 if qtype == "first_move" else -1][1]
+    if qtype in ("start", "end"):
+        k = next(k for k, o in enumerate(objects) if f"the {o['color']} {o['shape']} at" in question)
+        o = frames[0 if qtype == "start" else -1][k]
+        return ("top" if o["y"] < SIZE / 2 else "bottom") + (" left" if o["x"] < SIZE / 2 else " right")
     if qtype == "direction":
         k = next(k for k, o in enumerate(objects) if f"the {o['color']} {o['shape']} move" in question)
         assert movers.count(k) == 1, question
@@ -83,7 +94,7 @@ def test_records_are_llava_video_records(big):
         human, gpt = r["conversations"]
         assert human["from"] == "human" and human["value"].startswith("<image>\n")
         assert human["value"].count("<image>") == 1
-        assert gpt["from"] == "gpt" and gpt["value"] in ANSWERS and " " not in gpt["value"]
+        assert gpt["from"] == "gpt" and gpt["value"] in ANSWERS
         video = r["id"].split("_")[0]
         assert r["image"] == [f"videos/{video}/{t}.png" for t in range(4)]
         assert all((out / frame).is_file() for frame in r["image"]) and r["type"] in QUESTION_TYPES
@@ -96,14 +107,14 @@ def test_one_object_moves_one_cell_per_frame(big):
         moves_of(r["scene"])
 
 
-@pytest.mark.parametrize("data", ["big", "long"])
+@pytest.mark.parametrize("data", ["big", "long", "single"])
 def test_every_answer_is_right(data, request):
     for r in request.getfixturevalue(data)[1]:
         assert r["conversations"][1]["value"] == expected_answer(r["type"], r["conversations"][0]["value"],
                                                                  r["scene"]), r["id"]
 
 
-@pytest.mark.parametrize("data", ["big", "long"])
+@pytest.mark.parametrize("data", ["big", "long", "single"])
 def test_playing_backwards_changes_every_temporal_answer(data, request):
     opposite = {"left": "right", "right": "left", "up": "down", "down": "up", "yes": "no", "no": "yes"}
     for r in request.getfixturevalue(data)[1]:
@@ -116,6 +127,9 @@ def test_playing_backwards_changes_every_temporal_answer(data, request):
             assert backwards == expected_answer(other, question, frames) != answer, r["id"]
         elif r["type"] in ("first_move", "last_move"):
             assert backwards != answer, r["id"]  # backwards, the first move is the last one undone
+        elif r["type"] in ("start", "end"):
+            other = {"start": "end", "end": "start"}[r["type"]]
+            assert backwards == expected_answer(other, question, frames) != answer, r["id"]
         else:
             assert backwards == opposite[answer], r["id"]
 
@@ -148,11 +162,25 @@ def test_types_are_all_present_and_answers_balanced(big):
     assert set(by_type) == set(QUESTION_TYPES)
     for qtype, answers in by_type.items():
         n = sum(answers.values())
-        assert n > 150, qtype  # seven types share the questions
+        # nine types share the questions; the object asked about changes its quarter of the image in few videos
+        assert n > (30 if qtype in ("start", "end") else 140), qtype
         assert answers.most_common(1)[0][1] / n <= 0.6, (qtype, answers)
     assert len(by_type["first_mover"]) == len(by_type["last_mover"]) == len(PALETTE)
     assert len(by_type["direction"]) == len(by_type["first_move"]) == len(by_type["last_move"]) == 4
     assert len(by_type["before"]) == 2
+    assert len(by_type["start"]) == len(by_type["end"]) == len(QUARTERS)
+
+
+def test_one_object_moves_every_frame_and_gets_only_questions_about_the_whole_frame(single):
+    by_type = collections.Counter(r["type"] for r in single[1])
+    assert set(by_type) == {"first_move", "last_move", "start", "end", "shape"}
+    for r in single[1][::PER_VIDEO]:
+        assert [k for k, _ in moves_of(r["scene"])] == [0, 0, 0]
+    # chance: one over the answers a question can have, which the generator never exceeds
+    for qtype in TEMPORAL:
+        answers = {r["conversations"][1]["value"] for r in single[1] if r["type"] == qtype}
+        assert len(answers) <= n_answers(qtype, 1)
+    assert n_answers("first_mover", 3) == 3 and n_answers("direction", 3) == 4 and n_answers("before", 3) == 2
 
 
 def test_question_text_alone_does_not_give_the_answer(big):
@@ -193,7 +221,7 @@ def test_cli_and_argument_checks(tmp_path, capsys):
     assert len(records) == 6 and all(len(r["scene"]) == 5 and len(r["scene"][0]) == 4 for r in records)
     assert records[-1]["image"][-1] == "videos/000001/4.png"
     assert Image.open(tmp_path / "videos/000001/4.png").size == (64, 64)
-    for kw, match in [(dict(n_objects=1), "n_objects=1"), (dict(n_objects=len(PALETTE) + 1), "one colour per object"),
+    for kw, match in [(dict(n_objects=0), "n_objects=0"), (dict(n_objects=len(PALETTE) + 1), "one colour per object"),
                       (dict(image_size=16), "too small"), (dict(n_frames=2), "at least 3"),
                       (dict(n_videos=0), "must be >= 1")]:
         with pytest.raises(ValueError, match=match):
