@@ -269,22 +269,31 @@ VIEWS = {"in order": None, "reversed": lambda i, frames: frames[::-1], "shuffled
 KINDS = {"motion": synthetic_video.MOTION, "when": synthetic_video.WHEN}  # the two kinds of temporal question
 
 
+READ_AT_ITS_PLACE = ("start", "end", "overall")  # question types whose answer depends on two frames' places at most
+
+
 def read_at_its_place(record: dict, frames: list) -> bool:
-    """Whether a "start" ("end") question's answer is the quarter that its object has in the frame shown first
-    (last) of frames, a reordering of the record's: what a model scores that answers from the frame at that place,
-    whichever frame it is."""
-    color = re.search(r"the (\w+) \w+ at the", record["conversations"][0]["value"]).group(1)
+    """Whether a model that answers from the frames at the first and the last place of frames (a reordering of the
+    record's) is right: for "start" ("end"), the quarter its object has in the frame shown first (last); for
+    "overall", the way it went from the first frame shown to the last."""
+    question, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
+    color = re.search(r"the (\w+) \w+ (?:at|go) the", question).group(1)
     k = [o["color"] for o in record["scene"][0]].index(color)
-    shown = record["scene"][record["image"].index(frames[0 if record["type"] == "start" else -1])]
-    return synthetic_video.quarter(shown[k], vision_pretrain.TOWER.image_size) == record["conversations"][1]["value"]
+    size = vision_pretrain.TOWER.image_size
+    first, last = (synthetic_video.quarter(record["scene"][record["image"].index(name)][k], size)
+                   for name in (frames[0], frames[-1]))
+    if record["type"] != "overall":
+        return (first if record["type"] == "start" else last) == answer
+    (y0, x0), (y1, x1) = first.split(), last.split()
+    return (x0 != x1) != (y0 != y1) and (x1 if x0 != x1 else {"top": "up", "bottom": "down"}[y1]) == answer
 
 
 def video_summary(folder: Path) -> dict:
     """The video stage of a seed's folder, evaluated on its held-out questions in each of VIEWS, and (d) without the
     video (each type's most common answer): accuracy per question type and per kind of temporal question (KINDS).
     "chance" is a uniform guess among a question's possible answers; "shuffled, read at the place" is what the
-    shuffled view scores on the "when" questions if the model answers from whichever frame is at the first (last)
-    place. Each view's evaluation is kept in the stage's folder (eval_<view>.json), so a second invocation reads
+    shuffled view scores on the READ_AT_ITS_PLACE questions if the model answers from whichever frames are at the
+    first and last places. Each view's evaluation is kept in the stage's folder (eval_<view>.json), so a second invocation reads
     it."""
     from nanovoco.data import LlavaDataset  # the model's modules, only for this (the stages run in subprocesses)
     from nanovoco.evaluate import vqa_accuracy
@@ -319,9 +328,11 @@ def video_summary(folder: Path) -> dict:
     views["no video"] = by_kind(json.loads(path("in order").read_text())["blind"]["by_type"])
     views["chance"] = by_kind({t: statistics.mean(1 / synthetic_video.n_answers(t, len(r["scene"][0]))
                                                   for r in records if r["type"] == t) for t in counts})
-    when = [(i, r) for i, r in enumerate(records) if r["type"] in synthetic_video.WHEN]
-    views["shuffled, read at the place"] = {"when": statistics.mean(read_at_its_place(r, shuffled(i, r["image"]))
-                                                                    for i, r in when) if when else None}
+    placed = {t: statistics.mean(read_at_its_place(r, shuffled(i, r["image"])) for i, r in enumerate(records)
+                                 if r["type"] == t) for t in READ_AT_ITS_PLACE if t in counts}
+    when = synthetic_video.WHEN  # the motion kind has questions that need more than the first and last frames
+    views["shuffled, read at the place"] = {"by_type": placed, "motion": None, "when": sum(
+        placed[t] * counts[t] for t in when) / sum(counts[t] for t in when) if set(when) <= set(placed) else None}
     return {"n": len(records), "counts": counts, "views": views}
 
 
@@ -479,14 +490,14 @@ def video_table(per_seed: dict) -> str:
               "shuffled": "(b) the same caches, shuffled", "first frame only": "(c) the first frame's cache only",
               "last frame only": "(c) the last frame's cache only",
               "no video": "(d) no video (each type's most common answer)", "chance": "chance (a uniform guess)",
-              "shuffled, read at the place": "(b) if read from the frame at the first / last place"}
+              "shuffled, read at the place": "(b) if read from the frames at the first and last places"}
     for view, label in labels.items():
         values = [s["views"][view] for s in per_seed.values()]
         cells = []
         for kind in kinds:
-            ms = mean_sd(v.get(kind) for v in values)
+            ms = mean_sd(v[kind] for v in values)
             cells.append("" if ms is None else f"{pct(ms[0])} ± {pct(ms[1])}")
-        cells += [f"{100 * statistics.mean(v['by_type'][t] for v in values):.1f}" if "by_type" in values[0] else ""
+        cells += [f"{100 * statistics.mean(v['by_type'][t] for v in values):.1f}" if t in values[0]["by_type"] else ""
                   for t in types]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     lines += ["", "Above chance, per seed (points, one seed's standard error about "

@@ -5,13 +5,13 @@ sequence of them. These videos test what that sequence must keep: the order of t
 distinct colours sit on Sort-of-CLEVR's GRID x GRID cells; between consecutive frames exactly one object moves to a
 free neighbouring cell. The mover is always one of the objects that have moved least so far (and can move), so in the
 default videos (3 objects, 4 frames, 3 moves) each object nearly always moves exactly once; a video of one object
-moves it every frame. The temporal questions (which object moved first, which last, which way one moved, did one
-move before another, which way the first / the last move went, in which quarter of the image an object was at the
-start / at the end) change their answer when the frames are played backwards, so a model that sums the frames up as
-an unordered set cannot answer them. They come in two kinds: comparing two frames (what moved, and which way) and
-reading one frame by its place in time (where an object was at the start or the end). "shape" has the same answer
-in every frame, a control. With one object, no question hinges on finding an object by its colour (which the
-models of nanovoco.repro do not learn; docs/results.md).
+moves it every frame. The temporal questions change their answer when the frames are played backwards, so a model
+that sums the frames up as an unordered set cannot answer them. They come in two kinds: comparing frames (which
+object moved first, which last, which way one moved, did one move before another, which way the first / the last
+move went, which way an object went from the first frame to the last by the quarters of the image it was in), and
+reading one frame by its place in time (in which quarter of the image an object was at the start, at the end).
+"shape" has the same answer in every frame, a control. With one object, no question hinges on finding an object by
+its colour (which the models of nanovoco.repro do not learn; docs/results.md).
 
     python -m nanovoco.synthetic_video --out data/moving_shapes --n_videos 10000 --seed 0
 
@@ -38,7 +38,8 @@ OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
 QUARTERS = ("top left", "top right", "bottom left", "bottom right")
 # Reversing the video changes the answers of both kinds of temporal question
 MOTION = ("first_mover", "last_mover", "direction", "before",  # comparing frames: what moved, which way, when
-          "first_move", "last_move")  # the same, naming no object
+          "first_move", "last_move",  # the same, naming no object
+          "overall")  # which way an object went from the first frame to the last, by the quarters of the image
 WHEN = ("start", "end")  # reading one frame, chosen by its place in time
 TEMPORAL = MOTION + WHEN
 QUESTION_TYPES = TEMPORAL + ("shape",)  # shape: an order-free control
@@ -115,6 +116,16 @@ def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str
         if forward == backward:
             return None
         return f"Which way did the {'first' if first else 'last'} move go?", forward
+    if qtype == "overall":
+        # by the quarters it was in at the start and at the end: asked when exactly one of the halves changed, so that
+        # one direction names the change (backwards, it is the opposite one)
+        i = rng.randrange(len(objects))
+        (y0, x0), (y1, x1) = (quarter(frame[i], image_size).split() for frame in (frames[0], frames[-1]))
+        if (x0 != x1) == (y0 != y1):
+            return None
+        o = objects[i]
+        return (f"Which way did the {o['color']} {o['shape']} go from the start to the end?",
+                x1 if x0 != x1 else {"top": "up", "bottom": "down"}[y1])
     if qtype in ("start", "end"):
         i = rng.randrange(len(objects))
         start, end = quarter(frames[0][i], image_size), quarter(frames[-1][i], image_size)

@@ -262,6 +262,12 @@ def test_dataset_video_records(tok, tmp_path):
     batch = collate([ds[0], ds[1]])
     assert batch["pixel_values"].shape == (4, 3, SIZE, SIZE)  # the video's frames, then the image
     assert (batch["input_ids"] == CONFIG.image_token_id).sum() == 4 * CONFIG.num_image_tokens
+    # the same records with other frames (a video model shown its frames reversed, or one frame): this one changed
+    reversed_ = ds.with_frames(lambda i, frames: frames[::-1])
+    assert torch.equal(reversed_[0]["pixel_values"], item["pixel_values"].flip(0)) and ds[0]["sample"] == item["sample"]
+    one = ds.with_frames(lambda i, frames: frames[:1])[0]
+    assert one["pixel_values"].shape[0] == 1 and set(one["sample"].groups) == {-1, 0}
+    assert torch.equal(one["pixel_values"][0], item["pixel_values"][0])
     (tmp_path / "f1.png").unlink()
     with pytest.raises(FileNotFoundError, match=r"(?s)1 image\(s\) missing .*record 0 \(id 'v'\): f1.png"):
         dataset(tok, tmp_path / "data.json")

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from nanovoco.repro import KS, main, retention, retention_se, run_stage, shortcut_answers, shortcuts, stages
+from nanovoco.repro import (KS, VIDEO_OBJECTS, VIEWS, main, read_at_its_place, retention, retention_se, run_stage,
+                            shortcut_answers, shortcuts, shuffled, stages)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,6 +30,41 @@ def test_methods_train_equally_and_the_full_model_sees_each_image_once():
     assert len({option(n, "max_steps") for n in compressed}) == 1  # Table 1 compares methods trained alike
     images, steps = int(option("full", "synthetic_images")), int(option("full", "max_steps"))
     assert images == 32 * steps  # the preset's batch of 32: no image twice
+
+
+def test_the_video_stage_starts_from_the_k1_model_and_sees_each_video_once():
+    runs = stages(1.0, video=True)
+    assert list(runs)[-1] == "video" and "--init={out}/voco_k1/checkpoint/model" in runs["video"]
+    option = lambda key: next(o.split("=")[1] for o in runs["video"] if o.startswith(f"--{key}="))  # noqa: E731
+    assert option("data") == "synthetic_video" and option("num_voco") == "1"
+    assert int(option("synthetic_images")) == 32 * int(option("max_steps"))
+    assert option("synthetic_dir") != next(o.split("=")[1] for o in runs["full"] if o.startswith("--synthetic_dir="))
+
+
+def test_shuffled_frames_and_reading_a_frame_by_its_place():
+    frames = [f"videos/000000/{t}.png" for t in range(4)]
+    orders = [shuffled(i, frames) for i in range(60)]
+    assert all(sorted(o) == frames and o != frames for o in orders)  # a reordering, never the time order
+    assert len({tuple(o) for o in orders}) > 10 and shuffled(7, frames) == shuffled(7, frames)
+    # one object in 64 x 64 frames: top left, top right, bottom right, bottom right
+    scene = [[{"color": "red", "shape": "circle", "x": x, "y": y}] for x, y in [(8, 8), (40, 8), (40, 40), (56, 40)]]
+    start = {"type": "start", "image": frames, "scene": scene,
+             "conversations": [{"from": "human", "value": "<image>\nWhere was the red circle at the start?"},
+                               {"from": "gpt", "value": "top left"}]}
+    end = {**start, "type": "end", "conversations": [{"from": "human", "value": "Where was the red circle at the end?"},
+                                                     {"from": "gpt", "value": "bottom right"}]}
+    assert read_at_its_place(start, frames) and not read_at_its_place(start, frames[::-1])
+    assert not read_at_its_place(start, [frames[1], frames[0], *frames[2:]])  # top right is at the first place
+    assert read_at_its_place(end, frames) and read_at_its_place(end, [frames[1], frames[0], frames[3], frames[2]])
+    assert not read_at_its_place(end, frames[::-1])
+    # top left, top left, top right, top right: it went right, as the first and last frames shown tell
+    scene = [[{"color": "blue", "shape": "square", "x": x, "y": 8}] for x in (8, 24, 40, 40)]
+    overall = {"type": "overall", "image": frames, "scene": scene, "conversations": [
+        {"from": "human", "value": "Which way did the blue square go from the start to the end?"},
+        {"from": "gpt", "value": "right"}]}
+    assert read_at_its_place(overall, frames) and read_at_its_place(overall, [frames[1], frames[0], *frames[2:][::-1]])
+    assert not read_at_its_place(overall, frames[::-1]) and not read_at_its_place(overall, [frames[2], *frames[:2],
+                                                                                          frames[3]])
 
 
 @pytest.mark.parametrize("args, said", [(["--seeds", "0,x"], "--seeds 0,x"), (["--seeds", "1,1"], "--seeds 1,1"),
@@ -118,9 +154,23 @@ def test_repro_runs_and_resumes(tmp_path):
     other = subprocess.run(cmd[:-1] + ["0.02"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "made with --scale 0.01" in other.stderr and "Traceback" not in other.stderr
     # --any_k on the same folder: only the one-model-for-every-K stage is new, then every per-K model at each K
-    third = subprocess.run(cmd + ["--any_k"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    # --any_k --video on the same folder: only the one-model-for-every-K stage and the video stage are new, then
+    # every per-K model at each K, and the video model shown its frames in each order
+    third = subprocess.run(cmd + ["--any_k", "--video"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
     assert third.stdout.count("done before, kept") == len(stages(1.0)) and "== voco_any:" in third.stdout
+    assert "== video:" in third.stdout
+    state = json.loads((run / "video" / "checkpoint" / "state.json").read_text())["config"]
+    assert state["init"] == str(run / "voco_k1" / "checkpoint" / "model") and state["data"] == "synthetic_video"
+    video = json.loads((out / "results.json").read_text())["video"]["0"]
+    assert set(video["views"]) == set(VIEWS) | {"no video", "chance", "shuffled, read at the place"}
+    questions = json.loads((run / "video_data" / "eval" / "data.json").read_text())
+    assert video["n"] == len(questions) and all(len(r["scene"][0]) == VIDEO_OBJECTS for r in questions)
+    for view in VIEWS:  # each view scored every held-out question
+        name = "eval.json" if view == "in order" else f"eval_{view.replace(' ', '_')}.json"
+        assert len(json.loads((run / "video" / name).read_text())["correct"]) == len(questions)
+    assert "do the per-frame caches carry time?" in (out / "results.md").read_text()
+    assert (out / "video.png").stat().st_size > 1000
     seed = json.loads((out / "results.json").read_text())["seeds"]["0"]
     assert {f"voco_any_k{k}" for k in KS} | {"voco_k1_at_k16", "voco_k16_at_k1"} <= set(seed)
     assert json.loads((run / "voco_k16" / "eval_at_k1.json").read_text())["n"] == seed["voco_k16"]["n"]

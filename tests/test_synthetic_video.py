@@ -63,6 +63,11 @@ def expected_answer(qtype, question, frames):
         k = next(k for k, o in enumerate(objects) if f"the {o['color']} {o['shape']} at" in question)
         o = frames[0 if qtype == "start" else -1][k]
         return ("top" if o["y"] < SIZE / 2 else "bottom") + (" left" if o["x"] < SIZE / 2 else " right")
+    if qtype == "overall":
+        k = next(k for k, o in enumerate(objects) if f"the {o['color']} {o['shape']} go" in question)
+        (x0, y0), (x1, y1) = ((frame[k]["x"] < SIZE / 2, frame[k]["y"] < SIZE / 2) for frame in (frames[0], frames[-1]))
+        assert (x0 != x1) + (y0 != y1) == 1, question  # one half changed
+        return ("left" if x1 else "right") if x0 != x1 else ("up" if y1 else "down")
     if qtype == "direction":
         k = next(k for k, o in enumerate(objects) if f"the {o['color']} {o['shape']} move" in question)
         assert movers.count(k) == 1, question
@@ -162,18 +167,18 @@ def test_types_are_all_present_and_answers_balanced(big):
     assert set(by_type) == set(QUESTION_TYPES)
     for qtype, answers in by_type.items():
         n = sum(answers.values())
-        # nine types share the questions; the object asked about changes its quarter of the image in few videos
-        assert n > (30 if qtype in ("start", "end") else 140), qtype
+        # ten types share the questions; the object asked about changes its quarter of the image in few videos
+        assert n > (30 if qtype in ("start", "end", "overall") else 140), qtype
         assert answers.most_common(1)[0][1] / n <= 0.6, (qtype, answers)
     assert len(by_type["first_mover"]) == len(by_type["last_mover"]) == len(PALETTE)
     assert len(by_type["direction"]) == len(by_type["first_move"]) == len(by_type["last_move"]) == 4
     assert len(by_type["before"]) == 2
-    assert len(by_type["start"]) == len(by_type["end"]) == len(QUARTERS)
+    assert len(by_type["start"]) == len(by_type["end"]) == len(QUARTERS) and len(by_type["overall"]) == 4
 
 
 def test_one_object_moves_every_frame_and_gets_only_questions_about_the_whole_frame(single):
     by_type = collections.Counter(r["type"] for r in single[1])
-    assert set(by_type) == {"first_move", "last_move", "start", "end", "shape"}
+    assert set(by_type) == {"first_move", "last_move", "overall", "start", "end", "shape"}
     for r in single[1][::PER_VIDEO]:
         assert [k for k, _ in moves_of(r["scene"])] == [0, 0, 0]
     # chance: one over the answers a question can have, which the generator never exceeds
