@@ -277,7 +277,7 @@ def read_at_its_place(record: dict, frames: list) -> bool:
     record's) is right: for "start" ("end"), the quarter its object has in the frame shown first (last); for
     "overall", the way it went from the first frame shown to the last."""
     question, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
-    color = re.search(r"the (\w+) \w+ (?:at|go) the", question).group(1)
+    color = re.search(r"the (\w+) \w+ (?:at|go) ", question).group(1)
     k = [o["color"] for o in record["scene"][0]].index(color)
     size = vision_pretrain.TOWER.image_size
     first, last = (synthetic_video.quarter(record["scene"][record["image"].index(name)][k], size)
@@ -293,15 +293,18 @@ def video_summary(folder: Path) -> dict:
     video (each type's most common answer): accuracy per question type and per kind of temporal question (KINDS).
     "chance" is a uniform guess among a question's possible answers; "shuffled, read at the place" is what the
     shuffled view scores on the READ_AT_ITS_PLACE questions if the model answers from whichever frames are at the
-    first and last places. Each view's evaluation is kept in the stage's folder (eval_<view>.json), so a second invocation reads
-    it."""
+    first and last places. Each view's evaluation is kept in the stage's folder (eval_<view>.json), so a second
+    invocation reads it."""
     from nanovoco.data import LlavaDataset  # the model's modules, only for this (the stages run in subprocesses)
     from nanovoco.evaluate import vqa_accuracy
     from nanovoco.model import VoCoLlama
     from nanovoco.tokenizer import Tokenizer, trained_system_prompt
 
     stage, data = folder / "video", folder / "video_data" / "eval"
-    path = lambda view: stage / ("eval.json" if view == "in order" else f"eval_{view.replace(' ', '_')}.json")  # noqa: E731
+
+    def path(view):
+        return stage / ("eval.json" if view == "in order" else f"eval_{view.replace(' ', '_')}.json")
+
     if not all(path(view).exists() for view in VIEWS):
         model = stage / "checkpoint" / "model"
         vlm = VoCoLlama.from_pretrained(model, vision_path=model / "vision_tower").eval()
@@ -529,7 +532,8 @@ def video_plot(per_seed: dict, path: Path):
             means.append(100 * statistics.mean(values))
             errs.append(100 * (statistics.stdev(values) if len(values) > 1 else accuracy_se(values[0], n)))
         x = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(views))]
-        ax.bar(x, means, width, yerr=errs, capsize=3, color=color, label=f"{kind} ({', '.join(t for t in KINDS[kind] if t in first['counts'])})")
+        label = f"{kind} ({', '.join(t for t in KINDS[kind] if t in first['counts'])})"
+        ax.bar(x, means, width, yerr=errs, capsize=3, color=color, label=label)
         chance = 100 * statistics.mean(s["views"]["chance"][kind] for s in per_seed.values())
         ax.axhline(chance, color=color, ls="--", lw=1)
     ax.set_xticks(range(len(views)), [v.replace(" only", "").replace(" frame", "\nframe") for v in views])
@@ -614,8 +618,8 @@ def main(argv=None):
     if seeds is None:
         p.exit(2, f"--seeds {args.seeds}: give distinct non-negative integers separated by commas, e.g. 0,1,2\n")
     if ks is None or max(ks) > VISION_TOKENS:
-        p.exit(2, f"--ks {args.ks}: give distinct numbers of VoCo tokens from 1 to {VISION_TOKENS} separated by commas, "
-                  f"e.g. 1,2,4,8,16\n")
+        p.exit(2, f"--ks {args.ks}: give distinct numbers of VoCo tokens from 1 to {VISION_TOKENS} separated by "
+                  f"commas, e.g. 1,2,4,8,16\n")
     ks = sorted(set(ks) | {1})  # Table 1 compares the methods at K = 1
     out.mkdir(parents=True, exist_ok=True)
     made = out / "repro.json"  # finished stages are kept, so they must come from the same recipe
