@@ -22,7 +22,7 @@ the same command picks up where it stopped. Then it writes, into the run folder:
 - Table 1: held-out accuracy per question type for each method at K = 1, and the compression retention rate
   (result - lower bound) / (upper bound - lower bound), per seed with its standard error, and over seeds;
 - Table 2: VoCo-LLaMA's accuracy and retention for each K (K = 1 and 16: 64x and 4x compression);
-- with --any_k, Table 2's column for one model trained for every K (`voco_any`), and Table 4: each model run at
+- with --any_k, Table 2's column for one model trained for every K (`voco_any_<ks>`), and Table 4: each model run at
   every K;
 - with --video, the K = 1 model trained on moving-shapes videos (`video`, a VoCo token per frame), asked about the
   frames' order with its caches (a) in time order, (b) shuffled, (c) of one frame, (d) not at all: the video table,
@@ -70,7 +70,7 @@ VIDEO_STEPS, VIDEO_OBJECTS, HELD_OUT_VIDEOS = 300, 1, 250
 def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool = False) -> dict:
     """Stage name -> the command that makes it (run from the repository root; {out} is the seed's folder). The step
     counts are the default's time budget on a 2-core CPU; the choices behind them are measured in docs/results.md.
-    any_k adds `voco_any`: one VoCo-LLaMA model for every K of ks (train.py --voco_ks), trained as long as two
+    any_k adds `voco_any_<ks>`: one VoCo-LLaMA model for every K of ks (train.py --voco_ks), trained as long as two
     per-K stages. video adds `video`: the K = 1 VoCo-LLaMA model trained on moving-shapes videos, a VoCo token per
     frame."""
     steps = lambda n: str(max(1, round(n * scale)))  # noqa: E731
@@ -94,7 +94,7 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
                                 f"--max_steps={steps(COMPRESSED_STEPS)}", "--warmup_ratio=0.03",
                                 "--init={out}/full/checkpoint/model"]
     if any_k:
-        runs["voco_any"] = [*common, "--mode=voco", "--num_voco=1", "--voco_init=newline",
+        runs[any_k_stage(ks)] = [*common, "--mode=voco", "--num_voco=1", "--voco_init=newline",
                             f"--voco_ks={','.join(map(str, ks))}", f"--max_steps={steps(2 * COMPRESSED_STEPS)}",
                             "--warmup_ratio=0.03", "--init={out}/full/checkpoint/model"]
     if video:
@@ -106,6 +106,11 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
                          f"--max_steps={steps(VIDEO_STEPS)}", "--warmup_ratio=0.03",
                          "--init={out}/voco_k1/checkpoint/model"]
     return runs
+
+
+def any_k_stage(ks) -> str:
+    """The any-K stage's name, which holds its K: a run for another set of K is a stage of its own."""
+    return "voco_any_" + "-".join(map(str, ks))
 
 
 def run_stage(name: str, command: list, out: Path):
@@ -244,11 +249,11 @@ def other_k(folder: Path, ks) -> dict:
 
 
 def load_results(folder: Path, names, ks) -> dict:
-    """Each stage's eval.json, with the any-K model (if run) as "voco_any_k{k}" at each K, and the per-K models at
+    """Each stage's eval.json, with the any-K model of ks (if run) as "voco_any_k{k}" at each K, and the per-K models at
     the other K (other_k) when there is an any-K model to compare with."""
     results = {name: json.loads((folder / name / "eval.json").read_text()) for name in names}
-    if "voco_any" in results:
-        any_k = results.pop("voco_any")["by_num_voco"]
+    if any_k_stage(ks) in results:
+        any_k = results.pop(any_k_stage(ks))["by_num_voco"]
         results.update({f"voco_any_k{k}": any_k[str(k)] for k in ks})
         results.update(other_k(folder, ks))
     return results
@@ -436,7 +441,7 @@ def tables(per_seed: dict) -> str:
     any_k = f"voco_any_k{ks[0]}" in first
     lines += ["", f"## Table 2 in miniature: VoCo-LLaMA with K VoCo tokens ({VISION_TOKENS} vision tokens -> K)", ""]
     if any_k:
-        lines += [f"One model per K (each {COMPRESSED_STEPS} steps), and one model for every K (`voco_any`: K drawn "
+        lines += [f"One model per K (each {COMPRESSED_STEPS} steps), and one model for every K (`--any_k`: K drawn "
                   f"per sample, {2 * COMPRESSED_STEPS} steps, scored at each K).", "",
                   "| K | compression | per-K accuracy | per-K retention | one model: accuracy | one model: retention |",
                   "|---:|---:|---:|---:|---:|---:|"]
