@@ -4,7 +4,7 @@
     python -m nanovoco.repro --seeds 0,1,2            # three seeds: tables as mean +- sd, error bars in the plot
     python -m nanovoco.repro --ks 1,2,4,8,16          # Table 2 at more K (each K a stage of ~2 CPU minutes)
     python -m nanovoco.repro --any_k                  # + one model for every K, and Table 4 (~4 CPU minutes)
-    python -m nanovoco.repro --video                  # + video: do the per-frame caches carry time? (~6 CPU minutes)
+    python -m nanovoco.repro --video                  # + video: do the per-frame caches carry time? (~9 CPU minutes)
     python -m nanovoco.repro --scale 8                # a larger run (8x the data and steps), for a GPU
 
 As the paper does (Sec. 4.1), every seed runs these stages, each in its own folder of runs/repro/seed<s>/:
@@ -60,11 +60,12 @@ HELD_OUT_IMAGES = 750
 BATCH = 32  # images per step (train.py's tiny-cpu preset)
 FULL_STEPS = 1000
 COMPRESSED_STEPS = 300  # every compressed stage alike, so that Table 1 compares methods trained equally
-# --video: VIDEO_STEPS steps of 32 moving-shapes videos (~5 CPU minutes, + ~1 of evaluation), each seen once, and
+# --video: VIDEO_STEPS steps of 32 moving-shapes videos (~8 CPU minutes, + ~1 of evaluation), each seen once (at 300
+# steps, seed 1's model read where the object was at the start or the end 49-55% of the time, at 450 66-77%), and
 # 250 held-out videos x 4 questions. VIDEO_OBJECTS: the questions that need the order must not hinge on finding an
 # object by its colour, which no model of this miniature learns (docs/results.md): with one object, every question
 # about it is about the whole frame
-VIDEO_STEPS, VIDEO_OBJECTS, HELD_OUT_VIDEOS = 300, 1, 250
+VIDEO_STEPS, VIDEO_OBJECTS, HELD_OUT_VIDEOS = 450, 1, 250
 
 
 def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool = False) -> dict:
@@ -615,7 +616,7 @@ def main(argv=None):
                    "long as two per-K ones, ~4 CPU minutes), against the per-K models, and each per-K model run at "
                    "the other K (the paper's Table 4)")
     p.add_argument("--video", action="store_true", help="also the K = 1 model trained on moving-shapes videos and "
-                   "asked about the frames' order, shown them in order, shuffled, one frame, none (~6 CPU minutes)")
+                   "asked about the frames' order, shown them in order, shuffled, one frame, none (~9 CPU minutes)")
     args = p.parse_args(argv)
     if args.scale <= 0:
         p.exit(2, f"--scale {args.scale}: give a positive number (1 is the 15-minute CPU run)\n")
