@@ -269,12 +269,10 @@ def shuffled(i: int, frames: list) -> list:
 
 
 # What the video model is shown of each held-out video: (a) its per-frame caches in time order, or reversed, (b) in a
-# shuffled order (a frame is compressed alone, so reordering the frames reorders their caches), (c) one frame's
+# shuffled order (a frame is compressed alone, so reordering the frames reorders their caches), (c) one frame's alone
 VIEWS = {"in order": None, "reversed": lambda i, frames: frames[::-1], "shuffled": shuffled,
          "first frame only": lambda i, frames: frames[:1], "last frame only": lambda i, frames: frames[-1:]}
 KINDS = {"motion": synthetic_video.MOTION, "when": synthetic_video.WHEN}  # the two kinds of temporal question
-
-
 READ_AT_ITS_PLACE = ("start", "end", "overall")  # question types whose answer depends on two frames' places at most
 
 
@@ -478,11 +476,16 @@ def tables(per_seed: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def asked_kinds(per_seed: dict) -> list[str]:
+    """The kinds of temporal question that every seed's held-out videos were asked."""
+    return [k for k in KINDS if all(s["views"]["in order"][k] is not None for s in per_seed.values())]
+
+
 def video_table(per_seed: dict) -> str:
     """The video stage's table: accuracy for each view, per kind of temporal question (mean ± sd over seeds) and per
     question type (means)."""
     first = next(iter(per_seed.values()))
-    types, kinds = list(first["counts"]), [k for k in KINDS if first["views"]["in order"][k] is not None]
+    types, kinds = list(first["counts"]), asked_kinds(per_seed)
     n_kind = {k: sum(first["counts"].get(t, 0) for t in KINDS[k]) for k in kinds}
     lines = [f"## Video: do the per-frame caches carry time? ({len(per_seed)} seed(s))", "",
              f"The seed's K = 1 VoCo-LLaMA model trained {VIDEO_STEPS} more steps on moving-shapes videos "
@@ -525,11 +528,10 @@ def video_plot(per_seed: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    first = next(iter(per_seed.values()))
-    kinds = [k for k in KINDS if first["views"]["in order"][k] is not None]
+    first, kinds = next(iter(per_seed.values())), asked_kinds(per_seed)
     views = [*VIEWS, "no video"]
     fig, ax = plt.subplots(figsize=(7, 3.8))
-    width = 0.8 / len(kinds)
+    width = 0.8 / max(1, len(kinds))  # a toy run's few questions may have none of a kind
     for j, (kind, color) in enumerate(zip(kinds, ("tab:blue", "tab:orange"))):
         n = sum(first["counts"].get(t, 0) for t in KINDS[kind])
         means, errs = [], []
