@@ -496,7 +496,7 @@ def video_table(per_seed: dict) -> str:
              f"what moved which way (comparing frames; {n_kind.get('motion', 0)}); shape is an order-free control. "
              "Kinds: mean ± sd over seeds; types: means. Chance is a uniform guess among a question's possible "
              "answers.", "",
-             "| answered from | " + " | ".join(kinds) + " | " + " | ".join(types) + " |",
+             "| " + " | ".join(["answered from", *kinds, *types]) + " |",
              "|---|" + "---:|" * (len(kinds) + len(types))]
     labels = {"in order": "(a) per-frame caches in time order", "reversed": "(a) the same caches, reversed",
               "shuffled": "(b) the same caches, shuffled", "first frame only": "(c) the first frame's cache only",
@@ -512,8 +512,9 @@ def video_table(per_seed: dict) -> str:
         cells += [f"{100 * statistics.mean(v['by_type'][t] for v in values):.1f}" if t in values[0]["by_type"] else ""
                   for t in types]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "Above chance, per seed (points, one seed's standard error about "
-              + ", ".join(f"{pct(accuracy_se(0.5, n_kind[k]))} for {k}" for k in kinds) + "):"]
+    if kinds:
+        lines += ["", "Above chance, per seed (points, one seed's standard error about "
+                  + ", ".join(f"{pct(accuracy_se(0.5, n_kind[k]))} for {k}" for k in kinds) + "):"]
     for kind in kinds:
         gaps = {view: ", ".join(f"{100 * (s['views'][view][kind] - s['views']['chance'][kind]):+.1f}"
                                 for s in per_seed.values()) for view in ("in order", "shuffled")}
@@ -549,7 +550,8 @@ def video_plot(per_seed: dict, path: Path):
     ax.set_ylim(0, 105)
     spread = "mean ± sd over seeds" if len(per_seed) > 1 else "± standard error"
     ax.set_title(f"Video questions that need the frames' order ({len(per_seed)} seed(s), {spread})")
-    ax.legend(fontsize=7, loc="upper right")
+    if kinds:
+        ax.legend(fontsize=7, loc="upper right")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
