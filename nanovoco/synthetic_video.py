@@ -83,6 +83,7 @@ def make_video(rng: random.Random, image_size: int, n_frames: int, n_objects: in
 
 
 def quarter(o: dict, image_size: int) -> str:
+    """The quarter of the image that object o's centre is in, as the answers spell it ("top left", ...)."""
     half = image_size / 2
     return f"{'top' if o['y'] < half else 'bottom'} {'left' if o['x'] < half else 'right'}"
 
