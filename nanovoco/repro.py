@@ -288,8 +288,7 @@ def read_at_its_place(record: dict, frames: list) -> bool:
                    for name in (frames[0], frames[-1]))
     if record["type"] != "overall":
         return (first if record["type"] == "start" else last) == answer
-    (y0, x0), (y1, x1) = first.split(), last.split()
-    return (x0 != x1) != (y0 != y1) and (x1 if x0 != x1 else {"top": "up", "bottom": "down"}[y1]) == answer
+    return synthetic_video.way(first, last) == answer
 
 
 def video_summary(folder: Path) -> dict:

@@ -88,6 +88,15 @@ def quarter(o: dict, image_size: int) -> str:
     return f"{'top' if o['y'] < half else 'bottom'} {'left' if o['x'] < half else 'right'}"
 
 
+def way(start: str, end: str) -> str | None:
+    """Which way an object went from quarter start to quarter end ("left", "up", ...); None unless exactly one of the
+    halves changed, so that one direction names the change."""
+    (y0, x0), (y1, x1) = start.split(), end.split()
+    if (x0 != x1) == (y0 != y1):
+        return None
+    return x1 if x0 != x1 else {"top": "up", "bottom": "down"}[y1]
+
+
 def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str]], qtype: str, image_size: int):
     """(question, answer) of type qtype, or None if this video has no fair one: a temporal question is asked only
     when playing the video backwards changes its answer, so it cannot be answered without the order."""
@@ -118,15 +127,13 @@ def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str
             return None
         return f"Which way did the {'first' if first else 'last'} move go?", forward
     if qtype == "overall":
-        # by the quarters it was in at the start and at the end: asked when exactly one of the halves changed, so that
-        # one direction names the change (backwards, it is the opposite one)
+        # by the quarters it was in at the start and at the end (backwards, the opposite way)
         i = rng.randrange(len(objects))
-        (y0, x0), (y1, x1) = (quarter(frame[i], image_size).split() for frame in (frames[0], frames[-1]))
-        if (x0 != x1) == (y0 != y1):
+        answer = way(quarter(frames[0][i], image_size), quarter(frames[-1][i], image_size))
+        if answer is None:
             return None
         o = objects[i]
-        return (f"Which way did the {o['color']} {o['shape']} go from the start to the end?",
-                x1 if x0 != x1 else {"top": "up", "bottom": "down"}[y1])
+        return f"Which way did the {o['color']} {o['shape']} go from the start to the end?", answer
     if qtype in ("start", "end"):
         i = rng.randrange(len(objects))
         start, end = quarter(frames[0][i], image_size), quarter(frames[-1][i], image_size)
