@@ -222,30 +222,40 @@ def shortcuts(folder: Path, results: dict) -> dict | None:
     return out
 
 
-def other_k(folder: Path, ks) -> dict:
-    """The paper's Table 4 in miniature: each per-K VoCo-LLaMA model of a seed's folder run at every other K of ks
-    (its greedy answers to the held-out questions laid out with k VoCo tokens), as "voco_k{K}_at_k{k}" -> the
-    evaluation. Each is kept in the stage's folder (eval_at_k{k}.json), so a second invocation reads it."""
+def evaluate_missing(stage: Path, data: Path, variants: dict):
+    """Score a stage's trained model on the held-out questions of data (a generated set's eval folder) in each
+    variant not kept yet: variants maps the JSON file that keeps an evaluation to how the questions are laid out for
+    it (a function of the data.LlavaDataset). The model is loaded only when some file is missing."""
+    missing = {path: lay for path, lay in variants.items() if not path.exists()}
+    if not missing:
+        return
     from nanovoco.data import LlavaDataset  # the model's modules, only for this (the stages run in subprocesses)
     from nanovoco.evaluate import vqa_accuracy
     from nanovoco.model import VoCoLlama
     from nanovoco.tokenizer import Tokenizer, trained_system_prompt
 
+    model = stage / "checkpoint" / "model"
+    vlm = VoCoLlama.from_pretrained(model, vision_path=model / "vision_tower").eval()
+    dataset = LlavaDataset(data / "data.json", data, Tokenizer(model / "tokenizer.model"), vlm.config,
+                           num_voco=vlm.config.num_voco, max_len=vlm.config.text.max_position_embeddings,
+                           system=trained_system_prompt(model))
+    for path, lay in missing.items():
+        text = json.dumps(vqa_accuracy(vlm, lay(dataset), compressed=True))
+        files.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def other_k(folder: Path, ks) -> dict:
+    """The paper's Table 4 in miniature: each per-K VoCo-LLaMA model of a seed's folder run at every other K of ks
+    (its greedy answers to the held-out questions laid out with k VoCo tokens), as "voco_k{K}_at_k{k}" -> the
+    evaluation. Each is kept in the stage's folder (eval_at_k{k}.json), so a second invocation reads it."""
     out = {}
     for trained in ks:
-        stage = folder / f"voco_k{trained}"
-        missing = [k for k in ks if k != trained and not (stage / f"eval_at_k{k}.json").exists()]
-        if missing:
-            model = stage / "checkpoint" / "model"
-            vlm = VoCoLlama.from_pretrained(model, vision_path=model / "vision_tower").eval()
-            data = LlavaDataset(folder / "data" / "eval" / "data.json", folder / "data" / "eval",
-                                Tokenizer(model / "tokenizer.model"), vlm.config, num_voco=trained,
-                                max_len=vlm.config.text.max_position_embeddings, system=trained_system_prompt(model))
-            for k in missing:
-                text = json.dumps(vqa_accuracy(vlm, data.with_num_voco(k), compressed=True))
-                files.atomic_write(stage / f"eval_at_k{k}.json", lambda tmp: Path(tmp).write_text(text))
+        stage, others = folder / f"voco_k{trained}", [k for k in ks if k != trained]
+        evaluate_missing(stage, folder / "data" / "eval", {stage / f"eval_at_k{k}.json":
+                                                           (lambda dataset, k=k: dataset.with_num_voco(k))
+                                                           for k in others})
         out.update({f"voco_k{trained}_at_k{k}": json.loads((stage / f"eval_at_k{k}.json").read_text())
-                    for k in ks if k != trained})
+                    for k in others})
     return out
 
 
@@ -270,7 +280,7 @@ def shuffled(i: int, frames: list) -> list:
 
 # What the video model is shown of each held-out video: (a) its per-frame caches in time order, or reversed, (b) in a
 # shuffled order (a frame is compressed alone, so reordering the frames reorders their caches), (c) one frame's alone
-VIEWS = {"in order": None, "reversed": lambda i, frames: frames[::-1], "shuffled": shuffled,
+VIEWS = {"in order": lambda i, frames: frames, "reversed": lambda i, frames: frames[::-1], "shuffled": shuffled,
          "first frame only": lambda i, frames: frames[:1], "last frame only": lambda i, frames: frames[-1:]}
 KINDS = {"motion": synthetic_video.MOTION, "when": synthetic_video.WHEN}  # the two kinds of temporal question
 READ_AT_ITS_PLACE = ("start", "end", "overall")  # question types whose answer depends on two frames' places at most
@@ -298,26 +308,13 @@ def video_summary(folder: Path) -> dict:
     shuffled view scores on the READ_AT_ITS_PLACE questions if the model answers from whichever frames are at the
     first and last places. Each view's evaluation is kept in the stage's folder (eval_<view>.json), so a second
     invocation reads it."""
-    from nanovoco.data import LlavaDataset  # the model's modules, only for this (the stages run in subprocesses)
-    from nanovoco.evaluate import vqa_accuracy
-    from nanovoco.model import VoCoLlama
-    from nanovoco.tokenizer import Tokenizer, trained_system_prompt
-
     stage, data = folder / "video", folder / "video_data" / "eval"
 
-    def path(view):
+    def path(view):  # the stage's own evaluation (train.py's) is the one in time order
         return stage / ("eval.json" if view == "in order" else f"eval_{view.replace(' ', '_')}.json")
 
-    if not all(path(view).exists() for view in VIEWS):
-        model = stage / "checkpoint" / "model"
-        vlm = VoCoLlama.from_pretrained(model, vision_path=model / "vision_tower").eval()
-        dataset = LlavaDataset(data / "data.json", data, Tokenizer(model / "tokenizer.model"), vlm.config,
-                               num_voco=vlm.config.num_voco, max_len=vlm.config.text.max_position_embeddings,
-                               system=trained_system_prompt(model))
-        for view, pick in VIEWS.items():
-            if not path(view).exists():
-                text = json.dumps(vqa_accuracy(vlm, dataset.with_frames(pick), compressed=True))
-                files.atomic_write(path(view), lambda tmp: Path(tmp).write_text(text))
+    evaluate_missing(stage, data, {path(view): (lambda dataset, pick=pick: dataset.with_frames(pick))
+                                   for view, pick in VIEWS.items()})
     records = json.loads((data / "data.json").read_text())
     types = [r["type"] for r in records]
     counts = {t: types.count(t) for t in synthetic_video.QUESTION_TYPES if t in types}
