@@ -173,7 +173,10 @@ def main(argv=None):
     p.add_argument("--n_objects", type=int, default=6)
     p.add_argument("--multi_turn", action="store_true", help="one record per image, its questions as turns")
     a = p.parse_args(argv)
-    path = generate(a.out, a.n_images, a.questions_per_image, a.seed, a.image_size, a.n_objects, a.multi_turn)
+    try:  # the arguments are checked before anything is written
+        path = generate(a.out, a.n_images, a.questions_per_image, a.seed, a.image_size, a.n_objects, a.multi_turn)
+    except ValueError as e:
+        p.exit(2, f"{e}\n")
     print(f"wrote {path}")
 
 

@@ -205,8 +205,11 @@ def main(argv=None):
     p.add_argument("--n_objects", type=int, default=3)
     p.add_argument("--multi_turn", action="store_true", help="one record per video, its questions as turns")
     a = p.parse_args(argv)
-    path = generate(a.out, a.n_videos, a.questions_per_video, a.seed, a.image_size, a.n_frames, a.n_objects,
-                    a.multi_turn)
+    try:  # the arguments are checked before anything is written
+        path = generate(a.out, a.n_videos, a.questions_per_video, a.seed, a.image_size, a.n_frames, a.n_objects,
+                        a.multi_turn)
+    except ValueError as e:
+        p.exit(2, f"{e}\n")
     print(f"wrote {path}")
 
 

@@ -146,6 +146,12 @@ def test_cli_and_argument_checks(tmp_path, capsys):
                       (dict(image_size=16), "too small"), (dict(n_images=0), "must be >= 1")]:
         with pytest.raises(ValueError, match=match):
             generate(tmp_path / "x", **{"n_images": 1, **kw})
+    # from the shell: one line and exit code 2, nothing written
+    with pytest.raises(SystemExit) as e:
+        synthetic.main(["--out", str(tmp_path / "bad"), "--n_objects", "0"])
+    said = f"n_objects=0: use 2..{len(PALETTE)} (one colour per object)\n"
+    assert e.value.code == 2 and capsys.readouterr().err == said
+    assert not (tmp_path / "bad").exists()
 
 
 def test_multi_turn_puts_every_question_of_an_image_in_one_record(tmp_path):

@@ -231,6 +231,12 @@ def test_cli_and_argument_checks(tmp_path, capsys):
                       (dict(n_videos=0), "must be >= 1")]:
         with pytest.raises(ValueError, match=match):
             generate(tmp_path / "x", **{"n_videos": 1, **kw})
+    # from the shell: one line and exit code 2, nothing written
+    with pytest.raises(SystemExit) as e:
+        synthetic_video.main(["--out", str(tmp_path / "bad"), "--n_objects", "0"])
+    said = f"n_objects=0: use 1..{len(PALETTE)} (one colour per object)\n"
+    assert e.value.code == 2 and capsys.readouterr().err == said
+    assert not (tmp_path / "bad").exists()
 
 
 def test_multi_turn_puts_every_question_of_a_video_in_one_record(tmp_path):
