@@ -79,6 +79,8 @@ class TrainConfig:
     synthetic_questions: int = 8  # questions per synthetic training image (or video), all in one multi-turn record
     synthetic_eval_images: int = 500  # held-out images (or videos), 4 questions each, one per record
     synthetic_objects: int = 0  # shapes per synthetic image or video; 0: the generator's default (6 or 3)
+    synthetic_set: str = "layout"  # the synthetic images' questions: "layout" (where things are) or "objects" (the
+    # object named by its colour); synthetic.QUESTION_SETS
     synthetic_dir: str = ""  # where the synthetic data is generated (default out_dir/data); runs can share it
     max_len: int = 2048
     system_prompt: str = VOCO_SYSTEM  # VoCo-LLaMA's Vicuna system prompt; a tiny model from scratch does without
@@ -144,6 +146,9 @@ def parse_args(argv) -> TrainConfig:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if cfg.voco_init not in ("random", "newline"):
         raise ValueError(f"--voco_init must be random or newline, got {cfg.voco_init!r}")
+    if cfg.synthetic_set not in synthetic.QUESTION_SETS:
+        raise ValueError(f"--synthetic_set must be one of {', '.join(synthetic.QUESTION_SETS)}, got "
+                         f"{cfg.synthetic_set!r}")
     if cfg.voco_ks:
         ks = voco_ks(cfg)
         if ks is None:
@@ -209,14 +214,19 @@ def prepare_data(cfg, out: Path, rank: int, size: int):
         if not (data / "train" / "data.json").exists():
             if cfg.data == "synthetic":
                 synthetic.generate(data / "train", n_images=cfg.synthetic_images, questions_per_image=
-                                   cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True, **objects)
+                                   cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True,
+                                   question_set=cfg.synthetic_set, **objects)
             else:
                 synthetic_video.generate(data / "train", n_videos=cfg.synthetic_images, questions_per_video=
                                          cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True,
                                          **objects)
         if not (data / "eval" / "data.json").exists():  # held out: other images, one question per record
-            generate = synthetic.generate if cfg.data == "synthetic" else synthetic_video.generate
-            generate(data / "eval", cfg.synthetic_eval_images, seed=cfg.seed + 10_000, image_size=size, **objects)
+            if cfg.data == "synthetic":
+                synthetic.generate(data / "eval", cfg.synthetic_eval_images, seed=cfg.seed + 10_000, image_size=size,
+                                   question_set=cfg.synthetic_set, **objects)
+            else:
+                synthetic_video.generate(data / "eval", cfg.synthetic_eval_images, seed=cfg.seed + 10_000,
+                                         image_size=size, **objects)
     barrier()
     return data / "train" / "data.json", data / "eval" / "data.json"
 

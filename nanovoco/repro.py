@@ -45,10 +45,10 @@ from pathlib import Path
 
 import torch
 
-from nanovoco import bench, files, synthetic_video, vision_pretrain
+from nanovoco import bench, files, synthetic, synthetic_video, vision_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
-KS = (1, 16)  # the default's Table 2: what the 15-minute budget holds (a K is a stage of ~2 minutes)
+KS = (1, 4, 16)  # the default's Table 2: what the 15-minute budget holds (a K is a stage of ~2 minutes)
 BASELINES = ("lower_bound", "avgpool", "qformer")
 VISION_TOKENS = 64  # 64 x 64 images in 8 x 8 patches (vision_pretrain.TOWER)
 TABLE1 = (("full (upper bound)", "full"), ("VoCo-LLaMA", "voco_k1"), ("avgpool + linear", "avgpool_k1"),
@@ -68,12 +68,13 @@ COMPRESSED_STEPS = 300  # every compressed stage alike, so that Table 1 compares
 VIDEO_STEPS, VIDEO_OBJECTS, HELD_OUT_VIDEOS = 450, 1, 250
 
 
-def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool = False) -> dict:
+def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool = False,
+           questions: str = "layout") -> dict:
     """Stage name -> the command that makes it (run from the repository root; {out} is the seed's folder). The step
     counts are the default's time budget on a 2-core CPU; the choices behind them are measured in docs/results.md.
     any_k adds `voco_any_<ks>`: one VoCo-LLaMA model for every K of ks (train.py --voco_ks), trained as long as two
     per-K stages. video adds `video`: the K = 1 VoCo-LLaMA model trained on moving-shapes videos, a VoCo token per
-    frame."""
+    frame. questions is the images' question set (synthetic.QUESTION_SETS)."""
     steps = lambda n: str(max(1, round(n * scale)))  # noqa: E731
     runs = {"vision": ["-m", "nanovoco.vision_pretrain", "--out", "{out}/vision", "--steps", steps(300),
                        "--images", steps(4000), "--seed", str(seed)]}
@@ -81,8 +82,8 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
     # as many training images as the full stage reads, so that it never sees one twice: with 2,000 images read 16
     # times it memorised them (held-out 0.672, its own training images 0.785), with 32,000 read once: 0.719
     common = ["train.py", "--preset=tiny-cpu", f"--synthetic_images={steps(FULL_STEPS * BATCH)}",
-              "--synthetic_objects=3", f"--synthetic_eval_images={held_out}", "--eval_every=0", "--eval_limit=0",
-              f"--seed={seed}", "--synthetic_dir={out}/data"]
+              "--synthetic_objects=3", f"--synthetic_set={questions}", f"--synthetic_eval_images={held_out}",
+              "--eval_every=0", "--eval_limit=0", f"--seed={seed}", "--synthetic_dir={out}/data"]
     runs["full"] = [*common, "--mode=full", "--init=tiny-mha", "--vision_path={out}/vision",
                     f"--max_steps={steps(FULL_STEPS)}", "--lr=1e-3"]
     compressed = [("voco", k) for k in ks] + [(mode, 1) for mode in BASELINES]
@@ -294,7 +295,7 @@ def read_at_its_place(record: dict, frames: list) -> bool:
     color = re.search(r"the (\w+) \w+ (?:at|go) ", question).group(1)
     k = [o["color"] for o in record["scene"][0]].index(color)
     size = vision_pretrain.TOWER.image_size
-    first, last = (synthetic_video.quarter(record["scene"][record["image"].index(name)][k], size)
+    first, last = (synthetic.quarter(record["scene"][record["image"].index(name)][k], size)
                    for name in (frames[0], frames[-1]))
     if record["type"] != "overall":
         return (first if record["type"] == "start" else last) == answer
@@ -615,6 +616,9 @@ def main(argv=None):
     p.add_argument("--any_k", action="store_true", help="also one VoCo-LLaMA model for every K of --ks (a stage as "
                    "long as two per-K ones, ~4 CPU minutes), against the per-K models, and each per-K model run at "
                    "the other K (the paper's Table 4)")
+    p.add_argument("--questions", default="layout", choices=synthetic.QUESTION_SETS, help="the images' questions: "
+                   "where things are (layout), or the object named by its colour (objects: the documented negative "
+                   "result, docs/results.md)")
     p.add_argument("--video", action="store_true", help="also the K = 1 model trained on moving-shapes videos and "
                    "asked about the frames' order, shown them in order, shuffled, one frame, none (~9 CPU minutes)")
     args = p.parse_args(argv)
@@ -629,15 +633,18 @@ def main(argv=None):
     ks = sorted(set(ks) | {1})  # Table 1 compares the methods at K = 1
     out.mkdir(parents=True, exist_ok=True)
     made = out / "repro.json"  # finished stages are kept, so they must come from the same recipe
-    recipe = {"scale": args.scale, "stages": stages(args.scale, ks=KS)}  # any --ks: a K is a stage of its own
+    # any --ks: a K is a stage of its own
+    recipe = {"scale": args.scale, "stages": stages(args.scale, ks=KS, questions=args.questions)}
     before = json.loads(made.read_text()) if made.exists() else recipe
     if before != recipe:
-        p.exit(2, f"{out} holds a run made with --scale {before['scale']} (or by another version of this recipe): "
-                  f"continue it with the same, or give this one another --out\n")
+        questions = re.search(r"--synthetic_set=(\w+)", " ".join(before["stages"]["full"]))
+        p.exit(2, f"{out} holds a run made with --scale {before['scale']} --questions "
+                  f"{questions.group(1) if questions else 'objects'} (or by another version of this recipe): continue "
+                  f"it with the same, or give this one another --out\n")
     made.write_text(json.dumps(recipe))
     t0 = time.perf_counter()
     for seed in seeds:
-        for name, command in stages(args.scale, seed, ks, args.any_k, args.video).items():
+        for name, command in stages(args.scale, seed, ks, args.any_k, args.video, args.questions).items():
             run_stage(name, command, out / f"seed{seed}")
     names = [n for n in stages(args.scale, ks=ks, any_k=args.any_k) if n != "vision"]
     per_seed = {seed: seed_summary(out / f"seed{seed}", load_results(out / f"seed{seed}", names, ks))

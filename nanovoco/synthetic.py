@@ -1,17 +1,25 @@
 """A Sort-of-CLEVR-like visual QA set, generated from a seed with no download, written in LLaVA's JSON format.
 
 Sort-of-CLEVR (Santoro et al. 2017, "A simple neural network module for relational reasoning"): a few flat shapes of
-distinct colours on a white canvas, and one-word questions about them. Non-relational questions ask about one object
-(its shape, which half of the image it is in) or count a shape; relational ones ask about an object through another
-(the closest, the farthest, how many share its shape). The answers depend on the image only, so a model that learns
-them must read the image through whatever it is given of it: here, a few VoCo tokens.
+distinct colours on a white canvas, and short questions about them, in one of two sets:
+- "layout" (the default): where things are, with no object named. Are more objects on the left or the right, at the
+  top or the bottom; how many are in the left (top) half; is there one in the centre; which quarter of the image is
+  empty. Averaging the image's patch features loses these answers (a patch's position and its content add up in its
+  feature, so the positions cancel out in the mean), while attention over the patches can keep them: this is the
+  set on which the reproduction compares VoCo-LLaMA with average pooling.
+- "objects": Sort-of-CLEVR's own. Non-relational questions ask about the object of a given colour (its shape, which
+  half of the image it is in) or count a shape; relational ones ask about an object through another (the closest,
+  the farthest, how many share its shape). The tiny LLMs of the reproduction never learn to find the object that a
+  colour names (docs/results.md), so this set measures what the image holds as a whole.
+The answers depend on the image only, so a model that learns them must read the image through whatever it is given
+of it: here, a few VoCo tokens.
 
-    python -m nanovoco.synthetic --out data/sort_of_clevr --n_images 10000 --seed 0
+    python -m nanovoco.synthetic --out data/sort_of_clevr --n_images 10000 --seed 0 [--questions objects]
 
 writes out/images/000000.png, ... and out/data.json, one LLaVA record per question:
-    {"id": "000000_0", "image": "images/000000.png", "type": "closest",
-     "conversations": [{"from": "human", "value": "<image>\\nWhat is the colour of ...?"},
-                       {"from": "gpt", "value": "blue"}],
+    {"id": "000000_0", "image": "images/000000.png", "type": "count_left",
+     "conversations": [{"from": "human", "value": "<image>\\nHow many objects are in the left half?"},
+                       {"from": "gpt", "value": "two"}],
      "scene": [{"color": "red", "shape": "circle", "x": 14, "y": 42}, ...]}
 "type" and "scene" are ours (LLaVA ignores extra keys): per-type accuracy, and answers that can be checked.
 """
@@ -31,9 +39,14 @@ PALETTE = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), 
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")  # counts go up to len(PALETTE)
 GRID = 4  # objects sit at the centres of a GRID x GRID grid of cells, at most one per cell: they never overlap
-QUESTION_TYPES = ("shape", "horizontal", "vertical", "count",  # non-relational
-                  "closest", "farthest", "same_shape_count")  # relational
-ANSWERS = SHAPES + ("left", "right", "top", "bottom") + tuple(PALETTE) + NUMBERS
+QUARTERS = ("top left", "top right", "bottom left", "bottom right")
+QUESTION_SETS = {
+    "layout": ("left_right", "top_bottom", "count_left", "count_top", "centre", "empty_quarter"),
+    "objects": ("shape", "horizontal", "vertical", "count",  # non-relational
+                "closest", "farthest", "same_shape_count"),  # relational
+}
+QUESTION_TYPES = tuple(t for types in QUESTION_SETS.values() for t in types)
+ANSWERS = SHAPES + ("left", "right", "top", "bottom", "yes", "no") + tuple(PALETTE) + NUMBERS + QUARTERS
 
 
 def make_scene(rng: random.Random, image_size: int, n_objects: int) -> list[dict]:
@@ -73,8 +86,44 @@ def extreme(scene: list[dict], i: int, qtype: str, image_size: int):
     return others[0][1]
 
 
+def quarter(o: dict, image_size: int) -> str:
+    """The quarter of the image that object o's centre is in, as the answers spell it ("top left", ...)."""
+    half = image_size / 2
+    return f"{'top' if o['y'] < half else 'bottom'} {'left' if o['x'] < half else 'right'}"
+
+
+def ask_layout(scene: list[dict], qtype: str, image_size: int):
+    """(question, answer) of a layout type, or None if this scene has no fair one. The wording of each type is
+    fixed, so the answer is a function of the scene alone."""
+    half, cell = image_size / 2, image_size / GRID
+    left = sum(o["x"] < half for o in scene)
+    top = sum(o["y"] < half for o in scene)
+    if qtype in ("left_right", "top_bottom"):
+        first, n = (left, "left") if qtype == "left_right" else (top, "top")
+        if 2 * first == len(scene):  # a tie has no answer
+            return None
+        other = {"left": "right", "top": "bottom"}[n]
+        where = "on the left or on the right" if n == "left" else "at the top or at the bottom"
+        return f"Are more objects {where}?", n if 2 * first > len(scene) else other
+    if qtype == "count_left":
+        return "How many objects are in the left half?", NUMBERS[left]
+    if qtype == "count_top":
+        return "How many objects are in the top half?", NUMBERS[top]
+    if qtype == "centre":  # the GRID // 2 x GRID // 2 cells in the middle (2 x 2 of the 4 x 4 grid)
+        inner = range(GRID // 4, GRID - GRID // 4)
+        occupied = any(int(o["x"] // cell) in inner and int(o["y"] // cell) in inner for o in scene)
+        return "Is there an object in the centre?", "yes" if occupied else "no"
+    if qtype == "empty_quarter":
+        empty = [q for q in QUARTERS if all(quarter(o, image_size) != q for o in scene)]
+        return ("Which quarter of the image is empty?", empty[0]) if len(empty) == 1 else None
+    raise ValueError(f"unknown question type {qtype!r}: use one of {QUESTION_TYPES}")
+
+
 def ask(rng: random.Random, scene: list[dict], qtype: str, image_size: int):
-    """(question, answer) of type qtype about a uniformly drawn target, or None if this scene has no fair one."""
+    """(question, answer) of type qtype (about a uniformly drawn target for the objects set), or None if this scene
+    has no fair one."""
+    if qtype in QUESTION_SETS["layout"]:
+        return ask_layout(scene, qtype, image_size)
     if qtype == "count":
         shape = rng.choice(SHAPES)
         return f"How many {shape}s are there?", NUMBERS[sum(o["shape"] == shape for o in scene)]
@@ -103,26 +152,30 @@ def ask(rng: random.Random, scene: list[dict], qtype: str, image_size: int):
     raise ValueError(f"unknown question type {qtype!r}: use one of {QUESTION_TYPES}")
 
 
-def questions(rng: random.Random, scene: list[dict], n: int, image_size: int) -> list[tuple[str, str, str]]:
+def questions(rng: random.Random, scene: list[dict], n: int, image_size: int,
+              types=QUESTION_SETS["layout"]) -> list[tuple[str, str, str]]:
     """n (type, question, answer) about one scene. Types are dealt from shuffled decks of all types, so an image
     gets different kinds of questions and every type is about equally frequent."""
     out, deck = [], []
     while len(out) < n:
         if not deck:
-            deck = rng.sample(QUESTION_TYPES, len(QUESTION_TYPES))
+            deck = rng.sample(types, len(types))
         qtype = deck.pop()
         qa = ask(rng, scene, qtype, image_size)
-        if qa is not None:  # only closest/farthest can fail, and "shape" never does: the loop ends
+        if qa is not None:  # some types have no fair question in some scenes; count_left and shape always do
             out.append((qtype, *qa))
     return out
 
 
 def generate(out_dir, n_images: int = 1000, questions_per_image: int = 4, seed: int = 0, image_size: int = 112,
-             n_objects: int = 6, multi_turn: bool = False) -> Path:
+             n_objects: int = 6, multi_turn: bool = False, question_set: str = "layout") -> Path:
     """Write n_images PNGs to out_dir/images/ and one LLaVA record per question to out_dir/data.json; return the
     JSON's path. multi_turn=True writes one record per image instead, its questions as the turns of one
     conversation (as most of LLaVA's data is): one forward pass then trains on every question of the image.
-    The same arguments give byte-identical files; image i depends only on (seed, i)."""
+    question_set names the questions' set (QUESTION_SETS). The same arguments give byte-identical files; image i
+    depends only on (seed, i)."""
+    if question_set not in QUESTION_SETS:
+        raise ValueError(f"question set {question_set!r}: use one of {', '.join(QUESTION_SETS)}")
     if not 2 <= n_objects <= min(len(PALETTE), GRID * GRID):
         raise ValueError(f"n_objects={n_objects}: use 2..{len(PALETTE)} (one colour per object)")
     if image_size < 8 * GRID:
@@ -139,7 +192,8 @@ def generate(out_dir, n_images: int = 1000, questions_per_image: int = 4, seed: 
         img = draw(scene, image_size)
         # PIL picks the format from the name's suffix, and the temporary name has none
         atomic_write(out_dir / image, lambda tmp: img.save(tmp, format="PNG"))
-        records += llava_records(i, image, questions(rng, scene, questions_per_image, image_size), scene, multi_turn)
+        qas = questions(rng, scene, questions_per_image, image_size, QUESTION_SETS[question_set])
+        records += llava_records(i, image, qas, scene, multi_turn)
     return write_json(out_dir, records)
 
 
@@ -172,9 +226,12 @@ def main(argv=None):
     p.add_argument("--image_size", type=int, default=112)
     p.add_argument("--n_objects", type=int, default=6)
     p.add_argument("--multi_turn", action="store_true", help="one record per image, its questions as turns")
+    p.add_argument("--questions", default="layout", choices=QUESTION_SETS, help="where things are (layout) or the "
+                   "object named by its colour (objects)")
     a = p.parse_args(argv)
     try:  # the arguments are checked before anything is written
-        path = generate(a.out, a.n_images, a.questions_per_image, a.seed, a.image_size, a.n_objects, a.multi_turn)
+        path = generate(a.out, a.n_images, a.questions_per_image, a.seed, a.image_size, a.n_objects, a.multi_turn,
+                        a.questions)
     except ValueError as e:
         p.exit(2, f"{e}\n")
     print(f"wrote {path}")

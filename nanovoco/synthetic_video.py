@@ -31,11 +31,10 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanovoco.files import atomic_write
-from nanovoco.synthetic import GRID, PALETTE, SHAPES, draw, llava_records, make_scene, write_json
+from nanovoco.synthetic import GRID, PALETTE, QUARTERS, SHAPES, draw, llava_records, make_scene, quarter, write_json
 
 MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
-QUARTERS = ("top left", "top right", "bottom left", "bottom right")
 # Reversing the video changes the answers of both kinds of temporal question
 MOTION = ("first_mover", "last_mover", "direction", "before",  # comparing frames: what moved, which way, when
           "first_move", "last_move",  # the same, naming no object
@@ -80,12 +79,6 @@ def make_video(rng: random.Random, image_size: int, n_frames: int, n_objects: in
         moves.append((i, d))
         frames.append([moved[i, d] if j == i else o for j, o in enumerate(scene)])
     return frames, moves
-
-
-def quarter(o: dict, image_size: int) -> str:
-    """The quarter of the image that object o's centre is in, as the answers spell it ("top left", ...)."""
-    half = image_size / 2
-    return f"{'top' if o['y'] < half else 'bottom'} {'left' if o['x'] < half else 'right'}"
 
 
 def way(start: str, end: str) -> str | None:

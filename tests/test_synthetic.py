@@ -8,15 +8,19 @@ import pytest
 from PIL import Image
 
 from nanovoco import synthetic
-from nanovoco.synthetic import ANSWERS, PALETTE, QUESTION_TYPES, generate
+from nanovoco.synthetic import ANSWERS, PALETTE, QUESTION_SETS, generate
 
 N_IMAGES, PER_IMAGE = 300, 7
+# each question set as the repro asks it (layout: 3 objects on 64 x 64) and in other shapes
+SETS = {"objects": dict(question_set="objects"), "layout": dict(question_set="layout", n_objects=3, image_size=64),
+        "layout, 4 objects": dict(question_set="layout", n_objects=4, image_size=112)}
 
 
-@pytest.fixture(scope="module")
-def big(tmp_path_factory):
+@pytest.fixture(scope="module", params=list(SETS))
+def big(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("soc")
-    return out, json.loads(generate(out, N_IMAGES, PER_IMAGE, seed=0).read_text())
+    kw = SETS[request.param]
+    return out, json.loads(generate(out, N_IMAGES, PER_IMAGE, seed=0, **kw).read_text()), kw
 
 
 def files(root):
@@ -34,22 +38,53 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
 
 
 def test_records_are_llava_records(big):
-    out, records = big
+    out, records, kw = big
     assert len(records) == N_IMAGES * PER_IMAGE
     assert len({r["id"] for r in records}) == len(records)
+    n_objects = kw.get("n_objects", 6)
     for r in records[:50]:
         human, gpt = r["conversations"]
         assert human["from"] == "human" and human["value"].startswith("<image>\n")
         assert human["value"].count("<image>") == 1
-        assert gpt["from"] == "gpt" and gpt["value"] in ANSWERS and " " not in gpt["value"]
-        assert (out / r["image"]).is_file() and r["type"] in QUESTION_TYPES
-        assert len(r["scene"]) == 6 and len({o["color"] for o in r["scene"]}) == 6
+        assert gpt["from"] == "gpt" and gpt["value"] in ANSWERS
+        assert (out / r["image"]).is_file() and r["type"] in QUESTION_SETS[kw["question_set"]]
+        assert len(r["scene"]) == n_objects and len({o["color"] for o in r["scene"]}) == n_objects
 
 
-def expected_answer(record):
+WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+
+
+def expected_layout(qtype, scene, size):
+    """A layout question's answer from the scene's pixel coordinates: the halves split the image at size / 2, the
+    centre is the square from size / 4 to 3 size / 4 (the middle 2 x 2 cells of the 4 x 4 grid)."""
+    left = [o for o in scene if 2 * o["x"] < size]
+    top = [o for o in scene if 2 * o["y"] < size]
+    if qtype == "left_right":
+        assert 2 * len(left) != len(scene), "a tie was asked"
+        return "left" if 2 * len(left) > len(scene) else "right"
+    if qtype == "top_bottom":
+        assert 2 * len(top) != len(scene), "a tie was asked"
+        return "top" if 2 * len(top) > len(scene) else "bottom"
+    if qtype == "count_left":
+        return WORDS[len(left)]
+    if qtype == "count_top":
+        return WORDS[len(top)]
+    if qtype == "centre":
+        return "yes" if any(size / 4 < o["x"] < 3 * size / 4 and size / 4 < o["y"] < 3 * size / 4
+                            for o in scene) else "no"
+    assert qtype == "empty_quarter"
+    empty = [(v, h) for v in ("top", "bottom") for h in ("left", "right")
+             if not any((o in top) == (v == "top") and (o in left) == (h == "left") for o in scene)]
+    assert len(empty) == 1, "asked with more than one quarter empty"
+    return " ".join(empty[0])
+
+
+def expected_answer(record, size):
     """The answer, recomputed from the question text and the stored scene (independently of the generator)."""
     question, scene = record["conversations"][0]["value"].removeprefix("<image>\n"), record["scene"]
-    words = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")
+    words = WORDS
+    if record["type"] in QUESTION_SETS["layout"]:
+        return expected_layout(record["type"], scene, size)
     if record["type"] == "count":
         shape = question.split()[2].removesuffix("s")
         return words[sum(o["shape"] == shape for o in scene)]
@@ -72,23 +107,25 @@ def expected_answer(record):
 
 
 def test_every_answer_is_right(big):
+    size = big[2].get("image_size", 112)
     for r in big[1]:
-        assert r["conversations"][1]["value"] == expected_answer(r), r["id"]
+        assert r["conversations"][1]["value"] == expected_answer(r, size), r["id"]
 
 
 def test_scene_is_what_is_drawn(big):
-    out, records = big
-    white = (255, 255, 255)
+    out, records, kw = big
+    white, size = (255, 255, 255), kw.get("image_size", 112)
+    d = round(8 * size / 112)  # inside a shape's bounding box, outside a circle and the triangle's top half
     for r in records[::PER_IMAGE][:40]:
         img = Image.open(out / r["image"]).convert("RGB")
-        assert img.size == (112, 112)
+        assert img.size == (size, size)
         for o in r["scene"]:
             x, y, fill = o["x"], o["y"], PALETTE[o["color"]]
             # the top-left and bottom-left corners tell the shapes apart: square both, triangle bottom only
-            corners = tuple(img.getpixel((x - 8, y + dy)) == fill for dy in (-8, 8))
+            corners = tuple(img.getpixel((x - d, y + dy)) == fill for dy in (-d, d))
             assert img.getpixel((x, y)) == fill
             assert corners == {"square": (True, True), "triangle": (False, True), "circle": (False, False)}[o["shape"]]
-            assert img.getpixel((x - 8, y - 8)) in (fill, white)
+            assert img.getpixel((x - d, y - d)) in (fill, white)
         assert img.getpixel((0, 0)) == white
 
 
@@ -96,12 +133,16 @@ def test_types_are_all_present_and_answers_balanced(big):
     by_type = collections.defaultdict(collections.Counter)
     for r in big[1]:
         by_type[r["type"]][r["conversations"][1]["value"]] += 1
-    assert set(by_type) == set(QUESTION_TYPES)
+    assert set(by_type) == set(QUESTION_SETS[big[2]["question_set"]])
     for qtype, answers in by_type.items():
         n = sum(answers.values())
-        assert n > 200, qtype
-        assert answers.most_common(1)[0][1] / n <= 0.6, (qtype, answers)
-    assert len(by_type["closest"]) == len(PALETTE) and len(by_type["farthest"]) == 3
+        assert n > 150, qtype
+        assert answers.most_common(1)[0][1] / n <= 0.75, (qtype, answers)
+    if big[2]["question_set"] == "objects":
+        assert len(by_type["closest"]) == len(PALETTE) and len(by_type["farthest"]) == 3
+    else:
+        n_objects = big[2]["n_objects"]
+        assert len(by_type["empty_quarter"]) == 4 and set(by_type["count_left"]) == set(WORDS[:n_objects + 1])
 
 
 def test_question_text_alone_does_not_give_the_answer(big):
@@ -109,11 +150,12 @@ def test_question_text_alone_does_not_give_the_answer(big):
     no better on the other half than the base rate of its type: only the image can answer."""
     question, answer = (lambda r: r["conversations"][0]["value"]), (lambda r: r["conversations"][1]["value"])
     fit, held_out = big[1][::2], big[1][1::2]
+    types = QUESTION_SETS[big[2]["question_set"]]
     by_question, by_type = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
     for r in fit:
         by_question[question(r)][answer(r)] += 1
         by_type[r["type"]][answer(r)] += 1
-    for qtype in QUESTION_TYPES:
+    for qtype in types:
         rs = [r for r in held_out if r["type"] == qtype]
         text = sum(answer(r) == by_question[question(r)].most_common(1)[0][0] for r in rs if question(r) in by_question)
         base = sum(answer(r) == by_type[qtype].most_common(1)[0][0] for r in rs)
