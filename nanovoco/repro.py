@@ -5,15 +5,19 @@
     python -m nanovoco.repro --ks 1,2,4,8,16          # Table 2 at more K (each K a stage of ~2 CPU minutes)
     python -m nanovoco.repro --any_k                  # + one model for every K, and Table 4 (~4 CPU minutes)
     python -m nanovoco.repro --video                  # + video: do the per-frame caches carry time? (~9 CPU minutes)
+    python -m nanovoco.repro --questions objects      # the objects named by their colour (docs/results.md)
     python -m nanovoco.repro --scale 8                # a larger run (8x the data and steps), for a GPU
 
+The questions are synthetic.py's layout set by default: where things are (how many objects in the left half, which
+quarter is empty, ...), which a tiny LLM trained from scratch masters (the objects set, about the object a colour
+names, it never learns), and which averaging the image's features keeps only faintly (nanovoco.probe).
 As the paper does (Sec. 4.1), every seed runs these stages, each in its own folder of runs/repro/seed<s>/:
 0. `vision`: a tiny ViT pretrained on synthetic scenes (per-patch colour, shape and grid cell; vision_pretrain.py),
    then frozen, as CLIP is pretrained and frozen;
 1. `full`: a VLM trained without compression on 64 vision tokens per image, each training image seen once: the upper
    bound;
-2. from it, each for the same number of steps: VoCo-LLaMA with K = 1 and 16 VoCo tokens (`voco`; `--ks` adds
-   more), the same K = 1 tokens trained without the VoCo mask and tested with it (`lower_bound`), and the external
+2. from it, each for the same number of steps: VoCo-LLaMA with K = 1, 4 and 16 VoCo tokens (`voco`; `--ks` sets
+   others), the same K = 1 tokens trained without the VoCo mask and tested with it (`lower_bound`), and the external
    compressors average pooling + linear (`avgpool`, as in LLaMA-VID) and a Q-Former (`qformer`, as in BLIP-2) to
    K = 1 token, both on the vision tower's features.
 A stage that finished (its eval.json exists) is not run again, and an interrupted one resumes from its checkpoint, so
@@ -21,7 +25,7 @@ the same command picks up where it stopped. Then it writes, into the run folder:
 
 - Table 1: held-out accuracy per question type for each method at K = 1, and the compression retention rate
   (result - lower bound) / (upper bound - lower bound), per seed with its standard error, and over seeds;
-- Table 2: VoCo-LLaMA's accuracy and retention for each K (K = 1 and 16: 64x and 4x compression);
+- Table 2: VoCo-LLaMA's accuracy and retention for each K (K = 1, 4, 16: 64x, 16x and 4x compression);
 - with --any_k, Table 2's column for one model trained for every K (`voco_any_<ks>`), and Table 4: each model run at
   every K;
 - with --video, the K = 1 model trained on moving-shapes videos (`video`, a VoCo token per frame), asked about the

@@ -139,7 +139,8 @@ def test_repro_runs_and_resumes(tmp_path):
     summary = json.loads((out / "results.json").read_text())
     seed = summary["seeds"]["0"]
     assert set(seed) == set(stages(1.0)) - {"vision"} | {"no_image", "gaps", "shortcuts"}
-    assert seed["shortcuts"] and "What the answers are made of" in text  # eval.json keeps the answers
+    # the layout questions name no object: no shortcut to measure (the objects set's, tested above)
+    assert seed["shortcuts"] == {} and "What the answers are made of" not in text
     bounds = seed["full"]["retention"], seed["lower_bound_k1"]["retention"]
     assert bounds == (1.0, 0.0) or bounds == (None, None)  # None: no gap between the bounds in so short a run
     assert (out / "retention.png").stat().st_size > 1000
@@ -153,12 +154,14 @@ def test_repro_runs_and_resumes(tmp_path):
     assert second.returncode == 0 and second.stdout.count("done before, kept") == len(stages(1.0))
     other = subprocess.run(cmd[:-1] + ["0.02"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "made with --scale 0.01" in other.stderr and "Traceback" not in other.stderr
+    objects = subprocess.run(cmd + ["--questions", "objects"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert objects.returncode == 2 and "--questions layout" in objects.stderr and not (out / "seed1").exists()
     # --any_k on the same folder: only the one-model-for-every-K stage is new, then every per-K model at each K
     # --any_k --video on the same folder: only the one-model-for-every-K stage and the video stage are new, then
     # every per-K model at each K, and the video model shown its frames in each order
     third = subprocess.run(cmd + ["--any_k", "--video"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
-    assert third.stdout.count("done before, kept") == len(stages(1.0)) and "== voco_any_1-16:" in third.stdout
+    assert third.stdout.count("done before, kept") == len(stages(1.0)) and f"== voco_any_{'-'.join(map(str, KS))}:" in third.stdout
     assert "== video:" in third.stdout
     state = json.loads((run / "video" / "checkpoint" / "state.json").read_text())["config"]
     assert state["init"] == str(run / "voco_k1" / "checkpoint" / "model") and state["data"] == "synthetic_video"

@@ -168,7 +168,7 @@ def test_llm_from_scratch_on_a_pretrained_tower(tmp_path):
     assert len(json.loads((tmp_path / "run" / "data" / "eval" / "data.json").read_text())) == 12
     # the tiny tokenizer knows the template: a turn's "USER: ... ASSISTANT:" is a few tokens, not 15 letters more
     tok = Tokenizer(tmp_path / "run" / "checkpoint" / "model" / "tokenizer.model")
-    assert len(tok.encode("USER: What shape is the red object? ASSISTANT:", bos=False)) <= 12
+    assert len(tok.encode("USER: How many objects are in the left half? ASSISTANT:", bos=False)) <= 12
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -182,6 +182,7 @@ def test_llm_from_scratch_on_a_pretrained_tower(tmp_path):
     (["--voco_ks=0,2"], "--voco_ks=0,2: give distinct numbers of VoCo tokens >= 1"),
     (["--voco_ks=1,4"], "--num_voco=2 must be one of --voco_ks=1,4"),
     (["--voco_ks=1,2", "--mode=full"], "--voco_ks is for the modes with VoCo tokens (voco, lower_bound), not full"),
+    (["--synthetic_set=colours"], "--synthetic_set must be one of layout, objects, got 'colours'"),
 ])
 def test_bad_options(tmp_path, data, argv, message):
     result = train(*args(data, tmp_path), *argv, check=False)

@@ -1,0 +1,64 @@
+"""The probes that choose the layout questions: on features where position and content add up, the mean of the
+patches keeps no position and all the patches keep it; end to end on a tower, and its command's bad input."""
+import json
+import random
+
+import pytest
+import torch
+
+from nanovoco import probe, synthetic, vision_pretrain
+from nanovoco.config import CLIPVisionConfig
+from nanovoco.model import CLIPVisionTower
+
+
+def test_additive_position_cancels_in_the_mean():
+    """One object in one of 8 patches; a patch's feature is its position's vector plus, where the object is, the
+    object's: averaged, every position is there once whatever the layout, so "is the object on the left?" is lost,
+    while the patches side by side answer it."""
+    rng = random.Random(0)
+    n, patches, dim = 1200, 8, 6
+    position = torch.randn(patches, dim, generator=torch.Generator().manual_seed(0))
+    thing = torch.randn(dim, generator=torch.Generator().manual_seed(1))
+    where = [rng.randrange(patches) for _ in range(n)]
+    feats = position.expand(n, patches, dim).clone()
+    feats[torch.arange(n), torch.tensor(where)] += thing
+    feats += 0.01 * torch.randn(feats.shape, generator=torch.Generator().manual_seed(2))
+    answers = ["left" if p < patches // 2 else "right" for p in where]
+    r = probe.probe_type({"mean_pooled": feats.mean(1), "all_patches": feats.flatten(1)}, answers, (700, 200))
+    assert r["n_test"] == 300 and abs(r["no_image"] - 0.5) < 0.1
+    assert r["mean_pooled"] < r["no_image"] + 0.1 and r["mean_pooled_nearest_mean"] < r["no_image"] + 0.1
+    assert r["all_patches"] > 0.95 and r["all_patches_nearest_mean"] > 0.95
+
+
+def test_unasked_questions_are_left_out():
+    feats = torch.randn(200, 3)
+    answers = [None if i % 4 == 0 else ("a" if feats[i, 0] > 0 else "b") for i in range(200)]
+    r = probe.probe_type({"f": feats}, answers, (100, 40))
+    assert r["n_test"] == sum(a is not None for a in answers[140:]) and r["f"] > 0.9
+
+
+def test_run_on_a_tower_probes_every_layout_type(monkeypatch):
+    monkeypatch.setattr(probe, "PENALTIES", (1e-2,))
+    tower = CLIPVisionTower(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, image_size=32, patch_size=8)).eval()
+    result = probe.run(tower, n_images=120, seed=0)
+    assert list(result) == list(synthetic.QUESTION_SETS["layout"])
+    for r in result.values():
+        assert 0 < r["n_test"] <= 30 and all(0 <= r[k] <= 1 for k in r if k != "n_test")
+    text = probe.markdown(result)
+    assert text.count("\n") == 2 + len(result) and "| count_left | 30 |" in text
+
+
+def test_command_writes_json_and_refuses_bad_input(tmp_path, capsys, monkeypatch):
+    tower = vision_pretrain.pretrain(steps=2, n_images=8, progress=False,
+                                     config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                             num_attention_heads=2, image_size=64, patch_size=8))
+    vision_pretrain.save(tower, tmp_path / "vision")
+    monkeypatch.setattr(probe, "PENALTIES", (1e-2,))  # one fit per features and type: the choice is tested above
+    probe.main(["--vision", str(tmp_path / "vision"), "--images", "100", "--out", str(tmp_path / "probe.json")])
+    assert set(json.loads((tmp_path / "probe.json").read_text())) == set(synthetic.QUESTION_SETS["layout"])
+    for argv, said in [(["--images", "10"], "--images 10: give at least 100"),
+                       (["--vision", str(tmp_path / "nothing")], "no config.json there")]:
+        with pytest.raises(SystemExit) as e:
+            probe.main(argv)
+        assert e.value.code == 2 and said in capsys.readouterr().err
