@@ -99,8 +99,11 @@ def read_questions(path) -> list[dict]:
 
 def text_lines(path) -> list[str]:
     """A text file's lines as Python's text mode reads them, which is how the official scripts read theirs."""
-    with open(path, encoding="utf-8") as f:
-        return f.readlines()
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: pass the benchmark's own file") from None
 
 
 def llava_max_new_tokens(questions_path) -> int:
@@ -306,12 +309,8 @@ def read_mme_truth(folder) -> dict:
         qa = category / "questions_answers_YN" if (category / "images").exists() else category
         if not qa.is_dir():
             raise ValueError(f"{category} has images/ but no questions_answers_YN/: unpack MME's release again")
-        for path in sorted(p for p in qa.iterdir() if p.name.endswith(".txt")):
-            try:
-                lines = text_lines(path)
-            except (UnicodeDecodeError, IsADirectoryError):
-                raise ValueError(f"{path} is not a text file of MME's questions: move it out of {qa}") from None
-            for n, line in enumerate(lines, 1):
+        for path in sorted(p for p in qa.iterdir() if p.is_file() and p.name.endswith(".txt")):
+            for n, line in enumerate(text_lines(path), 1):
                 fields = line.strip().split("\t")
                 if len(fields) != 2:
                     raise ValueError(f"{path}: line {n} is not 'question<TAB>answer': unpack MME's release again")
