@@ -1,31 +1,34 @@
-"""The paper's benchmarks: answer LLaVA-1.5's evaluation question files with two-stage inference, score them offline.
+"""The paper's benchmarks: answer LLaVA-1.5's evaluation question files with two-stage inference, score the answers
+exactly as LLaVA-1.5's scripts and the benchmarks' own tools score them.
 
     python -m nanovoco.paper_eval answer --model DIR --questions llava_gqa_testdev_balanced.jsonl \
-        --image_folder gqa/images --answers answers/gqa.jsonl
-    python -m nanovoco.paper_eval score gqa --answers answers/gqa.jsonl --annotations testdev_balanced_questions.json
+        --image_folder gqa/data/images --answers answers/gqa.jsonl
+    python -m nanovoco.paper_eval score gqa --answers A --annotations testdev_balanced_questions.json
     python -m nanovoco.paper_eval score pope --answers A --questions llava_pope_test.jsonl --annotations pope/coco
-    python -m nanovoco.paper_eval score mme --answers A --questions llava_mme.jsonl \
-        --annotations MME_Benchmark_release_version
+    python -m nanovoco.paper_eval score mme --answers A --annotations MME_Benchmark_release_version
     python -m nanovoco.paper_eval score sqa --answers A --annotations scienceqa     # problems.json, pid_splits.json
     python -m nanovoco.paper_eval score seed --answers A --annotations SEED-Bench.json
 
-`answer` reads LLaVA-1.5's question files as its eval scripts do (playground/data/eval in the LLaVA repository):
-JSONL records {question_id, image, text, category?} for GQA, POPE, MME and SEED-Bench, and ScienceQA's JSON list of
-{id, image?, conversations} (llava_test_CQM-A.json, asked with LLaVA's single-prediction prompt). Each image is
-compressed once into its VoCo cache and all its questions are answered from it in one batch (a model without VoCo
-tokens reads the image in the prompt); greedy decoding. It writes LLaVA's answer file, one JSON line per question
-{question_id, prompt, text, answer_id, model_id, metadata}, in question order, and resumes an interrupted run
-(the questions already answered are kept).
+`answer` reads LLaVA-1.5's question files (eval.zip, playground/data/eval in the LLaVA repository) as its
+model_vqa_loader.py and model_vqa_science.py do: JSONL records {question_id, image, text, category} for GQA, POPE, MME
+and SEED-Bench, and ScienceQA's JSON list of {id, image?, conversations} (llava_test_CQM-A.json, with LLaVA's
+single-prediction prompt). Each image is compressed once into its VoCo cache and all its questions are answered from
+it in one batch (a model without VoCo tokens reads the image in the prompt); greedy decoding, LLaVA's 128 new tokens
+(1024 for ScienceQA). It writes LLaVA's answer file, one JSON line per question {question_id, prompt, text,
+answer_id, model_id, metadata} in question order, with LLaVA's prompt field (ScienceQA's image questions begin with
+"<image>\\n"), and resumes an interrupted run. A question is its (question_id, prompt): MME's two questions of an image
+share one question_id.
 
-`score` reproduces what LLaVA's scripts compute from that file: GQA's accuracy after scripts/convert_gqa_for_eval.py
-(answers lower-cased, a final "." removed, exact match with testdev_balanced_questions.json's answer); POPE's
-accuracy, precision, recall, F1 and yes-ratio per category (llava/eval/eval_pope.py: the first sentence, "no"/"not"
-/"No" among its words is a no; pairs by question_id, where LLaVA pairs by order); MME's score per category, accuracy +
-accuracy+ (both questions of an image right) x 100, with MME's yes/no parsing, and the perception and cognition
-totals; ScienceQA's accuracy and IMG accuracy (llava/eval/eval_science_qa.py's answer parsing); SEED-Bench's
-accuracy per question type and over images (scripts/convert_seed_for_submission.py: exact match with the letter).
+`score` computes what LLaVA's scripts compute from that file, rule for rule (see each score_* function), in their
+units: GQA, ScienceQA and SEED-Bench in percent, POPE as fractions, MME as its scores. Where an official script stops
+on a well-formed file, nanovoco prints null for a 0 / 0 (POPE's precision with no "yes" answer, IMG accuracy with no
+image question answered) and the plain value otherwise (0 for a SEED-Bench question type with every answer wrong,
+where convert_seed_for_submission.py stops with a KeyError; the score of an MME subtask whose answers are all neither
+yes nor no, where calculation.py's scikit-learn stops on empty input); where it refuses a partial file (GQA, MME
+without some subtask) the answered part is scored and a "note" in the output says so.
 """
 import argparse
+import io
 import json
 import re
 import sys
@@ -42,19 +45,25 @@ from nanovoco.image import load_image, preprocess
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, trained_system_prompt
 
+BENCHMARKS = ("gqa", "pope", "mme", "sqa", "seed")
 SQA_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA's --single-pred-prompt
+SHORT_ANSWER = "Answer the question using a single word or phrase."  # LLaVA's suffix of GQA, POPE and MME questions
+MME_YES_NO = "Please answer yes or no."  # MME's own suffix, which LLaVA's question file replaces by SHORT_ANSWER
 MME_PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark", "artwork",
                   "OCR")
 MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+SQA_OPTIONS = ["A", "B", "C", "D", "E"]  # eval_science_qa.py's --options: a list, so "" or "AB" is no option
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Questions and answers
 
 def read_questions(path) -> list[dict]:
-    """LLaVA's question file as [{question_id, image (or None), text}]: a JSONL file of such records, or ScienceQA's
-    JSON list of conversations, whose first turn is the question (the "<image>" tag removed, LLaVA's single-prediction
-    prompt appended, as model_vqa_science.py asks it)."""
+    """LLaVA's question file as [{question_id, image (or None), text, prompt, category}]: `text` is what the model is
+    asked, `prompt` what LLaVA writes into the answer file. A JSONL file of {question_id, image, text, category}
+    records (prompt = text, as model_vqa_loader.py writes it), or ScienceQA's JSON list of conversations, asked as
+    model_vqa_science.py asks them: the first turn without its "<image>" tag, LLaVA's single-prediction prompt
+    appended; the prompt of a question with an image begins with "<image>\\n", which eval_science_qa.py counts."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pass one of LLaVA-1.5's evaluation question files")
@@ -65,46 +74,68 @@ def read_questions(path) -> list[dict]:
         questions = []
         for i, r in enumerate(records):
             try:
-                text = r["conversations"][0]["value"].replace("<image>", "").strip()
-                questions.append({"question_id": r["id"], "image": r.get("image"), "text": text + "\n" + SQA_PROMPT})
+                text = r["conversations"][0]["value"].replace("<image>", "").strip() + "\n" + SQA_PROMPT
+                questions.append({"question_id": r["id"], "image": r.get("image"), "text": text,
+                                  "prompt": "<image>\n" + text if "image" in r else text, "category": None})
             except (KeyError, IndexError, TypeError, AttributeError):
                 raise ValueError(f"{path}: record {i} is not a ScienceQA record with 'id' and 'conversations'") \
                     from None
-        return questions
-    questions = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            q = json.loads(line)
-            questions.append({"question_id": q["question_id"], "image": q.get("image"), "text": q["text"],
-                              "category": q.get("category")})
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise ValueError(f"{path}: line {n} is not a question record {{question_id, image, text}}") from None
+    else:
+        questions = []
+        for n, line in enumerate(text_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                q = json.loads(line)
+                questions.append({"question_id": q["question_id"], "image": q.get("image"), "text": q["text"],
+                                  "prompt": q["text"], "category": q.get("category")})
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}: line {n} is not a question record {{question_id, image, text}}") from None
+    for q in questions:
+        if not isinstance(q["question_id"], (str, int)) or not isinstance(q["text"], str):
+            raise ValueError(f"{path}: question {q['question_id']!r} needs a string or integer id and a string text")
     return questions
 
 
-def read_answers(path) -> dict:
-    """question_id -> answer record of a LLaVA answer file; a line cut off by an interruption is skipped."""
-    answers = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines() if Path(path).exists() else []:
+def text_lines(path) -> list[str]:
+    """A text file's lines as Python's text mode reads them, which is how the official scripts read theirs."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text: pass the benchmark's own file") from None
+
+
+def llava_max_new_tokens(questions_path) -> int:
+    """LLaVA's limit for the file: model_vqa_science.py (ScienceQA's JSON) generates up to 1024 tokens,
+    model_vqa_loader.py (the JSONL files) 128."""
+    return 1024 if Path(questions_path).suffix == ".json" else 128
+
+
+def answered_before(path) -> dict:
+    """(question_id, prompt) -> answer record of an earlier, maybe interrupted run (a line cut off is skipped)."""
+    done = {}
+    for line in text_lines(path) if Path(path).is_file() else []:
         try:
-            record = json.loads(line)
+            row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        answers[record["question_id"]] = record
-    return answers
+        if isinstance(row, dict) and isinstance(row.get("question_id"), (str, int)) \
+                and isinstance(row.get("prompt"), str):
+            done[row["question_id"], row["prompt"]] = row
+    return done
 
 
 @torch.no_grad()
 def answer(vlm: VoCoLlama, tokenizer: Tokenizer, questions: list[dict], image_folder, answers_path, *,
-           system=VOCO_SYSTEM, max_new_tokens=16, model_id="nanovoco", progress=True) -> Path:
-    """Answer `questions` (read_questions) into LLaVA's answer file at answers_path, resuming it."""
+           system=VOCO_SYSTEM, max_new_tokens=128, model_id="nanovoco", progress=True) -> Path:
+    """Answer `questions` (read_questions) into LLaVA's answer file at answers_path, resuming it. A question is its
+    (question_id, prompt): MME asks two questions of an image under one question_id."""
     answers_path, image_folder = Path(answers_path), Path(image_folder)
-    done = read_answers(answers_path)
+    done = answered_before(answers_path)
     by_image = {}
     for q in questions:
-        if q["question_id"] not in done:
+        if (q["question_id"], q["prompt"]) not in done:
             by_image.setdefault(q["image"], []).append(q)
     answers_path.parent.mkdir(parents=True, exist_ok=True)
     with open(answers_path, "a", encoding="utf-8") as out:
@@ -112,12 +143,13 @@ def answer(vlm: VoCoLlama, tokenizer: Tokenizer, questions: list[dict], image_fo
             texts = answer_group(vlm, tokenizer, image_folder / image if image else None, group, system,
                                  max_new_tokens)
             for q, text in zip(group, texts):
-                done[q["question_id"]] = {"question_id": q["question_id"], "prompt": q["text"], "text": text,
-                                          "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
-                out.write(json.dumps(done[q["question_id"]]) + "\n")
+                row = {"question_id": q["question_id"], "prompt": q["prompt"], "text": text,
+                       "answer_id": uuid.uuid4().hex, "model_id": model_id, "metadata": {}}
+                done[q["question_id"], q["prompt"]] = row
+                out.write(json.dumps(row) + "\n")
             out.flush()
     # in question order, as LLaVA writes it (a resumed run appended in another order)
-    text = "".join(json.dumps(done[q["question_id"]]) + "\n" for q in questions)
+    text = "".join(json.dumps(done[q["question_id"], q["prompt"]]) + "\n" for q in questions)
     answers_path.write_text(text, encoding="utf-8")
     return answers_path
 
@@ -151,155 +183,326 @@ def answer_group(vlm, tokenizer, image_path, group, system, max_new_tokens) -> l
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scores, as LLaVA's evaluation scripts compute them
+# Scores, rule for rule as LLaVA-1.5's scripts and the benchmarks' tools compute them
 
-def score_gqa(answers: dict, annotations: dict) -> dict:
-    """annotations: GQA's testdev_balanced_questions.json, {question_id: {"answer": ...}}."""
-    correct = [answers[qid]["text"].rstrip(".").lower() == gt["answer"] for qid, gt in annotations.items()
-               if qid in answers]
-    return {"accuracy": sum(correct) / len(correct), "n": len(correct), "missing": len(annotations) - len(correct)}
+def read_answers(path, fields=("question_id", "text")) -> list[dict]:
+    """A LLaVA answer file's records in file order, as LLaVA's scripts read it (one JSON object a line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: run `python -m nanovoco.paper_eval answer` first")
+    rows = []
+    for n, line in enumerate(text_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ValueError(f"{path}: line {n} is not JSON (an interrupted run?): run `paper_eval answer` again, "
+                             "it finishes the file") from None
+        if not (isinstance(row, dict) and isinstance(row.get("question_id"), (str, int))
+                and all(isinstance(row.get(k), str) for k in fields if k != "question_id")):
+            raise ValueError(f"{path}: line {n} is not an answer record with {', '.join(fields)}: pass an answer file "
+                             "of `paper_eval answer` or of LLaVA's scripts")
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no answers: run `python -m nanovoco.paper_eval answer` first")
+    return rows
+
+
+def ratio(part, whole):
+    """part / whole, or None where the official script divides by zero (and stops)."""
+    return part / whole if whole else None
+
+
+def percent(part, whole):
+    """part / whole * 100, in the official scripts' order of operations (the same float), or None over nothing."""
+    return part / whole * 100 if whole else None
+
+
+def score_gqa(answers: list[dict], questions: dict) -> dict:
+    """LLaVA's convert_gqa_for_eval.py then GQA's eval.py (the edition LLaVA's docs point to): every answer lower-cased
+    with its final dots stripped, the last answer of a question_id kept; accuracy = exact matches with "answer" over
+    the balanced questions of testdev_balanced_questions.json (all of them are), in percent. eval.py refuses a file
+    that misses a balanced question; here the answered ones are scored and "missing" counts the others."""
+    predictions = {a["question_id"]: a["text"].rstrip(".").lower() for a in answers}
+    balanced = [qid for qid, q in questions.items() if q.get("isBalanced", True)]
+    correct = [predictions[qid] == questions[qid]["answer"] for qid in balanced if qid in predictions]
+    out = {"accuracy": percent(sum(correct), len(correct)), "n": len(correct), "missing": len(balanced) - len(correct)}
+    if out["missing"]:
+        out["note"] = (f"{out['missing']} of {len(balanced)} balanced questions have no answer: GQA's eval.py refuses "
+                       f"such a file; the accuracy is over the {len(correct)} answered")
+    return out
 
 
 def pope_yes(text: str) -> bool:
-    """eval_pope.py: the first sentence; commas out; "No", "not" or "no" among its words is a no, anything else yes."""
+    """eval_pope.py: the first sentence; commas out; "No", "not" or "no" among its space-separated words is a no,
+    anything else (an empty answer too) a yes."""
     words = text.split(".")[0].replace(",", "").split(" ")
     return not ("No" in words or "not" in words or "no" in words)
 
 
-def score_pope(answers: dict, questions: list[dict], labels: dict) -> dict:
-    """labels: category -> {question_id: "yes"/"no"} (the coco_pope_<category>.json files). Per category: accuracy,
-    precision, recall, F1 (yes as the positive class) and the ratio of yes answers."""
-    out = {}
-    for category, truth in sorted(labels.items()):
-        pairs = [(pope_yes(answers[q["question_id"]]["text"]), truth[q["question_id"]] == "yes") for q in questions
-                 if q.get("category") == category and q["question_id"] in answers and q["question_id"] in truth]
-        tp = sum(p and t for p, t in pairs)
-        fp = sum(p and not t for p, t in pairs)
-        tn = sum(not p and not t for p, t in pairs)
-        fn = sum(not p and t for p, t in pairs)
-        precision, recall = tp / max(1, tp + fp), tp / max(1, tp + fn)
-        out[category] = {"accuracy": (tp + tn) / len(pairs), "precision": precision, "recall": recall,
-                         "f1": 2 * precision * recall / max(1e-12, precision + recall),
-                         "yes_ratio": sum(p for p, _ in pairs) / len(pairs), "n": len(pairs)}
-    return out
+def pope_metrics(predictions: list[bool], labels: list) -> dict:
+    """eval_pope.py for one category: its answers (in answer-file order) and its label file's lines paired by order,
+    the shorter setting the length; a label other than "no" is a yes; yes is the positive class; the yes-ratio is
+    over all the category's answers."""
+    truth = [label != "no" for label in labels]
+    pairs = list(zip(predictions, truth))
+    tp = sum(p and t for p, t in pairs)
+    fp = sum(p and not t for p, t in pairs)
+    tn = sum(not p and not t for p, t in pairs)
+    fn = sum(not p and t for p, t in pairs)
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    f1 = 2 * precision * recall / (precision + recall) if precision and recall else None  # 0 + 0: divides by zero
+    return {"accuracy": ratio(tp + tn, tp + tn + fp + fn), "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": ratio(sum(predictions), len(predictions)), "TP": tp, "FP": fp, "TN": tn, "FN": fn,
+            "n": len(predictions)}
 
 
-def mme_label(text: str) -> str:
-    """MME's calculation.py: "yes"/"no" as answered, else from the first four characters, else "other"."""
-    text = text.lower()
-    if text in ("yes", "no"):
-        return text
-    return "yes" if "yes" in text[:4] else "no" if "no" in text[:4] else "other"
+def score_pope(answers: list[dict], questions: list[dict], labels: dict) -> dict:
+    """labels: category -> labels in file order (read_pope_labels). Each answer's category comes from the question
+    file by question_id (llava_pope_test.jsonl numbers adversarial 1.., random 10000001.., popular 20000001.., while
+    each label file numbers its lines from 1: the pairing is by order, never by id)."""
+    category_of = {q["question_id"]: q["category"] for q in questions}
+    for a in answers:
+        if a["question_id"] not in category_of:
+            raise ValueError(f"answer {a['question_id']!r} is not a question of the question file: pass the "
+                             "llava_pope_test.jsonl the answers were made from")
+    return {category: pope_metrics([pope_yes(a["text"]) for a in answers
+                                    if category_of[a["question_id"]] == category], labels[category])
+            for category in sorted(labels)}
 
 
-def score_mme(answers: dict, questions: list[dict], truth: dict) -> dict:
-    """truth: question_id -> "Yes"/"No" (read_mme_truth). Per category: accuracy and accuracy+ (every question of an
-    image right), score = 100 * (accuracy + accuracy+); then the perception and cognition totals."""
-    per_category = {}
-    for q in questions:
-        if q["question_id"] in answers and q["question_id"] in truth:
-            right = mme_label(answers[q["question_id"]]["text"]) == truth[q["question_id"]].lower()
-            per_category.setdefault(q["category"], {}).setdefault(q["image"], []).append(right)
-    out = {}
-    for category, images in sorted(per_category.items()):
-        results = [r for rs in images.values() for r in rs]
-        acc, acc_plus = sum(results) / len(results), sum(all(rs) for rs in images.values()) / len(images)
-        out[category] = {"accuracy": acc, "accuracy_plus": acc_plus, "score": 100 * (acc + acc_plus),
-                         "n": len(results)}
-    out["perception"] = sum(out[c]["score"] for c in MME_PERCEPTION if c in out)
-    out["cognition"] = sum(out[c]["score"] for c in MME_COGNITION if c in out)
-    return out
+def read_pope_labels(folder) -> dict:
+    """category -> the "label" of each line of POPE's coco_pope_<category>.json (one JSON record a line), for every
+    file of the folder: eval_pope.py takes each file there for a label file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: pass POPE's output/coco folder (coco_pope_*.json)")
+    labels = {}
+    for path in sorted(folder.iterdir()):
+        if not (path.is_file() and path.name.startswith("coco_pope_") and path.name.endswith(".json")):
+            raise ValueError(f"{path}: eval_pope.py reads every file of {folder} as a coco_pope_<category>.json "
+                             "label file: move it out")
+        file_labels = labels[path.name.removeprefix("coco_pope_").removesuffix(".json")] = []
+        for n, line in enumerate(text_lines(path), 1):
+            if not line.strip():
+                continue
+            try:
+                file_labels.append(json.loads(line)["label"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise ValueError(f"{path}: line {n} is not a POPE record with a 'label': download POPE's "
+                                 "output/coco files again") from None
+    if not labels:
+        raise FileNotFoundError(f"{folder} holds no coco_pope_<category>.json label files: pass POPE's output/coco")
+    return labels
 
 
-def read_mme_truth(folder, questions: list[dict]) -> dict:
-    """question_id -> answer, from the MME release folder: per image a .txt of "question<TAB>answer" lines, beside
-    the image or in its category's questions_answers_YN/."""
+def read_mme_truth(folder) -> dict:
+    """(category, .txt name, MME's question) -> "Yes"/"No", read as LLaVA's convert_answer_to_mme.py reads the MME
+    release: in every category folder, questions_answers_YN/ when it has images/, else the folder itself; every
+    line of every .txt there is "question<TAB>answer", stripped."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: pass MME's MME_Benchmark_release_version")
     truth = {}
-    for q in questions:
-        image = Path(q["image"])
-        stem = image.stem
-        for candidate in (Path(folder) / image.parent / "questions_answers_YN" / f"{stem}.txt",
-                          Path(folder) / image.parent.parent / "questions_answers_YN" / f"{stem}.txt",
-                          Path(folder) / image.with_suffix(".txt")):
-            if candidate.is_file():
-                for line in candidate.read_text(encoding="utf-8").splitlines():
-                    question, _, gt = line.partition("\t")
-                    if question.strip() == q["text"].strip():
-                        truth[q["question_id"]] = gt.strip()
-                break
+    for category in sorted(p for p in folder.iterdir() if p.is_dir()):
+        qa = category / "questions_answers_YN" if (category / "images").exists() else category
+        if not qa.is_dir():
+            raise ValueError(f"{category} has images/ but no questions_answers_YN/: unpack MME's release again")
+        for path in sorted(p for p in qa.iterdir() if p.is_file() and p.name.endswith(".txt")):
+            for n, line in enumerate(text_lines(path), 1):
+                fields = line.strip().split("\t")
+                if len(fields) != 2:
+                    raise ValueError(f"{path}: line {n} is not 'question<TAB>answer': unpack MME's release again")
+                truth[category.name, path.name, fields[0]] = fields[1]
+    if not truth:
+        raise FileNotFoundError(f"{folder} holds no MME questions (<category>/[questions_answers_YN/]*.txt): pass "
+                                "MME's MME_Benchmark_release_version")
     return truth
 
 
-def sqa_letter(text: str, n_choices: int) -> str:
-    """eval_science_qa.py: the letter itself, "X. ...", or "The answer is X."; else FAILED."""
-    options = "ABCDE"
-    if text in options:
-        letter = text
-    elif len(text) >= 3 and text[0] in options and text[1:3] == ". ":
-        letter = text[0]
-    else:
-        found = re.findall(r"The answer is ([A-Z]).", text)
-        letter = found[0] if len(found) == 1 else "FAILED"
-    return letter if letter in options[:n_choices] else "FAILED"
+def mme_result_files(answers: list[dict], truth: dict) -> dict:
+    """category -> the text of the file LLaVA's convert_answer_to_mme.py writes for it: per answer, in answer-file
+    order, "<image>.txt<TAB>MME's question<TAB>ground truth<TAB>answer" and a newline. MME's question is LLaVA's
+    prompt without its short-answer instruction, with " Please answer yes or no." put back (two spaces before it
+    where MME's file has two). The category and .txt name come from the question_id ("artwork/images/14777.jpg")."""
+    files = {}
+    for a in answers:
+        qid = a["question_id"]
+        if not isinstance(qid, str):
+            raise ValueError(f"answer {qid!r}: MME's question_ids are image paths: pass the answers to llava_mme.jsonl")
+        category, name = qid.split("/")[0], qid.split("/")[-1].split(".")[0] + ".txt"
+        question = a["prompt"]
+        if SHORT_ANSWER in question:
+            question = question.replace(SHORT_ANSWER, "").strip()
+        if MME_YES_NO not in question:
+            question += " " + MME_YES_NO
+            if (category, name, question) not in truth:
+                question = question.replace(" " + MME_YES_NO, "  " + MME_YES_NO)
+        if (category, name, question) not in truth:
+            raise ValueError(f"answer {qid!r} {a['prompt']!r}: MME has no such question in {category}/{name}: pass the "
+                             "MME_Benchmark_release_version the question file llava_mme.jsonl was made from")
+        files.setdefault(category, []).append("\t".join((name, question, truth[category, name, question],
+                                                         a["text"])) + "\n")
+    return {category: "".join(lines) for category, lines in files.items()}
 
 
-def score_sqa(answers: dict, problems: dict, split: list) -> dict:
-    """problems: ScienceQA's problems.json; split: pid_splits.json's list for the split. Accuracy over the split and
-    over its questions with an image (LLaVA's IMG accuracy, the paper's SQA-IMG)."""
-    rows = []
-    for pid in split:
-        prob = problems[pid]
-        text = answers[pid]["text"] if pid in answers else "FAILED"
-        rows.append(("ABCDE".find(sqa_letter(text, len(prob["choices"]))) == prob["answer"],
-                     bool(prob.get("image"))))
-    img = [r for r, has_image in rows if has_image]
-    return {"accuracy": sum(r for r, _ in rows) / len(rows), "img_accuracy": sum(img) / max(1, len(img)),
-            "n": len(rows), "n_img": len(img)}
+def mme_label(answer: str) -> str:
+    """calculation.py's parse_pred_ans (on the lower-cased answer): "yes" or "no" as it is, else "yes" or "no" found
+    in its first four characters (yes first), else "other"."""
+    if answer in ("yes", "no"):
+        return answer
+    return "yes" if "yes" in answer[:4] else "no" if "no" in answer[:4] else "other"
 
 
-def score_seed(answers: dict, annotations: dict) -> dict:
-    """annotations: SEED-Bench.json ({"questions": [...], "question_type": {name: id}}). Exact match of the answer
-    text with the option letter, per question type, overall, and over the image questions."""
-    names = {i: n for n, i in annotations["question_type"].items()}
-    per_type, image = {}, []
+def score_mme(result_files: dict) -> dict:
+    """MME's eval_tool/calculation.py on mme_result_files, each file read back as it reads it (text-mode lines: an
+    answer holding a line break spans two lines there too). Its lines go in pairs, one image each, of four
+    tab-separated fields; per subtask, accuracy = right answers over the lines, accuracy+ = pairs with both right
+    over the pairs, score = 100 * accuracy + 100 * accuracy+; perception and cognition are the sums of their
+    subtasks' scores, added in calculation.py's order."""
+    out, missing = {}, []
+    for group, tasks in (("perception", MME_PERCEPTION), ("cognition", MME_COGNITION)):
+        total = 0
+        for task in tasks:
+            if task not in result_files:
+                missing.append(task)
+                continue
+            lines = io.StringIO(result_files[task], newline=None).readlines()
+            right = both = 0
+            for pair in zip(lines[0::2], lines[1::2]):
+                pair_right = 0
+                for line in pair:
+                    fields = line.split("\t")
+                    if len(fields) != 4 or fields[2].lower() not in ("yes", "no"):
+                        raise ValueError(f"MME {task}: {line.strip()!r} is not 'image<TAB>question<TAB>Yes or No<TAB>"
+                                         "answer' (an answer holding a tab or a line break?): calculation.py stops "
+                                         "there")
+                    pair_right += fields[2].lower() == mme_label(fields[3].lower())
+                right += pair_right
+                both += pair_right == 2
+            if len(lines) % 2:
+                raise ValueError(f"MME {task}: {len(lines)} answer lines, not two per image (calculation.py asserts "
+                                 "it): answer both questions of every image")
+            accuracy, accuracy_plus = right / len(lines), both / (len(lines) // 2)
+            out[task] = {"score": accuracy * 100 + accuracy_plus * 100, "accuracy": accuracy * 100,
+                         "accuracy_plus": accuracy_plus * 100}
+            total += out[task]["score"]  # one by one, in calculation.py's order: the same float
+        out[group] = total
+    if missing:
+        out["note"] = (f"no answers for {', '.join(missing)}: calculation.py needs all 14 subtasks; the totals are "
+                       "over the subtasks answered")
+    return out
+
+
+def sqa_letter(text: str) -> str:
+    """eval_science_qa.py's parser: the answer itself one of the option letters, or "X. ..." with X one of them, or
+    exactly one "The answer is X." in it; else FAILED."""
+    if text in SQA_OPTIONS:
+        return text
+    if len(text) >= 3 and text[0] in SQA_OPTIONS and text[1:3] == ". ":
+        return text[0]
+    found = re.findall(r"The answer is ([A-Z]).", text)
+    return found[0] if len(found) == 1 else "FAILED"
+
+
+def score_sqa(answers: list[dict], problems: dict, split: list) -> dict:
+    """eval_science_qa.py: problems.json's problems of the split (pid_splits.json), each with its last answer of
+    that question_id; a missing answer is FAILED with the prompt 'Unknown'; right when the parsed letter is among the
+    problem's first len(choices) options and its index is the answer. IMG accuracy is over the answers whose prompt
+    holds "<image>" (model_vqa_science.py's mark of an image question). Both in percent."""
+    predictions = {a["question_id"]: a for a in answers}
+    right = image_right = images = 0
+    pids = dict.fromkeys(split)  # the official split is a dict: a pid listed twice counts once
+    for pid in pids:
+        if pid not in problems:
+            raise ValueError(f"pid_splits.json lists {pid!r}, which problems.json lacks: download both from ScienceQA "
+                             "again")
+        problem = problems[pid]
+        row = predictions.get(pid, {"text": "FAILED", "prompt": "Unknown"})
+        letter = sqa_letter(row["text"])
+        correct = letter in SQA_OPTIONS[:len(problem["choices"])] and SQA_OPTIONS.index(letter) == problem["answer"]
+        right += correct
+        if "<image>" in row["prompt"]:
+            images += 1
+            image_right += correct
+    return {"accuracy": percent(right, len(pids)), "img_accuracy": percent(image_right, images), "n": len(pids),
+            "n_img": images}
+
+
+def score_seed(answers: list[dict], annotations: dict) -> dict:
+    """LLaVA's convert_seed_for_submission.py: the last answer of each question_id; SEED-Bench.json's string ids
+    looked up as integers where they are ones (LLaVA's answer files carry integer ids); right when the answer is
+    exactly the letter; a missing answer is wrong. Accuracy per question type (over all data types), over all, and
+    over the image and the video questions, in percent."""
+    results = {a["question_id"]: a["text"] for a in answers}
+    names = {type_id: name for name, type_id in annotations["question_type"].items()}
+    by_type, by_data = {}, {"all": [], "image": [], "video": []}
     for q in annotations["questions"]:
-        row = answers.get(q["question_id"], answers.get(str(q["question_id"])))
-        right = row is not None and row["text"] == q["answer"]
-        per_type.setdefault(names[q["question_type_id"]], []).append(right)
-        if q.get("data_type", "image") == "image":
-            image.append(right)
-    total = [r for rs in per_type.values() for r in rs]
-    return {"accuracy": sum(total) / len(total), "image_accuracy": sum(image) / max(1, len(image)),
-            "by_type": {k: sum(v) / len(v) for k, v in sorted(per_type.items())}, "n": len(total)}
+        try:
+            qid = int(q["question_id"])
+        except (ValueError, TypeError):
+            qid = q["question_id"]
+        correct = qid in results and results[qid] == q["answer"]
+        by_type.setdefault(q["question_type_id"], []).append(correct)
+        by_data["all"].append(correct)
+        by_data.setdefault(q["data_type"], []).append(correct)
+    unknown = [t for t in by_type if t not in names]
+    if unknown:
+        raise ValueError(f"SEED-Bench.json: question_type_id {unknown[0]!r} is not in its question_type table")
+    return {"accuracy": percent(sum(by_data["all"]), len(by_data["all"])),
+            "image_accuracy": percent(sum(by_data["image"]), len(by_data["image"])),
+            "video_accuracy": percent(sum(by_data["video"]), len(by_data["video"])),
+            "by_type": {names[t]: percent(sum(rs), len(rs)) for t, rs in sorted(by_type.items())},
+            "n": len(by_data["all"]), "n_image": len(by_data["image"])}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 
+def load_json(path: Path, what: str, layout):
+    """A benchmark's JSON file, checked against its layout (a predicate) before it is scored."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is not a file: pass {what}")
+    data = read_json(path, what)
+    if not layout(data):
+        raise ValueError(f"{path} is not laid out as {what}: pass the benchmark's own file")
+    return data
+
+
+def all_have(items, *fields) -> bool:
+    """items (a list, or a dict's values) are all dicts that hold `fields`."""
+    if isinstance(items, dict):
+        items = list(items.values())
+    return isinstance(items, list) and all(isinstance(i, dict) and all(f in i for f in fields) for i in items)
+
+
 def score(benchmark: str, answers_path, annotations, questions_path=None) -> dict:
-    answers = read_answers(answers_path)
-    if not answers:
-        raise ValueError(f"{answers_path} holds no answers: run `python -m nanovoco.paper_eval answer` first")
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}: one of {', '.join(BENCHMARKS)}")
+    if benchmark == "pope" and questions_path is None:
+        raise ValueError("pope needs --questions llava_pope_test.jsonl (the answers' categories are there)")
     annotations = Path(annotations)
     if benchmark == "gqa":
-        return score_gqa(answers, read_json(annotations, "GQA's testdev_balanced_questions.json"))
-    if benchmark == "seed":
-        return score_seed(answers, read_json(annotations, "SEED-Bench.json"))
-    if benchmark == "sqa":
-        problems = read_json(annotations / "problems.json", "ScienceQA's problems.json")
-        split = read_json(annotations / "pid_splits.json", "ScienceQA's pid_splits.json")["test"]
-        return score_sqa(answers, problems, split)
-    if questions_path is None:
-        raise ValueError(f"{benchmark} needs --questions (its categories are in the question file)")
-    questions = read_questions(questions_path)
+        truth = load_json(annotations, "GQA's testdev_balanced_questions.json {question_id: {answer, ...}}",
+                          lambda d: isinstance(d, dict) and all_have(d, "answer"))
+        return score_gqa(read_answers(answers_path), truth)
     if benchmark == "pope":
-        files = sorted(annotations.glob("coco_pope_*.json"))
-        if not files:
-            raise FileNotFoundError(f"{annotations} holds no coco_pope_<category>.json files")
-        labels = {f.stem.removeprefix("coco_pope_"): {json.loads(x)["question_id"]: json.loads(x)["label"]
-                                                      for x in f.read_text().splitlines() if x.strip()} for f in files}
-        return score_pope(answers, questions, labels)
-    return score_mme(answers, questions, read_mme_truth(annotations, questions))
+        labels, questions = read_pope_labels(annotations), read_questions(questions_path)
+        return score_pope(read_answers(answers_path), questions, labels)
+    if benchmark == "mme":
+        truth = read_mme_truth(annotations)
+        return score_mme(mme_result_files(read_answers(answers_path, ("question_id", "prompt", "text")), truth))
+    if benchmark == "sqa":
+        problems = load_json(annotations / "problems.json", "ScienceQA's problems.json {pid: {choices, answer}}",
+                             lambda d: isinstance(d, dict) and all_have(d, "choices", "answer"))
+        splits = load_json(annotations / "pid_splits.json", "ScienceQA's pid_splits.json {split: [pid]}",
+                           lambda d: isinstance(d, dict) and isinstance(d.get("test"), list))
+        return score_sqa(read_answers(answers_path, ("question_id", "prompt", "text")), problems, splits["test"])
+    seed = load_json(annotations, "SEED-Bench.json {question_type: {name: id}, questions: [...]}",
+                     lambda d: isinstance(d, dict) and isinstance(d.get("question_type"), dict)
+                     and all_have(d.get("questions"), "question_id", "answer", "question_type_id", "data_type"))
+    return score_seed(read_answers(answers_path), seed)
 
 
 def main(argv=None):
@@ -311,30 +514,31 @@ def main(argv=None):
     a.add_argument("--questions", required=True)
     a.add_argument("--image_folder", required=True)
     a.add_argument("--answers", required=True)
-    a.add_argument("--max_new_tokens", type=int, default=16)
+    a.add_argument("--max_new_tokens", type=int, help="default LLaVA's: 1024 for ScienceQA, 128 for the others")
     a.add_argument("--limit", type=int, default=0, help="only the first N questions (0: all)")
     a.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     s = sub.add_parser("score", help="score an answer file as LLaVA's scripts do")
-    s.add_argument("benchmark", choices=("gqa", "pope", "mme", "sqa", "seed"))
+    s.add_argument("benchmark", help=", ".join(BENCHMARKS))
     s.add_argument("--answers", required=True)
     s.add_argument("--annotations", required=True, help="the benchmark's ground truth (see the module docstring)")
-    s.add_argument("--questions", help="the question file (POPE and MME: their categories)")
+    s.add_argument("--questions", help="pope: llava_pope_test.jsonl, where the answers' categories are (the other "
+                   "benchmarks read none: LLaVA's scripts take all they need from the answers and annotations)")
     args = p.parse_args(argv)
     try:
         if args.command == "score":
             print(json.dumps(score(args.benchmark, args.answers, args.annotations, args.questions), indent=2))
             return 0
         questions = read_questions(args.questions)[:args.limit or None]
+        missing = [q["image"] for q in questions if q["image"] and not (Path(args.image_folder) / q["image"]).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{len(missing)} image(s) missing under {args.image_folder}, e.g. {missing[0]}")
+        max_new_tokens = args.max_new_tokens or llava_max_new_tokens(args.questions)
         device = torch.device(args.device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         vlm = VoCoLlama.from_pretrained(args.model, vision_path=args.vision, dtype=dtype, device=device).eval()
         tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")
-        system = trained_system_prompt(args.model)
-        missing = [q["image"] for q in questions if q["image"] and not (Path(args.image_folder) / q["image"]).is_file()]
-        if missing:
-            raise FileNotFoundError(f"{len(missing)} image(s) missing under {args.image_folder}, e.g. {missing[0]}")
-        path = answer(vlm, tokenizer, questions, args.image_folder, args.answers, system=system,
-                      max_new_tokens=args.max_new_tokens)
+        path = answer(vlm, tokenizer, questions, args.image_folder, args.answers,
+                      system=trained_system_prompt(args.model), max_new_tokens=max_new_tokens)
         print(f"wrote {path} ({len(questions)} answers)")
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

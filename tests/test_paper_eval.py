@@ -1,6 +1,10 @@
-"""nanovoco.paper_eval: LLaVA-1.5's question and answer formats, two-stage answers equal to one masked pass, and the
-scores of LLaVA's evaluation scripts, on small hand-made fixtures with hand-computed results."""
+"""nanovoco.paper_eval: LLaVA-1.5's question and answer files, two-stage answers equal to one masked pass, and scores
+equal to those of LLaVA-1.5's evaluation scripts and the benchmarks' own tools. Fixtures are small excerpts in the real
+releases' layouts (id schemes, prompt suffixes, shared ids); each scorer is checked against a literal re-statement of
+the official script's rule, on answers that include malformed, empty, missing and multi-sentence ones."""
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +22,11 @@ from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+SHORT = "\nAnswer the question using a single word or phrase."  # LLaVA's suffix of GQA, POPE and MME questions
+# answers a model may give: right, wrong, empty, malformed, several sentences, a letter list
+TRICKY = ["Yes", "No", "", "yes.", "No, there is not.", "Yes. No, not really.", "not sure", "Nope", "NO", "Yes,no",
+          "There is no dog.", "I do not know", "A", "AB", "B. because", "The answer is C.", "The answer is C. The "
+          "answer is D.", "E", "a", " A", "The answer is B", "Church"]
 
 
 def lines(path, records):
@@ -25,91 +34,303 @@ def lines(path, records):
     return path
 
 
-def answers(texts: dict) -> dict:
-    return {qid: {"question_id": qid, "text": t} for qid, t in texts.items()}
+def answer_rows(pairs):
+    """LLaVA's answer records for (question_id, prompt, text) triples, in that order."""
+    return [{"question_id": q, "prompt": p, "text": t, "answer_id": "x", "model_id": "llava-v1.5-13b", "metadata": {}}
+            for q, p, t in pairs]
+
+
+def run_cli(args, capsys):
+    code = paper_eval.main([str(a) for a in args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Scores
+# GQA: scripts/convert_gqa_for_eval.py, then GQA's eval.py
 
-def test_gqa_accuracy_after_llava_conversion():
-    gt = {"1": {"answer": "yes"}, "2": {"answer": "red"}, "3": {"answer": "table"}, "4": {"answer": "no"}}
-    got = paper_eval.score_gqa(answers({"1": "Yes.", "2": "blue", "3": "Table"}), gt)
-    assert got == {"accuracy": 2 / 3, "n": 3, "missing": 1}  # "Yes." -> "yes", "Table" -> "table"
-
-
-def test_pope_metrics_per_category():
-    questions = [{"question_id": i, "category": "random" if i < 6 else "popular"} for i in range(8)]
-    texts = {0: "Yes, there is a dog.", 1: "No.", 2: "There is no cat in the image.", 3: "yes",
-             4: "I do not see one", 5: "Yes", 6: "No", 7: "Yes"}
-    labels = {"random": {0: "yes", 1: "no", 2: "yes", 3: "no", 4: "no", 5: "yes"}, "popular": {6: "no", 7: "no"}}
-    got = paper_eval.score_pope(answers(texts), questions, labels)
-    # random: predictions yes, no, no, yes, no (the first sentence has "not"), yes; TP 2 (0, 5), FP 1 (3),
-    # TN 2 (1, 4), FN 1 (2)
-    r = got["random"]
-    assert (r["accuracy"], r["precision"], r["recall"], r["yes_ratio"], r["n"]) == (4 / 6, 2 / 3, 2 / 3, 3 / 6, 6)
-    assert r["f1"] == pytest.approx(2 / 3)
-    p = got["popular"]  # TN 1, FP 1: no positive label, precision 0
-    assert (p["accuracy"], p["precision"], p["recall"], p["f1"], p["yes_ratio"]) == (0.5, 0.0, 0.0, 0.0, 0.5)
+def official_gqa(answer_file_rows, questions):
+    predictions = [{"questionId": r["question_id"], "prediction": r["text"].rstrip(".").lower()}
+                   for r in answer_file_rows]
+    predictions = {p["questionId"]: p["prediction"] for p in predictions}
+    scores = [float(predictions[qid] == q["answer"]) for qid, q in questions.items() if q["isBalanced"]]
+    return float(sum(scores)) / len(scores) * 100
 
 
-def test_pope_reads_only_the_first_sentence():
+def gqa_questions(answers):
+    return {qid: {"imageId": "n161313", "question": "Is it overcast?", "answer": a, "isBalanced": True,
+                  "types": {"structural": "verify", "semantic": "attr", "detailed": "weatherVerify"}}
+            for qid, a in answers.items()}
+
+
+def test_gqa_accuracy_as_llava_converts_and_gqa_scores():
+    questions = gqa_questions({"201307251": "no", "201640614": "woman", "202225914": "no", "2062325": "yes"})
+    rows = answer_rows([("201307251", "Is it overcast?" + SHORT, "No."), ("201640614", "Who?" + SHORT, "Woman"),
+                        ("202225914", "Clean?" + SHORT, "Yes"), ("2062325", "Wetsuit?" + SHORT, "no"),
+                        ("2062325", "Wetsuit?" + SHORT, "Yes...")])  # a question answered twice: the last counts
+    got = paper_eval.score_gqa(rows, questions)
+    assert got == {"accuracy": official_gqa(rows, questions), "n": 4, "missing": 0} and got["accuracy"] == 75.0
+    # eval.py refuses a file with a balanced question unanswered; nanovoco scores the answered ones and says so
+    partial = paper_eval.score_gqa(rows[:2], questions)
+    assert partial["accuracy"] == 100.0 and partial["missing"] == 2 and "eval.py refuses" in partial["note"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# POPE: llava/eval/eval_pope.py
+
+def official_pope(answer_file_rows, question_rows, label_files: dict):
+    questions = {q["question_id"]: q for q in question_rows}
+    out = {}
+    for name, label_text in label_files.items():
+        category = name[10:-5]
+        answers = [dict(a) for a in answer_file_rows if questions[a["question_id"]]["category"] == category]
+        label_list = [json.loads(q)["label"] for q in io.StringIO(label_text)]
+        for a in answers:
+            text = a["text"]
+            if text.find(".") != -1:
+                text = text.split(".")[0]
+            words = text.replace(",", "").split(" ")
+            a["text"] = "no" if ("No" in words or "not" in words or "no" in words) else "yes"
+        label_list = [0 if x == "no" else 1 for x in label_list]
+        pred_list = [0 if a["text"] == "no" else 1 for a in answers]
+        TP = TN = FP = FN = 0
+        for pred, label in zip(pred_list, label_list):
+            TP += pred == 1 and label == 1
+            FP += pred == 1 and label == 0
+            TN += pred == 0 and label == 0
+            FN += pred == 0 and label == 1
+        precision = float(TP) / float(TP + FP)
+        recall = float(TP) / float(TP + FN)
+        out[category] = {"accuracy": (TP + TN) / (TP + TN + FP + FN), "precision": precision, "recall": recall,
+                         "f1": 2 * precision * recall / (precision + recall),
+                         "yes_ratio": pred_list.count(1) / len(pred_list)}
+    return out
+
+
+def pope_fixture(tmp_path, n=(7, 6, 8)):
+    """llava_pope_test.jsonl's id scheme (adversarial 1.., random 10000001.., popular 20000001..) and POPE's label
+    files, each numbered from 1, in the same order."""
+    questions, labels = [], {}
+    (tmp_path / "coco").mkdir()
+    for (category, base), count in zip((("adversarial", 0), ("random", 10000000), ("popular", 20000000)), n):
+        labels[category] = ["yes" if (i * 7 + base // 10000000) % 3 else "no" for i in range(1, count + 1)]
+        lines(tmp_path / "coco" / f"coco_pope_{category}.json",
+              [{"question_id": i, "image": "COCO_val2014_000000310196.jpg", "text": f"Is there a thing {i} in the "
+                "image?", "label": label} for i, label in enumerate(labels[category], 1)])
+        questions += [{"question_id": base + i, "image": "COCO_val2014_000000310196.jpg",
+                       "text": f"Is there a thing {i} in the image?" + SHORT, "category": category}
+                      for i in range(1, count + 1)]
+    lines(tmp_path / "llava_pope_test.jsonl", questions)
+    return questions
+
+
+def test_pope_pairs_answers_with_labels_by_order_as_eval_pope_does(tmp_path):
+    questions = pope_fixture(tmp_path)
+    rows = answer_rows([(q["question_id"], q["text"], TRICKY[i % 12]) for i, q in enumerate(questions)])
+    label_files = {p.name: p.read_text() for p in (tmp_path / "coco").iterdir()}
+    got = paper_eval.score_pope(rows, paper_eval.read_questions(tmp_path / "llava_pope_test.jsonl"),
+                                paper_eval.read_pope_labels(tmp_path / "coco"))
+    want = official_pope(rows, questions, label_files)
+    assert {c: {k: got[c][k] for k in want[c]} for c in got} == want
+    assert [got[c]["n"] for c in ("adversarial", "random", "popular")] == [7, 6, 8]
+    # a partial run: the answers of a category are paired with its first labels, as eval_pope.py's zip pairs them
+    partial = rows[:3] + rows[7:9]
+    got = paper_eval.score_pope(partial, questions, paper_eval.read_pope_labels(tmp_path / "coco"))
+    want = official_pope(partial, questions, {k: v for k, v in label_files.items() if "popular" not in k})
+    assert {c: {k: got[c][k] for k in want[c]} for c in want} == want
+    assert got["popular"]["n"] == 0 and got["popular"]["accuracy"] is None  # eval_pope.py divides by zero there
+
+
+def test_pope_first_sentence_and_division_by_zero():
     assert paper_eval.pope_yes("Yes. There is no cat.") and not paper_eval.pope_yes("No, there is a cat.")
-    assert paper_eval.pope_yes("Nope")  # "Nope" is not the word "No": LLaVA's rule, kept
-
-
-def test_mme_scores_accuracy_plus_and_totals(tmp_path):
-    # two images of "existence", one of "code_reasoning", two questions each, as MME has
-    (tmp_path / "existence" / "questions_answers_YN").mkdir(parents=True)
-    (tmp_path / "existence" / "questions_answers_YN" / "a.txt").write_text("Is there a cat? Please answer yes or "
-                                                                          "no.\tYes\nIs there a dog? Please answer "
-                                                                          "yes or no.\tNo\n")
-    (tmp_path / "existence" / "questions_answers_YN" / "b.txt").write_text("Is there a car? Please answer yes or "
-                                                                          "no.\tYes\nIs there a bus? Please answer "
-                                                                          "yes or no.\tNo\n")
-    (tmp_path / "code_reasoning").mkdir()
-    (tmp_path / "code_reasoning" / "c.txt").write_text("Is the output 3? Please answer yes or no.\tNo\n"
-                                                       "Is the output 4? Please answer yes or no.\tYes\n")
-    qs = [("existence/a.jpg", "Is there a cat?"), ("existence/a.jpg", "Is there a dog?"),
-          ("existence/b.jpg", "Is there a car?"), ("existence/b.jpg", "Is there a bus?"),
-          ("code_reasoning/c.png", "Is the output 3?"), ("code_reasoning/c.png", "Is the output 4?")]
-    questions = [{"question_id": i, "image": img, "text": f"{t} Please answer yes or no.",
-                  "category": img.split("/")[0]} for i, (img, t) in enumerate(qs)]
-    truth = paper_eval.read_mme_truth(tmp_path, questions)
-    assert truth == {0: "Yes", 1: "No", 2: "Yes", 3: "No", 4: "No", 5: "Yes"}
-    texts = {0: "Yes", 1: "No, there is not.", 2: "yes.", 3: "Yes", 4: "I think no", 5: "Yes"}
-    got = paper_eval.score_mme(answers(texts), questions, truth)
-    # existence: 3 of 4 right, 1 of 2 images wholly right -> 75 + 50; code_reasoning: "I think no" is "other",
-    # 1 of 2 right, no image wholly right -> 50 + 0
-    assert got["existence"]["score"] == pytest.approx(125.0) and got["code_reasoning"]["score"] == pytest.approx(50.0)
-    assert got["perception"] == pytest.approx(125.0) and got["cognition"] == pytest.approx(50.0)
-    assert paper_eval.mme_label("Yes, it is") == "yes" and paper_eval.mme_label("It is") == "other"
-
-
-def test_scienceqa_accuracy_and_img_accuracy():
-    problems = {"1": {"choices": ["a", "b"], "answer": 0, "image": "image.png"},
-                "2": {"choices": ["a", "b", "c"], "answer": 2, "image": None},
-                "3": {"choices": ["a", "b"], "answer": 1, "image": "image.png"},
-                "4": {"choices": ["a", "b"], "answer": 1, "image": "image.png"}}
-    texts = {"1": "A", "2": "The answer is C.", "3": "C"}  # "C" is not an option of 3; 4 is unanswered
-    got = paper_eval.score_sqa(answers(texts), problems, ["1", "2", "3", "4"])
-    assert got == {"accuracy": 0.5, "img_accuracy": 1 / 3, "n": 4, "n_img": 3}
-    assert paper_eval.sqa_letter("B. because", 3) == "B" and paper_eval.sqa_letter("maybe", 3) == "FAILED"
-
-
-def test_seed_accuracy_per_type():
-    annotations = {"question_type": {"Scene Understanding": 1, "Instance Counting": 2},
-                   "questions": [{"question_id": "10", "answer": "A", "question_type_id": 1, "data_type": "image"},
-                                 {"question_id": "11", "answer": "B", "question_type_id": 1, "data_type": "image"},
-                                 {"question_id": "12", "answer": "C", "question_type_id": 2, "data_type": "image"},
-                                 {"question_id": "13", "answer": "D", "question_type_id": 2, "data_type": "video"}]}
-    got = paper_eval.score_seed(answers({"10": "A", "11": "A", "12": "C", "13": "D"}), annotations)
-    assert got == {"accuracy": 0.75, "image_accuracy": 2 / 3, "n": 4,
-                   "by_type": {"Instance Counting": 1.0, "Scene Understanding": 0.5}}
+    assert paper_eval.pope_yes("Nope") and paper_eval.pope_yes("") and not paper_eval.pope_yes("I do not see one")
+    # all answers "no": eval_pope.py stops at precision = 0 / 0; nanovoco reports null there, the rest as computed
+    got = paper_eval.pope_metrics([False, False], ["yes", "no"])
+    assert (got["precision"], got["f1"], got["recall"], got["accuracy"], got["yes_ratio"]) == (None, None, 0.0, 0.5,
+                                                                                              0.0)
+    assert paper_eval.pope_metrics([], ["yes"])["yes_ratio"] is None  # a category with no answers
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Question files and answers
+# MME: LLaVA's convert_answer_to_mme.py, then MME's eval_tool/calculation.py
+
+def official_mme(answer_file_rows, release: Path):
+    gt = {}
+    for category in release.iterdir():
+        if not category.is_dir():
+            continue
+        qa = category / "questions_answers_YN" if (category / "images").exists() else category
+        for file in qa.iterdir():
+            if file.name.endswith(".txt"):
+                for line in open(file):
+                    question, answer = line.strip().split("\t")
+                    gt[category.name, file.name, question] = answer
+    results = {}
+    for a in answer_file_rows:
+        category = a["question_id"].split("/")[0]
+        file = a["question_id"].split("/")[-1].split(".")[0] + ".txt"
+        prompt = a["prompt"]
+        if "Answer the question using a single word or phrase." in prompt:
+            prompt = prompt.replace("Answer the question using a single word or phrase.", "").strip()
+        if "Please answer yes or no." not in prompt:
+            prompt = prompt + " Please answer yes or no."
+            if (category, file, prompt) not in gt:
+                prompt = prompt.replace(" Please answer yes or no.", "  Please answer yes or no.")
+        results.setdefault(category, "")
+        results[category] += "\t".join((file, prompt, gt[category, file, prompt], a["text"])) + "\n"
+    scores = {}
+    for group, tasks in (("perception", paper_eval.MME_PERCEPTION), ("cognition", paper_eval.MME_COGNITION)):
+        total = 0
+        for task in tasks:
+            task_lines = io.StringIO(results[task], newline=None).readlines()
+            gts, preds, plus = [], [], 0
+            for i in range(0, len(task_lines), 2):
+                assert len(task_lines[i:i + 2]) == 2
+                correct = 0
+                for item in task_lines[i:i + 2]:
+                    _, _, gt_ans, pred_ans = item.split("\t")
+                    gt_ans, pred_ans = gt_ans.lower(), pred_ans.lower()
+                    if pred_ans not in ["yes", "no"]:
+                        prefix = pred_ans[:4]
+                        pred_ans = "yes" if "yes" in prefix else "no" if "no" in prefix else "other"
+                    gts.append(gt_ans)
+                    preds.append(pred_ans)
+                    correct += gt_ans == pred_ans
+                plus += correct == 2
+            acc = sum(g == p for g, p in zip(gts, preds)) / len(gts)
+            task_score = 0
+            task_score += acc * 100
+            task_score += plus / (len(task_lines) // 2) * 100
+            scores[task] = task_score
+            total += task_score
+        scores[group] = total
+    return scores
+
+
+def mme_release(root: Path):
+    """MME_Benchmark_release_version: a category with images/ keeps its .txt files in questions_answers_YN/, the
+    others beside the images; each .txt is "question<TAB>Yes/No" lines, one of them with the two-space variant.
+    Returns llava_mme.jsonl's records: the image path as question_id (shared by its two questions), LLaVA's suffix."""
+    questions = []
+    for t, task in enumerate(paper_eval.MME_PERCEPTION + paper_eval.MME_COGNITION):
+        nested = task in ("posters", "celebrity", "scene", "landmark", "artwork")
+        qa = root / task / ("questions_answers_YN" if nested else "")
+        qa.mkdir(parents=True)
+        if nested:
+            (root / task / "images").mkdir()
+        for i in range(2):
+            image = f"{task}/images/tt{t}_{i}.jpg" if nested else f"{task}/{i:04d}.png"
+            asked = [f"Is the {task} {i} red?", f"Is the {task} {i} blue?"]
+            spaces = ["  " if task == "color" and i == 1 else " ", " "]
+            qa.joinpath(f"{Path(image).stem}.txt").write_text(
+                "".join(f"{q}{s}Please answer yes or no.\t{a}\n" for q, s, a in zip(asked, spaces, ["Yes", "No"])))
+            questions += [{"question_id": image, "image": image, "text": q + SHORT, "category": task} for q in asked]
+    return questions
+
+
+def test_mme_scores_as_llava_converts_and_mme_calculates(tmp_path):
+    questions = mme_release(tmp_path / "MME_Benchmark_release_version")
+    yes_no = ["Yes", "No", "yes.", "No, there is not.", "Nope", "NO", "", "Yes,no", "There is no", "noyes", "Church"]
+    rows = answer_rows([(q["question_id"], q["text"], yes_no[i * 5 % len(yes_no)]) for i, q in enumerate(questions)])
+    release = tmp_path / "MME_Benchmark_release_version"
+    got = paper_eval.score_mme(paper_eval.mme_result_files(rows, paper_eval.read_mme_truth(release)))
+    want = official_mme(rows, release)
+    assert {k: v["score"] if isinstance(v, dict) else v for k, v in got.items()} == want
+    assert paper_eval.mme_label("yes, it is") == "yes" and paper_eval.mme_label("it is") == "other"
+
+
+def test_mme_refuses_what_calculation_py_cannot_read(tmp_path):
+    questions = mme_release(tmp_path / "MME_Benchmark_release_version")
+    truth = paper_eval.read_mme_truth(tmp_path / "MME_Benchmark_release_version")
+    for text in ("Yes\nthe cat is red", "Yes\tno"):  # a line break or a tab makes calculation.py stop
+        rows = answer_rows([(q["question_id"], q["text"], text) for q in questions])
+        with pytest.raises(ValueError, match="calculation.py stops there"):
+            paper_eval.score_mme(paper_eval.mme_result_files(rows, truth))
+    rows = answer_rows([(q["question_id"], q["text"], "Yes") for q in questions[1:]])  # one image half answered
+    with pytest.raises(ValueError, match="not two per image"):
+        paper_eval.score_mme(paper_eval.mme_result_files(rows, truth))
+    rows = answer_rows([(q["question_id"], q["text"], "Yes") for q in questions if q["category"] != "OCR"])
+    got = paper_eval.score_mme(paper_eval.mme_result_files(rows, truth))
+    assert "OCR" not in got and "OCR" in got["note"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# ScienceQA: llava/eval/eval_science_qa.py
+
+def official_sqa(answer_file_rows, problems, split):
+    options = ["A", "B", "C", "D", "E"]
+    predictions = {pred["question_id"]: pred for pred in answer_file_rows}
+    correct, incorrect = [], []
+    for prob_id, prob in {idx: problems[idx] for idx in split}.items():
+        pred = predictions.get(prob_id, {"text": "FAILED", "prompt": "Unknown"})
+        pred_text = pred["text"]
+        if pred_text in options:
+            answer = pred_text
+        elif len(pred_text) >= 3 and pred_text[0] in options and pred_text[1:3] == ". ":
+            answer = pred_text[0]
+        else:
+            res = re.compile(r"The answer is ([A-Z]).").findall(pred_text)
+            answer = res[0] if len(res) == 1 else "FAILED"
+        pred_idx = options.index(answer) if answer in options[:len(prob["choices"])] else -1
+        (correct if pred_idx == prob["answer"] else incorrect).append("<image>" in pred["prompt"])
+    return {"accuracy": len(correct) / (len(correct) + len(incorrect)) * 100,
+            "img_accuracy": sum(correct) / (sum(correct) + sum(incorrect)) * 100}
+
+
+def test_scienceqa_as_eval_science_qa_parses_and_counts():
+    problems = {str(i): {"choices": ["x"] * (2 + i % 3), "answer": i % 2, "image": "image.png" if i % 3 else None}
+                for i in range(len(TRICKY) + 3)}
+    split = list(problems)
+    prompt = "Which is it?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly."
+    rows = answer_rows([(pid, ("<image>\n" if problems[pid]["image"] else "") + prompt, text)
+                        for pid, text in zip(split, TRICKY)])  # the last three problems have no answer
+    got = paper_eval.score_sqa(rows, problems, split)
+    want = official_sqa(rows, problems, split)
+    assert (got["accuracy"], got["img_accuracy"]) == (want["accuracy"], want["img_accuracy"])
+    # a list of letters: "" and "AB" are no option (not "A"); an unanswered image problem is not in IMG accuracy
+    assert paper_eval.sqa_letter("") == paper_eval.sqa_letter("AB") == "FAILED"
+    assert paper_eval.sqa_letter("B. because") == "B" and paper_eval.sqa_letter("The answer is C.") == "C"
+    assert got["n_img"] == sum(1 for pid, _ in zip(split, TRICKY) if problems[pid]["image"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SEED-Bench: scripts/convert_seed_for_submission.py
+
+def official_seed(answer_file_rows, data, only=None):
+    results = {row["question_id"]: row for row in answer_file_rows}
+    counts, correct = {}, {}
+    for q in data["questions"]:
+        if only is not None and q["data_type"] != only:
+            continue
+        counts[q["question_type_id"]] = counts.get(q["question_type_id"], 0) + 1
+        try:
+            qid = int(q["question_id"])
+        except ValueError:
+            qid = q["question_id"]
+        correct.setdefault(q["question_type_id"], 0)
+        correct[q["question_type_id"]] += qid in results and results[qid]["text"] == q["answer"]
+    names = {i: n for n, i in data["question_type"].items()}
+    return ({names[t]: correct[t] / counts[t] * 100 for t in sorted(counts)},
+            sum(correct.values()) / sum(counts.values()) * 100)
+
+
+def test_seed_looks_string_ids_up_as_integers():
+    data = {"question_type": {"Scene Understanding": 1, "Instance Counting": 3, "Action Recognition": 10},
+            "questions": [{"question_id": str(101669 + i), "answer": "ABCD"[i % 4],
+                           "question_type_id": (1, 3, 10)[i % 3], "data_type": "video" if i % 5 == 4 else "image"}
+                          for i in range(12)]}
+    # LLaVA's answer files carry integer ids; 101669 as a string is not found (convert_seed's int() lookup)
+    rows = answer_rows([(101669 + i, "q", ["A", "B", "A", "D", "", "B.", " C", "D", "A", "B", "C", "D"][i])
+                        for i in range(1, 12)] + [("101669", "q", "A")])
+    got = paper_eval.score_seed(rows, data)
+    by_type, total = official_seed(rows, data)
+    assert got["by_type"] == by_type and got["accuracy"] == total
+    assert got["image_accuracy"] == official_seed(rows, data, "image")[1]
+    assert got["video_accuracy"] == official_seed(rows, data, "video")[1]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Question files, answers, and the round trip to LLaVA's converters
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -128,17 +349,20 @@ def model_dir(tmp_path_factory):
     return root
 
 
-def test_answers_equal_single_pass_masked_generation(model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tiny(model_dir):
+    return VoCoLlama.from_pretrained(model_dir / "model").eval(), Tokenizer(model_dir / "model" / "tokenizer.model")
+
+
+def test_answers_equal_single_pass_masked_generation(model_dir, tiny, tmp_path):
     """Each image compressed once, its questions batched over the cache: the same texts as generating each question
     over the whole prompt under the VoCo mask; LLaVA's answer-file fields, in question order; a resumed run keeps the
     answers already written."""
     qs = lines(tmp_path / "q.jsonl", [
-        {"question_id": "a", "image": "img0.png", "text": "Is there a red square?\nAnswer the question using a "
-                                                          "single word or phrase.", "category": "random"},
+        {"question_id": "a", "image": "img0.png", "text": "Is there a red square?" + SHORT, "category": "random"},
         {"question_id": "b", "image": "img1.png", "text": "Is there a red square?"},
         {"question_id": "c", "image": "img0.png", "text": "What colour?"}])
-    vlm = VoCoLlama.from_pretrained(model_dir / "model").eval()
-    tok = Tokenizer(model_dir / "model" / "tokenizer.model")
+    vlm, tok = tiny
     questions = paper_eval.read_questions(qs)
     out = paper_eval.answer(vlm, tok, questions, model_dir, tmp_path / "a.jsonl", system="", max_new_tokens=6,
                             progress=False)
@@ -164,17 +388,68 @@ def test_answers_equal_single_pass_masked_generation(model_dir, tmp_path):
     assert [r["text"] for r in again] == [r["text"] for r in rows]
 
 
-def test_scienceqa_question_file(tmp_path):
+def test_mme_round_trip_two_questions_of_an_image_under_one_id(model_dir, tiny, tmp_path, capsys):
+    """llava_mme.jsonl asks an image's two questions under one question_id: both are answered, each written once,
+    in question order with its own prompt, which LLaVA's converter maps back to MME's question; then scored."""
+    release = tmp_path / "MME_Benchmark_release_version"
+    questions = mme_release(release)
+    for q in questions:  # the images the question file names, under the release folder as LLaVA's --image-folder
+        Image.open(model_dir / "img0.png").save(release / q["image"])
+    lines(tmp_path / "llava_mme.jsonl", questions)
+    vlm, tok = tiny
+    out = paper_eval.answer(vlm, tok, paper_eval.read_questions(tmp_path / "llava_mme.jsonl"), release,
+                            tmp_path / "mme.jsonl", system="", max_new_tokens=2, progress=False)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["question_id"], r["prompt"]) for r in rows] == [(q["question_id"], q["text"]) for q in questions]
+    code, printed, _ = run_cli(["score", "mme", "--answers", out, "--annotations", release], capsys)
+    got = json.loads(printed)
+    assert code == 0 and {k: v["score"] if isinstance(v, dict) else v for k, v in got.items()} \
+        == official_mme(rows, release)
+
+
+def test_scienceqa_question_file_and_round_trip(model_dir, tiny, tmp_path, capsys):
+    """llava_test_CQM-A.json is asked as model_vqa_science.py asks it; the prompt written of an image question begins
+    with "<image>\\n", which eval_science_qa.py counts for IMG accuracy."""
     path = tmp_path / "llava_test_CQM-A.json"
-    path.write_text(json.dumps([{"id": "7", "image": "test/7/image.png", "conversations": [
+    path.write_text(json.dumps([{"id": "7", "image": "img0.png", "conversations": [
         {"from": "human", "value": "<image>\nContext: a map.\nWhich state is highlighted?\nA. Ohio\nB. Iowa"},
         {"from": "gpt", "value": "B"}]}, {"id": "8", "conversations": [
             {"from": "human", "value": "Which word is a noun?\nA. run\nB. dog"}, {"from": "gpt", "value": "B"}]}]))
     got = paper_eval.read_questions(path)
-    assert got[0] == {"question_id": "7", "image": "test/7/image.png", "text": "Context: a map.\nWhich state is "
-                      "highlighted?\nA. Ohio\nB. Iowa\nAnswer with the option's letter from the given choices "
-                      "directly."}
-    assert got[1]["image"] is None
+    asked = "Context: a map.\nWhich state is highlighted?\nA. Ohio\nB. Iowa\n" + paper_eval.SQA_PROMPT
+    assert got[0] == {"question_id": "7", "image": "img0.png", "text": asked, "prompt": "<image>\n" + asked,
+                      "category": None}
+    assert got[1]["image"] is None and got[1]["prompt"] == got[1]["text"]
+    vlm, tok = tiny
+    out = paper_eval.answer(vlm, tok, got, model_dir, tmp_path / "sqa.jsonl", system="", max_new_tokens=2,
+                            progress=False)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    (tmp_path / "scienceqa").mkdir()
+    problems = {"7": {"choices": ["Ohio", "Iowa"], "answer": 1, "image": "image.png"},
+                "8": {"choices": ["run", "dog"], "answer": 1, "image": None}}
+    (tmp_path / "scienceqa" / "problems.json").write_text(json.dumps(problems))
+    (tmp_path / "scienceqa" / "pid_splits.json").write_text(json.dumps({"test": ["7", "8"], "val": []}))
+    code, printed, _ = run_cli(["score", "sqa", "--answers", out, "--annotations", tmp_path / "scienceqa"], capsys)
+    want = official_sqa(rows, problems, ["7", "8"])
+    assert code == 0 and json.loads(printed) == {**want, "n": 2, "n_img": 1}
+
+
+def test_seed_round_trip_keeps_integer_ids(model_dir, tiny, tmp_path, capsys):
+    """llava-seed-bench.jsonl's integer ids stay integers in the answer file, which SEED's string ids find."""
+    questions = lines(tmp_path / "llava-seed-bench.jsonl", [
+        {"image": "img0.png", "text": "How many?\nA. One\nB. Two\nC. Three\nD. Four\n" + paper_eval.SQA_PROMPT,
+         "category": "Instances Counting", "question_id": 101669}])
+    vlm, tok = tiny
+    out = paper_eval.answer(vlm, tok, paper_eval.read_questions(questions), model_dir, tmp_path / "seed.jsonl",
+                            system="", max_new_tokens=2, progress=False)
+    row = json.loads(out.read_text())
+    assert row["question_id"] == 101669
+    data = {"question_type": {"Instances Counting": 3}, "questions": [
+        {"question_id": "101669", "answer": row["text"] or "A", "question_type_id": 3, "data_type": "image"}]}
+    (tmp_path / "SEED-Bench.json").write_text(json.dumps(data))
+    code, printed, _ = run_cli(["score", "seed", "--answers", out, "--annotations", tmp_path / "SEED-Bench.json"],
+                               capsys)
+    assert code == 0 and json.loads(printed)["image_accuracy"] == (100.0 if row["text"] else 0.0)
 
 
 def test_command_line(model_dir, tmp_path):
@@ -194,3 +469,42 @@ def test_command_line(model_dir, tmp_path):
                           "--questions", qs, "--image_folder", tmp_path, "--answers", tmp_path / "b.jsonl"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "1 image(s) missing under" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_llava_max_new_tokens_by_question_file():
+    assert paper_eval.llava_max_new_tokens("eval/scienceqa/llava_test_CQM-A.json") == 1024
+    assert paper_eval.llava_max_new_tokens("eval/MME/llava_mme.jsonl") == 128
+
+
+def test_bad_benchmark_files_are_one_line_and_exit_code_2(tmp_path, capsys):
+    answers = lines(tmp_path / "a.jsonl", answer_rows([(1, "Is there a dog?" + SHORT, "Yes")]))
+    questions = lines(tmp_path / "q.jsonl", [{"question_id": 1, "image": "x.jpg", "text": "Is there a dog?" + SHORT,
+                                              "category": "adversarial"}])
+    (tmp_path / "coco").mkdir()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "coco" / "coco_pope_adversarial.json").write_text('{"question_id": 1, "label": "yes"}\n')
+    (tmp_path / "coco" / "README.md").write_text("stray")
+    (tmp_path / "gqa.json").write_text("[]")
+    (tmp_path / "seed.json").write_text(json.dumps({"questions": [{"question_id": "1"}]}))
+    (tmp_path / "seed_ok.json").write_text(json.dumps({"question_type": {"Scene Understanding": 1}, "questions": [
+        {"question_id": "1", "answer": "A", "question_type_id": 1, "data_type": "image"}]}))
+    (tmp_path / "cut.jsonl").write_text('{"question_id": 1, "te')
+    cases = [
+        (["score", "mmbench", "--answers", answers, "--annotations", tmp_path], "unknown benchmark"),
+        (["score", "pope", "--answers", answers, "--questions", questions, "--annotations", tmp_path / "empty"],
+         "no coco_pope_<category>.json"),
+        (["score", "pope", "--answers", answers, "--questions", questions, "--annotations", tmp_path / "coco"],
+         "README.md: eval_pope.py reads every file"),
+        (["score", "pope", "--answers", answers, "--annotations", tmp_path / "coco"], "pope needs --questions"),
+        (["score", "mme", "--answers", answers, "--annotations", tmp_path / "empty"], "holds no MME questions"),
+        (["score", "mme", "--answers", answers, "--annotations", tmp_path / "missing"], "is not a folder"),
+        (["score", "gqa", "--answers", answers, "--annotations", tmp_path / "gqa.json"], "is not laid out as GQA"),
+        (["score", "gqa", "--answers", answers, "--annotations", tmp_path / "coco"], "is not a file"),
+        (["score", "sqa", "--answers", answers, "--annotations", tmp_path / "empty"], "problems.json"),
+        (["score", "seed", "--answers", answers, "--annotations", tmp_path / "seed.json"], "SEED-Bench.json"),
+        (["score", "seed", "--answers", tmp_path / "cut.jsonl", "--annotations", tmp_path / "seed_ok.json"],
+         "line 1 is not JSON"),
+    ]
+    for args, message in cases:
+        code, out, err = run_cli(args, capsys)
+        assert (code, out) == (2, "") and message in err and err.count("\n") == 1, (args, err)
