@@ -296,8 +296,9 @@ def read_at_its_place(record: dict, frames: list) -> bool:
     record's) is right: for "start" ("end"), the quarter its object has in the frame shown first (last); for
     "overall", the way it went from the first frame shown to the last."""
     question, answer = record["conversations"][0]["value"], record["conversations"][1]["value"]
-    color = re.search(r"the (\w+) \w+ (?:at|go) ", question).group(1)
-    k = [o["color"] for o in record["scene"][0]].index(color)
+    objects = record["scene"][0]
+    named = re.search(r"the (\w+) \w+ (?:at|go) ", question)  # "the object" when it is the only one
+    k = [o["color"] for o in objects].index(named.group(1)) if len(objects) > 1 else 0
     size = vision_pretrain.TOWER.image_size
     first, last = (synthetic.quarter(record["scene"][record["image"].index(name)][k], size)
                    for name in (frames[0], frames[-1]))
@@ -334,7 +335,7 @@ def video_summary(folder: Path) -> dict:
 
     views = {view: by_kind(json.loads(path(view).read_text())["by_type"]) for view in VIEWS}
     views["no video"] = by_kind(json.loads(path("in order").read_text())["blind"]["by_type"])
-    views["chance"] = by_kind({t: statistics.mean(1 / synthetic_video.n_answers(t, len(r["scene"][0]))
+    views["chance"] = by_kind({t: statistics.mean(1 / synthetic_video.n_answers(t, len(r["scene"][0]), len(r["scene"]))
                                                   for r in records if r["type"] == t) for t in counts})
     placed = {t: statistics.mean(read_at_its_place(r, shuffled(i, r["image"])) for i, r in enumerate(records)
                                  if r["type"] == t) for t in READ_AT_ITS_PLACE if t in counts}
@@ -494,7 +495,7 @@ def video_table(per_seed: dict) -> str:
              f"Accuracy (%) on {first['n']} held-out questions per seed. Two kinds of question need the frames' order "
              "(reversing the video changes their answers): *when*, where an object was at the start or the end "
              f"(reading one frame chosen by its place in time; {n_kind.get('when', 0)} questions), and *motion*, "
-             f"what moved which way (comparing frames; {n_kind.get('motion', 0)}); shape is an order-free control. "
+             f"what moved which way (comparing frames; {n_kind.get('motion', 0)}); shape and frames_left are order-free controls. "
              "Kinds: mean ± sd over seeds; types: means. Chance is a uniform guess among a question's possible "
              "answers.", "",
              "| " + " | ".join(["answered from", *kinds, *types]) + " |",

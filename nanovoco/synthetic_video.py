@@ -10,8 +10,10 @@ that sums the frames up as an unordered set cannot answer them. They come in two
 object moved first, which last, which way one moved, did one move before another, which way the first / the last
 move went, which way an object went from the first frame to the last by the quarters of the image it was in), and
 reading one frame by its place in time (in which quarter of the image an object was at the start, at the end).
-"shape" has the same answer in every frame, a control. With one object, no question hinges on finding an object by
-its colour (which the models of nanovoco.repro do not learn; docs/results.md).
+"shape" has the same answer in every frame, a control. A video of one object is asked in the layout vocabulary of
+nanovoco.synthetic's default questions: the object is "the object" (nothing to tell it from, so no question hinges on
+finding an object by its colour, which the models of nanovoco.repro do not learn; docs/results.md), and the control
+is "frames_left", in how many frames the object is in the left half, which no reordering changes.
 
     python -m nanovoco.synthetic_video --out data/moving_shapes --n_videos 10000 --seed 0
 
@@ -31,7 +33,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from nanovoco.files import atomic_write
-from nanovoco.synthetic import GRID, PALETTE, QUARTERS, SHAPES, draw, llava_records, make_scene, quarter, write_json
+from nanovoco.synthetic import (GRID, NUMBERS, PALETTE, QUARTERS, SHAPES, draw, llava_records, make_scene, quarter,
+                                write_json)
 
 MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -41,14 +44,21 @@ MOTION = ("first_mover", "last_mover", "direction", "before",  # comparing frame
           "overall")  # which way an object went from the first frame to the last, by the quarters of the image
 WHEN = ("start", "end")  # reading one frame, chosen by its place in time
 TEMPORAL = MOTION + WHEN
-QUESTION_TYPES = TEMPORAL + ("shape",)  # shape: an order-free control
-ANSWERS = tuple(PALETTE) + tuple(MOVES) + ("yes", "no") + QUARTERS + SHAPES
+CONTROLS = ("shape", "frames_left")  # order-free: shape with several objects, frames_left with one
+QUESTION_TYPES = TEMPORAL + CONTROLS
+ANSWERS = tuple(PALETTE) + tuple(MOVES) + ("yes", "no") + QUARTERS + SHAPES + NUMBERS
 
 
-def n_answers(qtype: str, n_objects: int) -> int:
-    """How many answers a question of type qtype can have in a video of n_objects objects: chance is one over it."""
+def n_answers(qtype: str, n_objects: int, n_frames: int) -> int:
+    """How many answers a question of type qtype can have in a video of n_objects objects and n_frames frames: chance
+    is one over it."""
     return {"first_mover": n_objects, "last_mover": n_objects, "before": 2, "start": len(QUARTERS),
-            "end": len(QUARTERS), "shape": len(SHAPES)}.get(qtype, len(MOVES))
+            "end": len(QUARTERS), "shape": len(SHAPES), "frames_left": n_frames + 1}.get(qtype, len(MOVES))
+
+
+def name(o: dict, objects: list[dict]) -> str:
+    """How a question names object o: by its colour and shape, or "the object" when it is the only one."""
+    return "the object" if len(objects) == 1 else f"the {o['color']} {o['shape']}"
 
 
 def step(o: dict, direction: str, image_size: int):
@@ -96,8 +106,15 @@ def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str
     objects, movers = frames[0], [i for i, _ in moves]
     once = [i for i in range(len(objects)) if movers.count(i) == 1]  # "which way did it move" needs one move
     if qtype == "shape":
+        if len(objects) == 1:
+            return None
         o = rng.choice(objects)
         return f"What shape is the {o['color']} object?", o["shape"]
+    if qtype == "frames_left":
+        if len(objects) > 1:
+            return None
+        left = sum(2 * scene[0]["x"] < image_size for scene in frames)
+        return "In how many frames is the object in the left half?", NUMBERS[left]
     if qtype in ("first_mover", "last_mover"):
         if movers[0] == movers[-1]:  # backwards, the first mover is the last: the same answer both ways
             return None
@@ -108,7 +125,7 @@ def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str
             return None
         i = rng.choice(once)
         o = objects[i]
-        return f"Which way did the {o['color']} {o['shape']} move?", moves[movers.index(i)][1]
+        return f"Which way did {name(o, objects)} move?", moves[movers.index(i)][1]
     if qtype in ("first_move", "last_move"):
         # Which way the first (last) move went: no object is named, so a model that knows what moved where in each
         # frame, but cannot find an object by its colour, can still answer it, from the order of the frames alone.
@@ -126,14 +143,14 @@ def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str
         if answer is None:
             return None
         o = objects[i]
-        return f"Which way did the {o['color']} {o['shape']} go from the start to the end?", answer
+        return f"Which way did {name(o, objects)} go from the start to the end?", answer
     if qtype in ("start", "end"):
         i = rng.randrange(len(objects))
         start, end = quarter(frames[0][i], image_size), quarter(frames[-1][i], image_size)
         if start == end:  # backwards, the start is the end
             return None
         o = objects[i]
-        return f"Where was the {o['color']} {o['shape']} at the {qtype}?", start if qtype == "start" else end
+        return f"Where was {name(o, objects)} at the {qtype}?", start if qtype == "start" else end
     if qtype == "before":
         if len(once) < 2:
             return None
@@ -146,13 +163,14 @@ def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str
 def questions(rng: random.Random, frames, moves, n: int, image_size: int) -> list[tuple[str, str, str]]:
     """n (type, question, answer) about one video, types dealt from shuffled decks of all types (as in
     nanovoco.synthetic), so a video gets different kinds of questions and every type is about equally frequent."""
+    types = TEMPORAL + (("frames_left",) if len(frames[0]) == 1 else ("shape",))
     out, deck = [], []
     while len(out) < n:
         if not deck:
-            deck = rng.sample(QUESTION_TYPES, len(QUESTION_TYPES))
+            deck = rng.sample(types, len(types))
         qtype = deck.pop()
         qa = ask(rng, frames, moves, qtype, image_size)
-        if qa is not None:  # "shape" never fails: the loop ends
+        if qa is not None:  # the control never fails: the loop ends
             out.append((qtype, *qa))
     return out
 

@@ -49,9 +49,9 @@ def test_shuffled_frames_and_reading_a_frame_by_its_place():
     # one object in 64 x 64 frames: top left, top right, bottom right, bottom right
     scene = [[{"color": "red", "shape": "circle", "x": x, "y": y}] for x, y in [(8, 8), (40, 8), (40, 40), (56, 40)]]
     start = {"type": "start", "image": frames, "scene": scene,
-             "conversations": [{"from": "human", "value": "<image>\nWhere was the red circle at the start?"},
+             "conversations": [{"from": "human", "value": "<image>\nWhere was the object at the start?"},
                                {"from": "gpt", "value": "top left"}]}
-    end = {**start, "type": "end", "conversations": [{"from": "human", "value": "Where was the red circle at the end?"},
+    end = {**start, "type": "end", "conversations": [{"from": "human", "value": "Where was the object at the end?"},
                                                      {"from": "gpt", "value": "bottom right"}]}
     assert read_at_its_place(start, frames) and not read_at_its_place(start, frames[::-1])
     assert not read_at_its_place(start, [frames[1], frames[0], *frames[2:]])  # top right is at the first place
@@ -60,7 +60,7 @@ def test_shuffled_frames_and_reading_a_frame_by_its_place():
     # top left, top left, top right, top right: it went right, as the first and last frames shown tell
     scene = [[{"color": "blue", "shape": "square", "x": x, "y": 8}] for x in (8, 24, 40, 40)]
     overall = {"type": "overall", "image": frames, "scene": scene, "conversations": [
-        {"from": "human", "value": "Which way did the blue square go from the start to the end?"},
+        {"from": "human", "value": "Which way did the object go from the start to the end?"},
         {"from": "gpt", "value": "right"}]}
     assert read_at_its_place(overall, frames) and read_at_its_place(overall, [frames[1], frames[0], *frames[2:][::-1]])
     assert not read_at_its_place(overall, frames[::-1]) and not read_at_its_place(overall, [frames[2], *frames[:2],

@@ -55,21 +55,28 @@ def expected_answer(qtype, question, frames):
     """The answer, recomputed from the question text and the frames (independently of the generator)."""
     question, objects, moves = question.removeprefix("<image>\n"), frames[0], moves_of(frames)
     movers = [k for k, _ in moves]
+
+    def named(verb):  # the index of the object the question names ("the object" when it is the only one)
+        if len(objects) == 1:
+            assert f"the object {verb}" in question, question
+            return 0
+        return next(k for k, o in enumerate(objects) if f"the {o['color']} {o['shape']} {verb}" in question)
+
     if qtype in ("first_mover", "last_mover"):
         return objects[movers[0] if qtype == "first_mover" else movers[-1]]["color"]
     if qtype in ("first_move", "last_move"):
         return moves[0 if qtype == "first_move" else -1][1]
     if qtype in ("start", "end"):
-        k = next(k for k, o in enumerate(objects) if f"the {o['color']} {o['shape']} at" in question)
+        k = named("at")
         o = frames[0 if qtype == "start" else -1][k]
         return ("top" if o["y"] < SIZE / 2 else "bottom") + (" left" if o["x"] < SIZE / 2 else " right")
     if qtype == "overall":
-        k = next(k for k, o in enumerate(objects) if f"the {o['color']} {o['shape']} go" in question)
+        k = named("go")
         (x0, y0), (x1, y1) = ((frame[k]["x"] < SIZE / 2, frame[k]["y"] < SIZE / 2) for frame in (frames[0], frames[-1]))
         assert (x0 != x1) + (y0 != y1) == 1, question  # one half changed
         return ("left" if x1 else "right") if x0 != x1 else ("up" if y1 else "down")
     if qtype == "direction":
-        k = next(k for k, o in enumerate(objects) if f"the {o['color']} {o['shape']} move" in question)
+        k = named("move")
         assert movers.count(k) == 1, question
         return moves[movers.index(k)][1]
     if qtype == "before":
@@ -77,7 +84,10 @@ def expected_answer(qtype, question, frames):
         first, second = (next(k for k, o in enumerate(objects) if o["color"] == c) for c in colors)
         assert movers.count(first) == movers.count(second) == 1, question
         return "yes" if movers.index(first) < movers.index(second) else "no"
-    assert qtype == "shape"
+    if qtype == "frames_left":
+        assert len(objects) == 1 and question == "In how many frames is the object in the left half?"
+        return ("zero", "one", "two", "three", "four", "five")[sum(f[0]["x"] < SIZE / 2 for f in frames)]
+    assert qtype == "shape" and len(objects) > 1
     return next(o["shape"] for o in objects if f"the {o['color']} object" in question)
 
 
@@ -125,7 +135,7 @@ def test_playing_backwards_changes_every_temporal_answer(data, request):
     for r in request.getfixturevalue(data)[1]:
         question, answer, frames = r["conversations"][0]["value"], r["conversations"][1]["value"], r["scene"]
         backwards = expected_answer(r["type"], question, frames[::-1])
-        if r["type"] == "shape":
+        if r["type"] in ("shape", "frames_left"):  # the controls: no order in them
             assert backwards == answer
         elif r["type"] in ("first_mover", "last_mover"):
             other = {"first_mover": "last_mover", "last_mover": "first_mover"}[r["type"]]
@@ -164,7 +174,7 @@ def test_types_are_all_present_and_answers_balanced(big):
     by_type = collections.defaultdict(collections.Counter)
     for r in big[1]:
         by_type[r["type"]][r["conversations"][1]["value"]] += 1
-    assert set(by_type) == set(QUESTION_TYPES)
+    assert set(by_type) == set(QUESTION_TYPES) - {"frames_left"}  # frames_left: for one object
     for qtype, answers in by_type.items():
         n = sum(answers.values())
         # ten types share the questions; the object asked about changes its quarter of the image in few videos
@@ -178,14 +188,16 @@ def test_types_are_all_present_and_answers_balanced(big):
 
 def test_one_object_moves_every_frame_and_gets_only_questions_about_the_whole_frame(single):
     by_type = collections.Counter(r["type"] for r in single[1])
-    assert set(by_type) == {"first_move", "last_move", "overall", "start", "end", "shape"}
+    assert set(by_type) == {"first_move", "last_move", "overall", "start", "end", "frames_left"}
+    assert all("the object" in r["conversations"][0]["value"] for r in single[1]
+               if r["type"] in ("overall", "start", "end"))  # the layout vocabulary: no colour, no shape
     for r in single[1][::PER_VIDEO]:
         assert [k for k, _ in moves_of(r["scene"])] == [0, 0, 0]
     # chance: one over the answers a question can have, which the generator never exceeds
-    for qtype in TEMPORAL:
+    for qtype in (*TEMPORAL, "frames_left"):
         answers = {r["conversations"][1]["value"] for r in single[1] if r["type"] == qtype}
-        assert len(answers) <= n_answers(qtype, 1)
-    assert n_answers("first_mover", 3) == 3 and n_answers("direction", 3) == 4 and n_answers("before", 3) == 2
+        assert len(answers) <= n_answers(qtype, 1, 4)
+    assert n_answers("first_mover", 3, 4) == 3 and n_answers("direction", 3, 4) == 4 and n_answers("before", 3, 4) == 2
 
 
 def test_question_text_alone_does_not_give_the_answer(big):
@@ -197,7 +209,7 @@ def test_question_text_alone_does_not_give_the_answer(big):
     for r in fit:
         by_question[question(r)][answer(r)] += 1
         by_type[r["type"]][answer(r)] += 1
-    for qtype in QUESTION_TYPES:
+    for qtype in set(QUESTION_TYPES) - {"frames_left"}:
         rs = [r for r in held_out if r["type"] == qtype]
         text = sum(answer(r) == by_question[question(r)].most_common(1)[0][0] for r in rs if question(r) in by_question)
         base = sum(answer(r) == by_type[qtype].most_common(1)[0][0] for r in rs)
