@@ -4,9 +4,9 @@ Sort-of-CLEVR (Santoro et al. 2017, "A simple neural network module for relation
 distinct colours on a white canvas, and short questions about them, in one of two sets:
 - "layout" (the default): where things are, with no object named. Are more objects on the left or the right, at the
   top or the bottom; how many are in the left (top) half; is there one in the centre; which quarter of the image is
-  empty. Averaging the image's patch features loses these answers (a patch's position and its content add up in its
-  feature, so the positions cancel out in the mean), while attention over the patches can keep them: this is the
-  set on which the reproduction compares VoCo-LLaMA with average pooling.
+  empty. The mean of the image's patch features keeps these answers only as a faint direction (nanovoco.probe),
+  while attention over the patches reads them plainly: this is the set on which the reproduction compares
+  VoCo-LLaMA with average pooling.
 - "objects": Sort-of-CLEVR's own. Non-relational questions ask about the object of a given colour (its shape, which
   half of the image it is in) or count a shape; relational ones ask about an object through another (the closest,
   the farthest, how many share its shape). The tiny LLMs of the reproduction never learn to find the object that a
