@@ -168,7 +168,7 @@ def test_llm_from_scratch_on_a_pretrained_tower(tmp_path):
     assert len(json.loads((tmp_path / "run" / "data" / "eval" / "data.json").read_text())) == 12
     # the tiny tokenizer knows the template: a turn's "USER: ... ASSISTANT:" is a few tokens, not 15 letters more
     tok = Tokenizer(tmp_path / "run" / "checkpoint" / "model" / "tokenizer.model")
-    assert len(tok.encode("USER: How many objects are in the left half? ASSISTANT:", bos=False)) <= 12
+    assert len(tok.encode("USER: How many objects are in the left half? ASSISTANT:", bos=False)) <= 13  # a word each
 
 
 @pytest.mark.parametrize("argv, message", [
