@@ -61,8 +61,10 @@ def fit_predict(x_fit, y_fit, x_test, n_classes: int, penalty: float, steps: int
 
 
 def nearest_mean(x_fit, y_fit, x_test, n_classes: int) -> torch.Tensor:
-    """The predicted classes of x_test: the class whose mean over x_fit is closest."""
-    means = torch.stack([x_fit[y_fit == c].mean(0) for c in range(n_classes)])
+    """The predicted classes of x_test: the class whose mean over x_fit is closest (a class absent from x_fit is
+    never predicted)."""
+    absent = torch.full_like(x_fit[0], float("inf"))
+    means = torch.stack([x_fit[y_fit == c].mean(0) if (y_fit == c).any() else absent for c in range(n_classes)])
     return torch.cdist(x_test, means).argmin(-1)
 
 

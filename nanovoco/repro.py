@@ -495,8 +495,8 @@ def video_table(per_seed: dict) -> str:
              f"Accuracy (%) on {first['n']} held-out questions per seed. Two kinds of question need the frames' order "
              "(reversing the video changes their answers): *when*, where an object was at the start or the end "
              f"(reading one frame chosen by its place in time; {n_kind.get('when', 0)} questions), and *motion*, "
-             f"what moved which way (comparing frames; {n_kind.get('motion', 0)}); shape and frames_left are order-free controls. "
-             "Kinds: mean ± sd over seeds; types: means. Chance is a uniform guess among a question's possible "
+             f"what moved which way (comparing frames; {n_kind.get('motion', 0)}); shape and frames_left are order-free "
+             "controls. Kinds: mean ± sd over seeds; types: means. Chance is a uniform guess among a question's possible "
              "answers.", "",
              "| " + " | ".join(["answered from", *kinds, *types]) + " |",
              "|---|" + "---:|" * (len(kinds) + len(types))]
