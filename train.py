@@ -210,23 +210,20 @@ def prepare_data(cfg, out: Path, rank: int, size: int):
         return Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
     data = Path(cfg.synthetic_dir) if cfg.synthetic_dir else out / "data"
     if rank == 0:
-        objects = {"n_objects": cfg.synthetic_objects} if cfg.synthetic_objects else {}
+        options = {"n_objects": cfg.synthetic_objects} if cfg.synthetic_objects else {}
+        if cfg.data == "synthetic":  # videos have one set of questions
+            options["question_set"] = cfg.synthetic_set
         if not (data / "train" / "data.json").exists():
             if cfg.data == "synthetic":
                 synthetic.generate(data / "train", n_images=cfg.synthetic_images, questions_per_image=
-                                   cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True,
-                                   question_set=cfg.synthetic_set, **objects)
+                                   cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True, **options)
             else:
                 synthetic_video.generate(data / "train", n_videos=cfg.synthetic_images, questions_per_video=
                                          cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True,
-                                         **objects)
+                                         **options)
         if not (data / "eval" / "data.json").exists():  # held out: other images, one question per record
-            if cfg.data == "synthetic":
-                synthetic.generate(data / "eval", cfg.synthetic_eval_images, seed=cfg.seed + 10_000, image_size=size,
-                                   question_set=cfg.synthetic_set, **objects)
-            else:
-                synthetic_video.generate(data / "eval", cfg.synthetic_eval_images, seed=cfg.seed + 10_000,
-                                         image_size=size, **objects)
+            generate = synthetic.generate if cfg.data == "synthetic" else synthetic_video.generate
+            generate(data / "eval", cfg.synthetic_eval_images, seed=cfg.seed + 10_000, image_size=size, **options)
     barrier()
     return data / "train" / "data.json", data / "eval" / "data.json"
 

@@ -15,8 +15,7 @@ it is one whose answer the mean keeps only faintly.
 
     python -m nanovoco.probe --vision runs/repro/seed0/vision --out runs/probe.json
 
-(without --vision a tower is pretrained first, as the repro's stage 0 does, ~40 CPU seconds). The classifier is a
-multinomial logistic regression on standardised features, its L2 penalty chosen on a validation split.
+(without --vision a tower is pretrained first, as the repro's stage 0 does, ~40 CPU seconds).
 """
 import argparse
 import json

@@ -495,9 +495,9 @@ def video_table(per_seed: dict) -> str:
              f"Accuracy (%) on {first['n']} held-out questions per seed. Two kinds of question need the frames' order "
              "(reversing the video changes their answers): *when*, where an object was at the start or the end "
              f"(reading one frame chosen by its place in time; {n_kind.get('when', 0)} questions), and *motion*, "
-             f"what moved which way (comparing frames; {n_kind.get('motion', 0)}); shape and frames_left are order-free "
-             "controls. Kinds: mean ± sd over seeds; types: means. Chance is a uniform guess among a question's possible "
-             "answers.", "",
+             f"what moved which way (comparing frames; {n_kind.get('motion', 0)}); shape and frames_left are "
+             "order-free controls. Kinds: mean ± sd over seeds; types: means. Chance is a uniform guess among a "
+             "question's possible answers.", "",
              "| " + " | ".join(["answered from", *kinds, *types]) + " |",
              "|---|" + "---:|" * (len(kinds) + len(types))]
     labels = {"in order": "(a) per-frame caches in time order", "reversed": "(a) the same caches, reversed",
@@ -639,13 +639,13 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     made = out / "repro.json"  # finished stages are kept, so they must come from the same recipe
     # any --ks: a K is a stage of its own
-    recipe = {"scale": args.scale, "stages": stages(args.scale, ks=KS, questions=args.questions)}
+    recipe = {"scale": args.scale, "questions": args.questions,
+              "stages": stages(args.scale, ks=KS, questions=args.questions)}
     before = json.loads(made.read_text()) if made.exists() else recipe
-    if before != recipe:
-        questions = re.search(r"--synthetic_set=(\w+)", " ".join(before["stages"]["full"]))
+    if before != recipe:  # a folder of an earlier version (no "questions") asked about the objects
         p.exit(2, f"{out} holds a run made with --scale {before['scale']} --questions "
-                  f"{questions.group(1) if questions else 'objects'} (or by another version of this recipe): continue "
-                  f"it with the same, or give this one another --out\n")
+                  f"{before.get('questions', 'objects')} (or by another version of this recipe): continue it with "
+                  f"the same, or give this one another --out\n")
     made.write_text(json.dumps(recipe))
     t0 = time.perf_counter()
     for seed in seeds:

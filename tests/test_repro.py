@@ -161,7 +161,8 @@ def test_repro_runs_and_resumes(tmp_path):
     # every per-K model at each K, and the video model shown its frames in each order
     third = subprocess.run(cmd + ["--any_k", "--video"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-2000:] + third.stderr[-3000:]
-    assert third.stdout.count("done before, kept") == len(stages(1.0)) and f"== voco_any_{'-'.join(map(str, KS))}:" in third.stdout
+    assert third.stdout.count("done before, kept") == len(stages(1.0))
+    assert f"== voco_any_{'-'.join(map(str, KS))}:" in third.stdout
     assert "== video:" in third.stdout
     state = json.loads((run / "video" / "checkpoint" / "state.json").read_text())["config"]
     assert state["init"] == str(run / "voco_k1" / "checkpoint" / "model") and state["data"] == "synthetic_video"
