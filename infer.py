@@ -9,7 +9,7 @@ stage 1 compresses the image once into the VoCo tokens' KV cache, stage 2 answer
     python infer.py --model DIR --mode full --image scene.png --question "..."  # no compression: the whole image
 
 --model is a checkpoint directory (train.py's OUT/checkpoint/model, a LLaVA-1.5 directory + --vision, or a
-Vicuna directory + --vision + --projector) with its tokenizer.model; the system prompt it was trained with is read
+Vicuna directory + --vision + --projector) with its tokenizer (tokenizer.model or tokenizer.json); the system prompt it was trained with is read
 from its prompt.json (train.py writes it), else VoCo-LLaMA's. Answers are printed as they are generated.
 A video is compressed frame by frame into one cache (VoCoLlama.compress_video): its frames cost K positions each.
 """
@@ -25,7 +25,7 @@ from nanovoco.data import build_sample, compress_prefix
 from nanovoco.generate import stream, stream_from_cache
 from nanovoco.image import load_image, load_video, preprocess
 from nanovoco.model import VoCoLlama, check_length
-from nanovoco.tokenizer import Tokenizer, stream_text, trained_system_prompt
+from nanovoco.tokenizer import load_tokenizer, stream_text, trained_system_prompt
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
@@ -33,7 +33,7 @@ def parse_args(argv):
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--vision", help="CLIP directory, for a LLaVA or LLaMA checkpoint that lacks its vision tower")
     p.add_argument("--projector", help="LLaVA's mm_projector.bin, for a plain LLaMA/Vicuna checkpoint")
-    p.add_argument("--tokenizer", help="tokenizer.model (default: the one in --model)")
+    p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --model)")
     p.add_argument("--system", help="system prompt (default: the model's prompt.json, else VoCo-LLaMA's)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="an image file")
@@ -68,7 +68,7 @@ def run(args):
     model_dir = Path(args.model)
     vlm = VoCoLlama.from_pretrained(model_dir, vision_path=args.vision, projector_path=args.projector, dtype=dtype,
                                     device=device, num_voco=args.num_voco, voco_token_id=args.voco_token_id).eval()
-    tokenizer = Tokenizer(args.tokenizer or model_dir)
+    tokenizer = load_tokenizer(args.tokenizer or model_dir)
     system = args.system if args.system is not None else trained_system_prompt(model_dir)
     c = vlm.config
     mode = args.mode or ("voco" if c.num_voco else "full")

@@ -44,8 +44,8 @@ from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate, user_text
 from nanovoco.evaluate import blind_baseline, vqa_accuracy
 from nanovoco.config import CLIPVisionConfig, VoCoLlamaConfig, preset
 from nanovoco.init import init_weights
-from nanovoco.model import CLIPVisionTower, VoCoLlama
-from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
+from nanovoco.model import CLIPVisionTower, Llama, Projector, VoCoLlama
+from nanovoco.tokenizer import VOCO_SYSTEM, BPETokenizer, Tokenizer, load_tokenizer, train_tiny_tokenizer
 from nanovoco.voco import PAD, causal_pad_mask, voco_mask
 
 MODES = ("full", "voco", "lower_bound", "avgpool", "qformer")
@@ -65,11 +65,13 @@ class TrainConfig:
     init: str = "tiny"  # a model preset trained from scratch ("tiny", "tiny-mha"), or a checkpoint directory
     vision_path: str = ""  # CLIP directory, for a LLaVA or plain LLaMA checkpoint, or a pretrained tower (HF CLIP
     # layout, e.g. from nanovoco.vision_pretrain) for a model from scratch
-    projector_path: str = ""  # LLaVA's stage-1 mm_projector.bin, for a plain LLaMA checkpoint
+    projector_path: str = ""  # LLaVA's stage-1 mm_projector.bin, for a plain LLaMA checkpoint; without it, a plain
+    # LLM (e.g. SmolLM2 from nanovoco.from_gguf) gets a new projector, trained with it
     freeze_vision: bool = True  # the paper freezes CLIP; the repro freezes its pretrained tiny tower likewise
     voco_init: str = "random"  # the new <voco> embedding: "random" (N(0, 0.02), the official code's) or "newline":
     # a copy of the "\n" token that precedes the VoCo tokens (see build_model)
-    tokenizer: str = ""  # tokenizer.model; default: the init checkpoint's, or a tiny one trained on the data
+    tokenizer: str = ""  # tokenizer.model or tokenizer.json; default: the init checkpoint's, or a tiny one trained
+    # on the data
     # data
     data: str = "synthetic"  # a LLaVA-format JSON, "synthetic" (Sort-of-CLEVR images) or "synthetic_video" (moving
     # shapes, 4 frames per video), generated into out_dir/data
@@ -252,7 +254,12 @@ def model_config(cfg: TrainConfig, source) -> VoCoLlamaConfig:
     """The shape of the model to train, read without its weights: what the data is drawn and laid out for (image
     size, vision tokens), known before the model is built. From the checkpoint, else the preset with the
     --vision_path CLIP's vision part."""
-    if source is not None:
+    if new_projector(cfg, source):
+        llm, clip = checkpoint.Checkpoint(source), checkpoint.Checkpoint(cfg.vision_path)
+        formats.require_kind(clip, "clip")
+        config = VoCoLlamaConfig.from_dicts(formats.llama_config(llm.config, llm.config_file),
+                                            formats.clip_config(clip.config, clip.config_file))
+    elif source is not None:
         config = formats.vlm_parts(source, cfg.vision_path or None, cfg.projector_path or None,
                                    VoCoLlamaConfig.from_dicts)[0]
     else:
@@ -264,6 +271,18 @@ def model_config(cfg: TrainConfig, source) -> VoCoLlamaConfig:
     return with_compressor(config, cfg)
 
 
+def new_projector(cfg: TrainConfig, source) -> bool:
+    """Whether the VLM starts from a plain LLM checkpoint and a vision tower with a new projector (no
+    --projector_path): a pretrained LLM without a LLaVA stage 1, like SmolLM2 with the repro's tiny tower."""
+    if source is None or cfg.projector_path or formats.require_kind(
+            checkpoint.Checkpoint(source), "llama", "llava", "llava-hf") != "llama":
+        return False
+    if not cfg.vision_path:
+        raise ValueError(f"{source} is a plain LLM checkpoint: pass --vision_path=<CLIP directory> (and "
+                         f"--projector_path=<LLaVA-1.5 mm_projector.bin>, or none for a new projector)")
+    return True
+
+
 def with_compressor(config: VoCoLlamaConfig, cfg: TrainConfig) -> VoCoLlamaConfig:
     """The baselines' config: an external compressor to --num_voco tokens, unless the checkpoint has one already."""
     if cfg.mode in ("avgpool", "qformer") and config.compressor == "none":
@@ -271,7 +290,7 @@ def with_compressor(config: VoCoLlamaConfig, cfg: TrainConfig) -> VoCoLlamaConfi
     return config
 
 
-def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
+def build_model(cfg: TrainConfig, tokenizer, source) -> VoCoLlama:
     """The model to train: from a checkpoint (or a preset, from scratch), set up for the mode. VoCo modes add the
     <voco> token to the vocabulary; the baselines get a new compressor; nothing else changes."""
     if source is None:  # an LLM from scratch, with a vision tower from scratch or pretrained (--vision_path)
@@ -287,6 +306,13 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
         init_weights(vlm.vision)
         if vision is not None:
             vlm.vision = vision
+    elif new_projector(cfg, source):  # a pretrained LLM and tower, joined by a projector trained from scratch
+        llm, vision = Llama.from_pretrained(source), CLIPVisionTower.from_pretrained(cfg.vision_path)
+        with torch.device("meta"):  # the parts are loaded: build the shell without allocating them again
+            vlm = VoCoLlama(model_config(cfg, source))
+        torch.manual_seed(cfg.seed)
+        vlm.llm, vlm.vision = llm, vision
+        vlm.projector = Projector(vlm.config.projector_type, vision.config.hidden_size, llm.config.hidden_size)
     else:
         vlm = VoCoLlama.from_pretrained(source, vision_path=cfg.vision_path or None,
                                         projector_path=cfg.projector_path or None)
@@ -316,7 +342,7 @@ def build_model(cfg: TrainConfig, tokenizer: Tokenizer, source) -> VoCoLlama:
     return vlm
 
 
-def place(cfg: TrainConfig, tokenizer: Tokenizer, source, device, rank: int, world: int) -> VoCoLlama:
+def place(cfg: TrainConfig, tokenizer, source, device, rank: int, world: int) -> VoCoLlama:
     """The model to train, on its device(s). One process: build_model, then to the device. Under torchrun, a start
     that fits a node: only rank 0 builds the whole model in host memory (build_model: the checkpoint, the VoCo token,
     the compressor); every rank builds it on the meta device from rank 0's config, shards it (FSDP2), allocates its
@@ -378,7 +404,7 @@ def shard(vlm: VoCoLlama, device, world: int, activation_checkpointing: bool) ->
 # sharded DCP checkpoint, the step in state.json. Written to checkpoint.tmp and renamed, so an interruption at any
 # moment leaves the previous checkpoint whole.
 
-def save_checkpoint(out: Path, vlm, optim, step: int, cfg: TrainConfig, tokenizer_path, rank: int):
+def save_checkpoint(out: Path, vlm, optim, step: int, cfg: TrainConfig, tokenizer, rank: int):
     tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -388,7 +414,7 @@ def save_checkpoint(out: Path, vlm, optim, step: int, cfg: TrainConfig, tokenize
     full = get_model_state_dict(vlm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         formats.save_vlm(tmp / "model", vlm.config, full)
-        shutil.copyfile(tokenizer_path, tmp / "model" / "tokenizer.model")
+        tokenizer.save(tmp / "model")
         # the system prompt the model was trained with, which inference must use too (infer.py reads it)
         (tmp / "model" / "prompt.json").write_text(json.dumps({"system": cfg.system_prompt}))
     dcp.save({"optimizer": get_optimizer_state_dict(vlm, optim)}, checkpoint_id=str(tmp / "optimizer"))
@@ -475,7 +501,7 @@ class Run:
     params: list
     train_set: LlavaDataset
     eval_set: LlavaDataset | None
-    tokenizer_path: Path
+    tokenizer: Tokenizer | BPETokenizer
     total_steps: int
     step: int
 
@@ -515,11 +541,9 @@ def prepare(cfg: TrainConfig) -> Run:
     source = resume_from / "model" if resume_from else (None if cfg.init in FROM_SCRATCH else cfg.init)
     config = model_config(cfg, source)
     train_json, eval_json = prepare_data(cfg, out, rank, config.vision.image_size)
-    tokenizer_path = (resume_from / "model" / "tokenizer.model" if resume_from else
-                      Path(cfg.tokenizer) if cfg.tokenizer else
-                      tiny_tokenizer(train_json, out, rank) if cfg.init in FROM_SCRATCH else
-                      Path(cfg.init) / "tokenizer.model")
-    tokenizer = Tokenizer(tokenizer_path)
+    tokenizer = load_tokenizer(resume_from / "model" if resume_from else
+                               cfg.tokenizer if cfg.tokenizer else
+                               tiny_tokenizer(train_json, out, rank) if cfg.init in FROM_SCRATCH else cfg.init)
     num_voco = (voco_ks(cfg) if cfg.voco_ks else cfg.num_voco) if cfg.mode in ("voco", "lower_bound") else 0
     folder = lambda j: Path(cfg.image_folder) if cfg.image_folder else j.parent  # noqa: E731
     data_args = dict(num_voco=num_voco, max_len=cfg.max_len, system=cfg.system_prompt)
@@ -539,7 +563,7 @@ def prepare(cfg: TrainConfig) -> Run:
         dcp.load(state, checkpoint_id=str(resume_from / "optimizer"))
         set_optimizer_state_dict(vlm, optim, state["optimizer"])
         step = saved["step"]
-    return Run(cfg, rank, world, device, out, vlm, optim, params, train_set, eval_set, tokenizer_path, total_steps,
+    return Run(cfg, rank, world, device, out, vlm, optim, params, train_set, eval_set, tokenizer, total_steps,
                step)
 
 
@@ -620,7 +644,7 @@ def fit(run: Run):
         interrupted = all_sum(torch.tensor(float(bool(stop)), device=device)).item() > 0 \
             or step - first_step == cfg.stop_after
         if step % cfg.save_every == 0 or step == total_steps or interrupted:
-            save_checkpoint(out, vlm, optim, step, cfg, run.tokenizer_path, rank)
+            save_checkpoint(out, vlm, optim, step, cfg, run.tokenizer, rank)
         if interrupted:
             if rank == 0:
                 print(f"\nstopped: saved step {step} to {out / 'checkpoint'}; continue with --resume=true")

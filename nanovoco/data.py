@@ -20,6 +20,9 @@ Labels are LLaVA's preprocess_v1: loss on each answer and its </s> only. Both co
 then find the answer spans again from the lengths of separately tokenized rounds (off by a token wherever the
 tokenizer merges across a boundary: LLaVA's "tokenization mismatch" warning). Here the sequence is built chunk by
 chunk, so labels and segments are right by construction. Text-only records (no "image" key) are plain Vicuna.
+The template is the tokenizer's: with a ChatML LLM (SmolLM2-Instruct) the text after the VoCo tokens reads
+"\\n<|im_start|>system\\n...<|im_end|>\\n<|im_start|>user\\nu1<|im_end|>\\n<|im_start|>assistant\\na1<|im_end|>", the
+loss on each answer and its <|im_end|>.
 A video record's "image" is the list of its frame files, in time order.
 """
 from __future__ import annotations
@@ -69,14 +72,14 @@ def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int
     if not turns:
         raise ValueError("a sample needs at least one (user, assistant) turn")
     forbidden = {tokenizer.bos_id, tokenizer.eos_id, voco_token_id, *tokenizer.special_ids.values()}
+    template = tokenizer.template  # Vicuna's for LLaMA's tokenizer, ChatML for SmolLM2's (tokenizer.ChatTemplate)
 
-    def encode(text, where):
-        ids = tokenizer.encode(text, bos=False)
-        bad = [i for i in ids if i in forbidden]
+    def check(text, where):  # the data's own text, encoded alone: the template's markers are special on purpose
+        bad = [i for i in tokenizer.encode(text, bos=False) if i in forbidden]
         if bad:
             raise ValueError(f"{where} contains the special token {tokenizer.decode(bad[:1])!r} as text: remove it "
                              f"from the data (only '<image>' in a user text is allowed, and removed)")
-        return ids
+        return text
 
     s = Sample([], [], [], [], [])
 
@@ -107,8 +110,9 @@ def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int
                          f"{num_voco} VoCo)), more than max_len={max_len}: raise max_len")
 
     for k, (user, assistant) in enumerate(turns):
-        head = lead + (system + " " if system else "") if k == 0 else ""
-        add(encode(head + "USER: " + user_text(user) + " ASSISTANT:", f"turn {k}'s user text"), TEXT)
+        head = lead + (template.system.format(system) if system else "") if k == 0 else template.between
+        question = template.user.format(check(user_text(user), f"turn {k}'s user text"))
+        add(tokenizer.encode(head + question, bos=False), TEXT)
         if assistant is None:
             if k != len(turns) - 1:
                 raise ValueError(f"turn {k} has no answer but is not the last turn: only the last turn can be open")
@@ -118,7 +122,8 @@ def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int
             return s
         if "<image>" in assistant:
             raise ValueError(f"turn {k}'s assistant text contains '<image>': the tag belongs in a user text")
-        add(encode(assistant.replace("\n", ""), f"turn {k}'s assistant text") + [tokenizer.eos_id], TEXT, loss=True)
+        answer = check(assistant.replace("\n", ""), f"turn {k}'s assistant text")
+        add(tokenizer.encode(answer, bos=False) + [tokenizer.eos_id], TEXT, loss=True)
 
     for field in (s.input_ids, s.labels, s.segments, s.groups, s.positions):  # LLaVA's model_max_length: cut the tail
         del field[max_len:]

@@ -43,7 +43,7 @@ from nanovoco.files import read_json
 from nanovoco.generate import generate, generate_from_cache
 from nanovoco.image import load_image, preprocess
 from nanovoco.model import VoCoLlama
-from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, trained_system_prompt
+from nanovoco.tokenizer import VOCO_SYSTEM, load_tokenizer, trained_system_prompt
 
 BENCHMARKS = ("gqa", "pope", "mme", "sqa", "seed")
 SQA_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA's --single-pred-prompt
@@ -127,7 +127,7 @@ def answered_before(path) -> dict:
 
 
 @torch.no_grad()
-def answer(vlm: VoCoLlama, tokenizer: Tokenizer, questions: list[dict], image_folder, answers_path, *,
+def answer(vlm: VoCoLlama, tokenizer, questions: list[dict], image_folder, answers_path, *,
            system=VOCO_SYSTEM, max_new_tokens=128, model_id="nanovoco", progress=True) -> Path:
     """Answer `questions` (read_questions) into LLaVA's answer file at answers_path, resuming it. A question is its
     (question_id, prompt): MME asks two questions of an image under one question_id."""
@@ -536,7 +536,7 @@ def main(argv=None):
         device = torch.device(args.device)
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         vlm = VoCoLlama.from_pretrained(args.model, vision_path=args.vision, dtype=dtype, device=device).eval()
-        tokenizer = Tokenizer(Path(args.model) / "tokenizer.model")
+        tokenizer = load_tokenizer(args.model)
         path = answer(vlm, tokenizer, questions, args.image_folder, args.answers,
                       system=trained_system_prompt(args.model), max_new_tokens=max_new_tokens)
         print(f"wrote {path} ({len(questions)} answers)")

@@ -237,11 +237,11 @@ def evaluate_missing(stage: Path, data: Path, variants: dict):
     from nanovoco.data import LlavaDataset  # the model's modules, only for this (the stages run in subprocesses)
     from nanovoco.evaluate import vqa_accuracy
     from nanovoco.model import VoCoLlama
-    from nanovoco.tokenizer import Tokenizer, trained_system_prompt
+    from nanovoco.tokenizer import load_tokenizer, trained_system_prompt
 
     model = stage / "checkpoint" / "model"
     vlm = VoCoLlama.from_pretrained(model, vision_path=model / "vision_tower").eval()
-    dataset = LlavaDataset(data / "data.json", data, Tokenizer(model / "tokenizer.model"), vlm.config,
+    dataset = LlavaDataset(data / "data.json", data, load_tokenizer(model), vlm.config,
                            num_voco=vlm.config.num_voco, max_len=vlm.config.text.max_position_embeddings,
                            system=trained_system_prompt(model))
     for path, lay in missing.items():

@@ -1,13 +1,20 @@
 """
-The LLaMA tokenizer as LLaVA-1.5 and VoCo-LLaMA use it: sentencepiece ids with BOS prepended, plus special tokens
-(`<image>`, `<voco>`) that are kept whole and, when the sentencepiece vocabulary lacks them, appended after it the way
-HF's `tokenizer.add_tokens` does (VoCo-LLaMA's `<voco>` becomes id 32000 on Vicuna's 32,000 pieces).
-Also here: the Vicuna v1 chat template (LLaVA's `conv_vicuna_v1`) and a tiny on-the-spot tokenizer for tests.
+Tokenizers, with one interface (bos_id, eos_id, special_ids, vocab_size, template, encode, decode):
+- `Tokenizer`: LLaMA's, as LLaVA-1.5 and VoCo-LLaMA use it: sentencepiece ids with BOS prepended, plus special
+  tokens (`<image>`, `<voco>`) that are kept whole and, when the sentencepiece vocabulary lacks them, appended after it
+  the way HF's `tokenizer.add_tokens` does (VoCo-LLaMA's `<voco>` becomes id 32000 on Vicuna's 32,000 pieces).
+- `BPETokenizer`: a byte-level BPE tokenizer.json (GPT-2's family: SmolLM2, from_gguf.py writes it), run by HF's
+  `tokenizers` package, with `<voco>` appended the same way.
+`load_tokenizer` picks by the file a checkpoint holds. Also here: the chat templates (LLaVA's Vicuna v1, which
+VoCo-LLaMA trains with, and ChatML for an LLM instruction-tuned on it) and a tiny on-the-spot tokenizer for tests.
 """
 
 import io
+import json
 import os
 import re
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import sentencepiece as spm
@@ -22,6 +29,34 @@ VOCO_SYSTEM = ("A chat between a curious user and an artificial intelligence ass
                "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
 
+@dataclass(frozen=True)
+class ChatTemplate:
+    """How data.build_sample writes a conversation around its turns: `system` and `user` are formats of the system
+    prompt and of a user text (ending where the answer starts); after each answer comes the tokenizer's eos_id (the
+    end of a turn, trained on with the answer), then `between` before the next user turn."""
+    name: str
+    system: str
+    user: str
+    between: str
+
+
+# LLaVA's conv_vicuna_v1 (SeparatorStyle.TWO, sep=" ", sep2="</s>"): "S USER: u ASSISTANT: a</s>USER: ..."
+VICUNA = ChatTemplate("vicuna", system="{} ", user="USER: {} ASSISTANT:", between="")
+# ChatML, SmolLM2-Instruct's template: eos_id is <|im_end|>
+CHATML = ChatTemplate("chatml", system="<|im_start|>system\n{}<|im_end|>\n",
+                      user="<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", between="\n")
+
+
+def load_tokenizer(path):
+    """The tokenizer of a checkpoint directory (its tokenizer.model, else its tokenizer.json), or of that file."""
+    path = Path(path)
+    if path.is_dir() and not (path / "tokenizer.model").is_file() and (path / "tokenizer.json").is_file():
+        return BPETokenizer(path / "tokenizer.json")
+    if path.suffix == ".json":
+        return BPETokenizer(path)
+    return Tokenizer(path)
+
+
 class Tokenizer:
     """A sentencepiece `tokenizer.model` plus special tokens, encoded like the slow HF LlamaTokenizer."""
 
@@ -30,11 +65,12 @@ class Tokenizer:
         hint = "pass the tokenizer.model of the LLaMA/Vicuna checkpoint, or the directory that holds it"
         if os.path.isdir(path):
             if not os.path.isfile(os.path.join(path, "tokenizer.model")):
-                raise FileNotFoundError(f"directory {path!r} has no tokenizer.model "
-                                        f"(a tokenizer.json alone is not enough): {hint}")
+                raise FileNotFoundError(f"directory {path!r} has no tokenizer.model (nor "
+                                        f"tokenizer.json): {hint}")
             path = os.path.join(path, "tokenizer.model")
         elif not os.path.isfile(path):
             raise FileNotFoundError(f"no tokenizer at {path!r}: {hint}")
+        self.path = path
         try:
             self.sp = spm.SentencePieceProcessor(model_file=path)
         except (RuntimeError, OSError) as e:
@@ -51,6 +87,7 @@ class Tokenizer:
                 i, n_added = n_sp + n_added, n_added + 1
             self.special_ids[tok] = i
         self.vocab_size = n_sp + n_added
+        self.template = VICUNA
 
         # sentencepiece would spell "</s>" out letter by letter; the slow LlamaTokenizer keeps <unk>, <s> and </s>
         # whole, and the Vicuna template writes "</s>" after every answer, so they are special strings here too
@@ -78,15 +115,7 @@ class Tokenizer:
         return ids
 
     def encode_with_images(self, text, image_token_id, num_image_tokens, bos=True):
-        """encode(), with every "<image>" expanded to num_image_tokens placeholder ids (LLaVA's
-        tokenizer_image_token, expanded up front): the model replaces each placeholder by one projected vision
-        feature. "<image>" is a marker in the text, not a vocabulary entry: nothing is added to the vocabulary for
-        it, so on Vicuna the one added token is <voco>, id 32000, as in the official code."""
-        chunks = text.split("<image>")
-        ids = self.encode(chunks[0], bos=bos)
-        for chunk in chunks[1:]:
-            ids += [image_token_id] * num_image_tokens + self.encode(chunk, bos=False)
-        return ids
+        return encode_with_images(self, text, image_token_id, num_image_tokens, bos)
 
     def decode(self, ids):
         """Text of `ids` for display: special ids as their strings, runs of other ids through sentencepiece."""
@@ -104,18 +133,102 @@ class Tokenizer:
         out.append(self.sp.decode(run))
         return "".join(out)
 
+    def save(self, directory):
+        """Write tokenizer.model into `directory` (a checkpoint), where load_tokenizer finds it."""
+        atomic_write(Path(directory) / "tokenizer.model", lambda tmp: shutil.copyfile(self.path, tmp))
+
+
+class BPETokenizer:
+    """A byte-level BPE tokenizer.json, encoded by HF's `tokenizers` (the library that defines that format; its
+    pre-tokenizer needs Unicode classes that Python's `re` lacks), plus special tokens appended after the vocabulary.
+    BOS and EOS are the tokens that tokenizer_config.json beside it names. The template is ChatML when the vocabulary
+    has its markers, else Vicuna's."""
+
+    def __init__(self, path, special_tokens=("<voco>",)):
+        try:
+            from tokenizers import AddedToken
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise ValueError(f"{path} needs the tokenizers package: pip install tokenizers") from None
+        path = Path(path)
+        config_path = path.parent / "tokenizer_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer at {path}: pass a checkpoint with tokenizer.json")
+        try:
+            self.hf = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises its own Exception type on a malformed file
+            raise ValueError(f"{path} is not a tokenizers tokenizer.json ({e}): write it again "
+                             f"(python -m nanovoco.from_gguf)") from e
+        self.config = config = read_json(config_path, "the tokenizer's special tokens (bos_token, eos_token)")
+        # the file's special tokens keep their ids; the ones it lacks are appended after the vocabulary, in order
+        for tok in dict.fromkeys(special_tokens):
+            if self.hf.token_to_id(tok) is None:
+                self.hf.add_special_tokens([AddedToken(tok, special=True, normalized=False)])
+        self.special_ids = {t.content: i for i, t in self.hf.get_added_tokens_decoder().items() if t.special}
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+
+        def token_id(key):
+            name = config.get(key)
+            name = name.get("content") if isinstance(name, dict) else name
+            if self.hf.token_to_id(name or "") is None:
+                raise ValueError(f"{config_path}: {key}={name!r} is not a token of {path}")
+            return self.hf.token_to_id(name)
+
+        self.bos_id, self.eos_id, self.pad_id = token_id("bos_token"), token_id("eos_token"), -1
+        self.template = CHATML if {"<|im_start|>", "<|im_end|>"} <= self.special_ids.keys() else VICUNA
+
+    def encode(self, text, bos=True, eos=False):
+        """Ids of `text`: special strings as their ids, the rest byte-level BPE."""
+        ids = self.hf.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_with_images(self, text, image_token_id, num_image_tokens, bos=True):
+        return encode_with_images(self, text, image_token_id, num_image_tokens, bos)
+
+    def decode(self, ids):
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    def save(self, directory):
+        """Write tokenizer.json (with the appended special tokens, which keep their ids when read again) and
+        tokenizer_config.json into `directory` (a checkpoint), where load_tokenizer finds them."""
+        atomic_write(Path(directory) / "tokenizer.json", lambda tmp: self.hf.save(tmp))
+        text = json.dumps(self.config, indent=2, ensure_ascii=False)
+        atomic_write(Path(directory) / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def encode_with_images(tokenizer, text, image_token_id, num_image_tokens, bos=True):
+    """tokenizer.encode(), with every "<image>" expanded to num_image_tokens placeholder ids (LLaVA's
+    tokenizer_image_token, expanded up front): the model replaces each placeholder by one projected vision
+    feature. "<image>" is a marker in the text, not a vocabulary entry: nothing is added to the vocabulary for
+    it, so on Vicuna the one added token is <voco>, id 32000, as in the official code."""
+    chunks = text.split("<image>")
+    ids = tokenizer.encode(chunks[0], bos=bos)
+    for chunk in chunks[1:]:
+        ids += [image_token_id] * num_image_tokens + tokenizer.encode(chunk, bos=False)
+    return ids
+
 
 def stream_text(tokens, tokenizer, eos_id=None):
-    """Tokens as they are generated (ints, or one-element tensors) -> the new text after each one, to print as it
-    comes. The whole answer is decoded every time, since a sentencepiece piece alone loses its leading space."""
-    ids, shown = [], ""
+    """Tokens as they are generated (ints, or one-element tensors) -> the new text of each one, to print as it comes.
+    The whole answer is decoded every time, since a sentencepiece piece alone loses its leading space. A byte-level
+    token can end inside a UTF-8 character (decoded as "\ufffd" until a later token completes it): that part waits
+    for a later piece, so each token gives one piece, one token late, and the last piece has whatever is left."""
+    ids, text, shown, piece = [], "", "", None
     for token in tokens:
         if int(token) == eos_id:
-            return
+            break
+        if piece is not None:
+            yield piece
         ids.append(int(token))
         text = tokenizer.decode(ids)
-        yield text[len(shown):]
-        shown = text
+        stable = text.rstrip("\ufffd")
+        piece, shown = stable[len(shown):], stable
+    if piece is not None:
+        yield piece + text[len(shown):]
 
 
 def trained_system_prompt(model_dir) -> str:
