@@ -45,9 +45,9 @@ PAPER = {"baseline": (None, None, 440.5, 9.6), "full caching": (576, 302.4, 154.
 
 
 class SpecialIds:
-    """What data.compress_prefix asks of a tokenizer: the BOS id and the ids of "\n", here LLaMA's (1 and <0x0A>,
+    """What data.compress_prefix asks of a tokenizer: the BOS ids and the ids of "\n", here LLaMA's (1 and <0x0A>,
     13). The benchmark runs on random weights, where the ids change no timing, so it needs no tokenizer file."""
-    bos_id = 1
+    bos_ids = [1]
 
     def encode(self, text: str, bos: bool = False) -> list[int]:
         assert text == "\n" and not bos, "only the prefix's newline is encoded here"

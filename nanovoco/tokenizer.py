@@ -1,5 +1,6 @@
 """
-Tokenizers, with one interface (bos_id, eos_id, special_ids, vocab_size, template, encode, decode):
+Tokenizers, with one interface (bos_id, bos_ids, eos_id, special_ids, vocab_size,
+template, encode, decode):
 - `Tokenizer`: LLaMA's, as LLaVA-1.5 and VoCo-LLaMA use it: sentencepiece ids with BOS prepended, plus special
   tokens (`<image>`, `<voco>`) that are kept whole and, when the sentencepiece vocabulary lacks them, appended after it
   the way HF's `tokenizer.add_tokens` does (VoCo-LLaMA's `<voco>` becomes id 32000 on Vicuna's 32,000 pieces).
@@ -88,6 +89,7 @@ class Tokenizer:
             self.special_ids[tok] = i
         self.vocab_size = n_sp + n_added
         self.template = VICUNA
+        self.bos_ids = [self.bos_id]  # what a sequence starts with: LLaMA's tokenizer adds BOS
 
         # sentencepiece would spell "</s>" out letter by letter; the slow LlamaTokenizer keeps <unk>, <s> and </s>
         # whole, and the Vicuna template writes "</s>" after every answer, so they are special strings here too
@@ -100,7 +102,7 @@ class Tokenizer:
 
     def encode(self, text, bos=True, eos=False):
         """Ids of `text`: special strings as their ids, each text chunk between them encoded on its own."""
-        ids = [self.bos_id] if bos else []
+        ids = list(self.bos_ids) if bos else []
         # re.split with one group alternates text chunk, special, text chunk, ...
         for i, chunk in enumerate(self._split.split(text)):
             if i % 2:
@@ -175,12 +177,15 @@ class BPETokenizer:
             return self.hf.token_to_id(name)
 
         self.bos_id, self.eos_id, self.pad_id = token_id("bos_token"), token_id("eos_token"), -1
+        # what a sequence starts with: nothing where the tokenizer adds no BOS (SmolLM2's add_bos_token is false,
+        # its bos_token <|im_start|> opens each ChatML turn instead)
+        self.bos_ids = [self.bos_id] if config.get("add_bos_token") else []
         self.template = CHATML if {"<|im_start|>", "<|im_end|>"} <= self.special_ids.keys() else VICUNA
 
     def encode(self, text, bos=True, eos=False):
         """Ids of `text`: special strings as their ids, the rest byte-level BPE."""
         ids = self.hf.encode(text, add_special_tokens=False).ids
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
+        return (self.bos_ids if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def encode_with_images(self, text, image_token_id, num_image_tokens, bos=True):
         return encode_with_images(self, text, image_token_id, num_image_tokens, bos)

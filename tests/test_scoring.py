@@ -10,7 +10,7 @@ from nanovoco import evaluate, synthetic
 from nanovoco.config import preset
 from nanovoco.data import LlavaDataset, build_sample, pad_samples
 from nanovoco.model import VoCoLlama
-from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
+from nanovoco.tokenizer import VICUNA, Tokenizer, train_tiny_tokenizer
 from nanovoco.voco import TEXT, VISION, VOCO, voco_mask
 
 
@@ -73,7 +73,7 @@ def sample_with_voco(num_voco=2):
     ids = {"<voco>": 7}
 
     class Tok:  # build_sample needs encode, bos/eos ids and the special ids: a character-level stand-in
-        bos_id, eos_id, special_ids = 1, 2, ids
+        bos_id, bos_ids, eos_id, special_ids, template = 1, [1], 2, ids, VICUNA
 
         def encode(self, text, bos=False):
             return [10 + ord(c) % 50 for c in text]
