@@ -309,7 +309,7 @@ def build_model(cfg: TrainConfig, tokenizer, source) -> VoCoLlama:
     elif new_projector(cfg, source):  # a pretrained LLM and tower, joined by a projector trained from scratch
         llm, vision = Llama.from_pretrained(source), CLIPVisionTower.from_pretrained(cfg.vision_path)
         with torch.device("meta"):  # the parts are loaded: build the shell without allocating them again
-            vlm = VoCoLlama(model_config(cfg, source))
+            vlm = VoCoLlama(VoCoLlamaConfig(text=llm.config, vision=vision.config))  # their configs, the same objects
         torch.manual_seed(cfg.seed)
         vlm.llm, vlm.vision = llm, vision
         vlm.projector = Projector(vlm.config.projector_type, vision.config.hidden_size, llm.config.hidden_size)
@@ -539,7 +539,10 @@ def prepare(cfg: TrainConfig) -> Run:
 
     # data and tokenizer, checked whole before the model is built
     source = resume_from / "model" if resume_from else (None if cfg.init in FROM_SCRATCH else cfg.init)
-    config = model_config(cfg, source)
+    # a resumed run's model is its checkpoint's alone: the vision tower saved with it is cut at its select layer
+    # (save_vlm), so the --vision_path of the start, read again with the saved select layer, is another model
+    build = dataclasses.replace(cfg, vision_path="", projector_path="") if resume_from else cfg
+    config = model_config(build, source)
     train_json, eval_json = prepare_data(cfg, out, rank, config.vision.image_size)
     tokenizer = load_tokenizer(resume_from / "model" if resume_from else
                                cfg.tokenizer if cfg.tokenizer else
@@ -553,7 +556,7 @@ def prepare(cfg: TrainConfig) -> Run:
         eval_set = eval_set.with_num_voco(cfg.num_voco)  # every question at the default K; the end: at each K
 
     # model
-    vlm = place(cfg, tokenizer, source, device, rank, world)
+    vlm = place(build, tokenizer, source, device, rank, world)
     params = [p for p in vlm.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)

@@ -17,18 +17,9 @@ from nanovoco.from_gguf import convert, smollm2_path
 from nanovoco.generate import generate
 from nanovoco.model import Llama
 from nanovoco.tokenizer import CHATML, load_tokenizer
+from tiny import BPE_MERGES, BPE_TOKENS, BPE_TYPES
 
 SHAPE = dict(vocab=None, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2)  # quantized rows: 32-blocks
-
-
-def byte_chars():
-    """GPT-2's byte -> printable character map (bytes_to_unicode), written out as the reference does."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, n = {b: chr(b) for b in keep}, 0
-    for b in range(256):
-        if b not in chars:
-            chars[b], n = chr(256 + n), n + 1
-    return [chars[b] for b in range(256)]
 
 
 def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -38,10 +29,7 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 def write_gguf(path, qtype="F32", arch="llama", tied=False, seed=0, pre="smollm", odd_tensor=""):
     """A tiny random LLaMA as llama.cpp writes it; returns its HF state dict (fp32, HF layout) for comparison."""
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    merges = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n"]
-    tokens = specials + byte_chars() + [m.replace(" ", "") for m in merges]
-    types = [3] * len(specials) + [1] * (len(tokens) - len(specials))
+    tokens, types, merges = BPE_TOKENS, BPE_TYPES, BPE_MERGES
     v, d, f, n_layers, h, kv = len(tokens), SHAPE["hidden"], SHAPE["intermediate"], SHAPE["layers"], \
         SHAPE["heads"], SHAPE["kv_heads"]
     g = torch.Generator().manual_seed(seed)

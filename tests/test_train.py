@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from nanovoco import synthetic_video
 from nanovoco.model import CLIPVisionTower, VoCoLlama
 from nanovoco.synthetic import generate
-from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
-from tiny import hf_llava, llava_original, stage1
+from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, load_tokenizer, train_tiny_tokenizer
+from tiny import bpe_tokenizer, hf_clip, hf_llama, hf_llava, llava_original, stage1
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -278,3 +278,29 @@ def test_video_training_then_infer(tmp_path):
                            "--max_new_tokens", "3"], env=ENV, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert f"{len(frames)} frame(s) compressed): {2 * len(frames)} VoCo tokens" in done.stderr
+
+
+def test_train_from_a_plain_llm_with_a_bpe_tokenizer_and_a_new_projector(tmp_path):
+    """SmolLM2's path in miniature: a plain LLaMA directory with a ChatML tokenizer.json (from_gguf's kind) and a
+    CLIP, no projector: a new one is trained with the LLM, on LLaVA-format JSON; the checkpoint keeps the tokenizer
+    with <voco> appended, and an interrupted run resumes from it onto the same losses."""
+    llm = bpe_tokenizer(tmp_path / "llm")
+    vocab = load_tokenizer(llm).vocab_size - 1  # the file's vocabulary; <voco> is appended after it
+    hf_llama(llm, vocab_size=vocab, max_position_embeddings=512)
+    hf_clip(tmp_path / "clip")
+    generate(tmp_path / "data" / "train", n_images=8, questions_per_image=2, seed=0, image_size=56, multi_turn=True)
+    generate(tmp_path / "data" / "eval", n_images=2, seed=1, image_size=56)
+    common = ["--preset=tiny-cpu", f"--init={llm}", f"--vision_path={tmp_path / 'clip'}", "--mode=voco",
+              "--num_voco=1", f"--data={tmp_path / 'data' / 'train' / 'data.json'}", "--batch_size=4",
+              f"--eval_data={tmp_path / 'data' / 'eval' / 'data.json'}", "--micro_batch_size=2", "--max_steps=2",
+              "--eval_limit=8"]
+    train(*common, f"--out_dir={tmp_path / 'whole'}")
+    train(*common, f"--out_dir={tmp_path / 'cut'}", "--stop_after=1")
+    train(*common, f"--out_dir={tmp_path / 'cut'}", "--resume=true")
+    assert losses(tmp_path / "cut") == losses(tmp_path / "whole") and len(losses(tmp_path / "whole")) == 2
+    model = tmp_path / "whole" / "checkpoint" / "model"
+    tok = load_tokenizer(model)
+    assert tok.template.name == "chatml" and tok.special_ids["<voco>"] == vocab and tok.bos_ids == []
+    vlm = VoCoLlama.from_pretrained(model)
+    assert (vlm.config.text.vocab_size, vlm.config.voco_token_id, vlm.config.num_voco) == (vocab + 1, vocab, 1)
+    assert json.loads((tmp_path / "whole" / "eval.json").read_text())["n"] == 8

@@ -7,15 +7,20 @@ from nanovoco.config import preset
 from nanovoco.data import build_sample, compress_prefix, pad_samples
 from nanovoco.generate import generate, generate_from_cache
 from nanovoco.model import VoCoLlama
-from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
+from nanovoco.tokenizer import Tokenizer, load_tokenizer, train_tiny_tokenizer
 from nanovoco.voco import voco_mask
+from tiny import bpe_tokenizer
 
 QUESTIONS = ["What shape is the red object?", "How many squares?", "Is the blue circle left of the green one or not?"]
 CORPUS = QUESTIONS + ["USER: ASSISTANT: circle square triangle left right red green blue"] * 20
 
 
-@pytest.fixture(scope="module")
-def tok(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sentencepiece", "bpe"])
+def tok(request, tmp_path_factory):
+    """LLaMA's kind of tokenizer (Vicuna's template, BOS first) and SmolLM2's (ChatML, no BOS): the layouts differ,
+    the equalities below hold for both."""
+    if request.param == "bpe":
+        return load_tokenizer(bpe_tokenizer(tmp_path_factory.mktemp("bpe")))
     return Tokenizer(train_tiny_tokenizer(CORPUS * 5, tmp_path_factory.mktemp("tok") / "tokenizer.model"))
 
 

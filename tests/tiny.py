@@ -102,3 +102,36 @@ def image_ids(batch=2, text_len=5, seed=0, image_token=IMAGE_TOKEN):
     ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, NUM_PATCHES), image_token), text], 1)
     pixels = torch.randn(batch, 3, VISION_CONFIG["image_size"], VISION_CONFIG["image_size"], generator=g)
     return ids, pixels
+
+
+def byte_chars():
+    """GPT-2's byte -> printable character map (bytes_to_unicode), written out as the reference does."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {b: chr(b) for b in keep}, 0
+    for b in range(256):
+        if b not in chars:
+            chars[b], n = chr(256 + n), n + 1
+    return [chars[b] for b in range(256)]
+
+
+# A tiny byte-level BPE vocabulary in SmolLM2's style: ChatML's special tokens (GGUF token type 3, control), the 256
+# byte characters, a few merges
+BPE_MERGES = ["Ġ t", "h e", "Ġt he", "i n", "Ġ a", "e r", "o n"]
+BPE_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + byte_chars() + [m.replace(" ", "") for m in BPE_MERGES]
+BPE_TYPES = [3] * 3 + [1] * (len(BPE_TOKENS) - 3)
+
+
+def bpe_tokenizer(path) -> Path:
+    """Write that vocabulary as tokenizer.json + tokenizer_config.json into `path`, through from_gguf's own
+    translation of GGUF metadata (SmolLM2's: <|im_start|> as BOS, not added; <|im_end|> as EOS)."""
+    from nanovoco.from_gguf import hf_tokenizer
+
+    fields = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": BPE_TOKENS,
+              "tokenizer.ggml.token_type": BPE_TYPES, "tokenizer.ggml.merges": BPE_MERGES,
+              "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_bos_token": False}
+    tokenizer, config = hf_tokenizer(fields, "tiny")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    return path
