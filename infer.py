@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from nanovoco import cli
 from nanovoco.cache_file import load_cache, save_cache
 from nanovoco.data import build_sample, compress_prefix
 from nanovoco.generate import stream, stream_from_cache
@@ -28,7 +29,7 @@ from nanovoco.model import VoCoLlama, check_length
 from nanovoco.tokenizer import load_tokenizer, stream_text, trained_system_prompt
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="checkpoint directory")
     p.add_argument("--vision", help="CLIP directory, for a LLaVA or LLaMA checkpoint that lacks its vision tower")

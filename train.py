@@ -25,6 +25,7 @@ import os
 import shutil
 import signal
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.tensor import distribute_tensor
 from tqdm import tqdm
 
-from nanovoco import checkpoint, files, formats, synthetic, synthetic_video
+from nanovoco import checkpoint, cli, files, formats, synthetic, synthetic_video
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate, user_text
 from nanovoco.evaluate import blind_baseline, vqa_accuracy
 from nanovoco.config import CLIPVisionConfig, VoCoLlamaConfig, preset
@@ -56,8 +57,11 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 
 @dataclass
 class TrainConfig:
-    # what to train
-    mode: str = "voco"  # one of MODES
+    """Every option of train.py (--name=value or --name value); `python train.py --help` lists them with these
+    comments, by group."""
+
+    # model
+    mode: str = "voco"  # what to train: one of full, voco, lower_bound, avgpool, qformer (MODES)
     num_voco: int = 2  # K: VoCo tokens per image (voco, lower_bound) or compressed tokens (avgpool, qformer)
     voco_ks: str = ""  # any-K training, e.g. "1,2,4,8,16": each sample gets one of these K, and the one checkpoint
     # compresses to any of them (VoCoLlama.compress(num_voco=k), infer.py --num_voco k); num_voco must be one of
@@ -72,6 +76,7 @@ class TrainConfig:
     # a copy of the "\n" token that precedes the VoCo tokens (see build_model)
     tokenizer: str = ""  # tokenizer.model or tokenizer.json; default: the init checkpoint's, or a tiny one trained
     # on the data
+
     # data
     data: str = "synthetic"  # a LLaVA-format JSON, "synthetic" (Sort-of-CLEVR images) or "synthetic_video" (moving
     # shapes, 4 frames per video), generated into out_dir/data
@@ -84,27 +89,29 @@ class TrainConfig:
     synthetic_set: str = "layout"  # the synthetic images' questions: "layout" (where things are) or "objects" (the
     # object named by its colour); synthetic.QUESTION_SETS
     synthetic_dir: str = ""  # where the synthetic data is generated (default out_dir/data); runs can share it
-    max_len: int = 2048
+    max_len: int = 2048  # tokens per sample; a longer sample loses the tail of its text
     system_prompt: str = VOCO_SYSTEM  # VoCo-LLaMA's Vicuna system prompt; a tiny model from scratch does without
+
     # optimisation (official recipe: AdamW, lr 2e-5, cosine, 3% warmup, no weight decay, global batch 128)
     batch_size: int = 128  # samples per optimizer step, over all processes
     micro_batch_size: int = 4  # samples per forward/backward in each process
-    lr: float = 2e-5
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    epochs: float = 1.0
+    lr: float = 2e-5  # peak learning rate
+    warmup_ratio: float = 0.03  # share of the steps with a linear warmup, before the cosine decay
+    weight_decay: float = 0.0  # AdamW's
+    grad_clip: float = 1.0  # the gradient's largest norm
+    epochs: float = 1.0  # passes over the data, when max_steps is 0
     max_steps: int = 0  # > 0: stop after this many optimizer steps
-    activation_checkpointing: bool = False
-    # bookkeeping
-    out_dir: str = "runs/train"
-    log_every: int = 1
+    activation_checkpointing: bool = False  # recompute each decoder block in the backward: less memory, more time
+
+    # run
+    out_dir: str = "runs/train"  # checkpoint/, log.jsonl, eval.json and the generated data go here
+    log_every: int = 1  # steps between log.jsonl lines
     save_every: int = 200  # steps between checkpoints (also saved at the end and on Ctrl-C)
     eval_every: int = 0  # steps between VQA evaluations (0: at the end only)
     eval_limit: int = 500  # held-out questions per evaluation
-    resume: bool = False
+    resume: bool = False  # continue out_dir's checkpoint
     stop_after: int = 0  # > 0: checkpoint and stop after this many steps of this invocation (time-limited jobs)
-    seed: int = 0
+    seed: int = 0  # the data order, the new weights and the synthetic data
 
 
 PRESETS = {
@@ -117,19 +124,35 @@ PRESETS = {
 
 
 def parse_args(argv) -> TrainConfig:
-    """--preset=name, then --field=value overrides, each converted to the type of the field's default."""
+    """--preset=name, then --field=value (or --field value) overrides, each converted to the type of the field's
+    default; -h / --help prints every option and exits. Hyphens and underscores in a name are the same (cli.respell);
+    an unknown name is an error naming the closest known one."""
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    values, overrides = {}, []
-    for arg in argv:
-        if not arg.startswith("--") or "=" not in arg:
-            raise ValueError(f"arguments are --name=value, got {arg!r}")
-        name, value = arg[2:].split("=", 1)
+    known = {"preset", *fields}
+    values, overrides, rest = {}, [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("-h", "--help"):
+            print(usage())
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"options are --name=value or --name value, got {arg!r} (python train.py --help lists "
+                             f"them)")
+        name, eq, value = arg[2:].partition("=")
+        name = cli.respell(name, known)
+        if name not in known:
+            raise ValueError(f"unknown option --{name}{cli.closest(name, known)} (python train.py --help lists them)")
+        if not eq:  # --name value; a boolean alone (--resume) means true
+            if name in fields and type(fields[name].default) is bool and (not rest or rest[0].startswith("--")):
+                value = "true"
+            elif not rest or rest[0].startswith("--"):
+                raise ValueError(f"--{name} needs a value: --{name}=VALUE or --{name} VALUE")
+            else:
+                value = rest.pop(0)
         if name == "preset":
             if value not in PRESETS:
                 raise ValueError(f"unknown preset {value!r}: choose from {', '.join(PRESETS)}")
             values.update(PRESETS[value])
-        elif name not in fields:
-            raise ValueError(f"unknown option --{name}: TrainConfig has {', '.join(fields)}")
         else:
             overrides.append((name, value))
     for name, value in overrides:
@@ -162,6 +185,27 @@ def parse_args(argv) -> TrainConfig:
             raise ValueError(f"--num_voco={cfg.num_voco} must be one of --voco_ks={cfg.voco_ks}: it is the K used "
                              f"when none is asked")
     return cfg
+
+
+def usage() -> str:
+    """The --help text: the command lines, the presets, then every TrainConfig field by group, with its default and
+    its comment (cli.dataclass_help)."""
+    lines = ["usage: python train.py [--preset=NAME] [--name=value | --name value ...]", "",
+             __doc__.split("\n")[0], "",
+             "Names take underscores or hyphens (--max_steps, --max-steps); booleans take true/false.", "",
+             "--preset=NAME sets these options first (the others override them):"]
+    for preset_name, options in PRESETS.items():
+        lines += textwrap.wrap(f"{preset_name}: " + ", ".join(f"{n}={v}" for n, v in options.items()), 100,
+                               initial_indent="  ", subsequent_indent="    ")
+    lines.append("")
+    for group, items in cli.dataclass_help(TrainConfig):
+        lines.append(f"{group}:")
+        for name, default, text in items:
+            option = f"  --{name}={str(default)[:40] + '...' if len(str(default)) > 40 else default}"
+            lines += textwrap.wrap(text, 100, initial_indent=f"{option:<34}" if len(option) < 34 else
+                                   option + "\n" + " " * 34, subsequent_indent=" " * 34) or [option]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def voco_ks(cfg) -> tuple[int, ...] | None:

@@ -15,7 +15,6 @@ Each way runs in fresh processes; each process reports its peak resident memory 
 reset when the process begins: ru_maxrss would count the memory of the parent it was forked from) and the bytes of
 its parameter shards. Both ways end with the same shards (checked: equal parameters).
 """
-import argparse
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train
+from nanovoco import cli
 from nanovoco.bench import machine, publish
 from nanovoco.config import CLIPVisionConfig, LlamaConfig, VoCoLlamaConfig
 from nanovoco.init import init_weights
@@ -78,7 +78,7 @@ def start(rank: int, world: int, how: str, path: str, port: int, results):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--processes", type=int, default=2)
     p.add_argument("--out", help="append the table to this file")
     args = p.parse_args()

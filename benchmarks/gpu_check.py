@@ -15,7 +15,6 @@ Each part runs on its own (a failure is written into the report and the next par
    GPU's dense bf16 peak (--peak_tflops, default 989: H100 SXM and H200).
 The report is markdown with the device's name, torch's version and the date, for docs/benchmarks.md.
 """
-import argparse
 import os
 import subprocess
 import sys
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from nanovoco import cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,7 +163,7 @@ def mfu(peak_tflops: float) -> str:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", help="write the markdown report here (it is printed too)")
     p.add_argument("--peak_tflops", type=float, default=989.0, help="the GPU's dense bf16 peak, for the MFU")
     args = p.parse_args()

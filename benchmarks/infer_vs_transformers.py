@@ -21,7 +21,6 @@ time stands next to its memory-bandwidth limit on this machine: the bytes a deco
 and the cache at mid-generation) over the bandwidth of a large copy measured in the same run.
 The implementations are timed in alternating rounds (A B, B A, ...); the table reports medians over rounds.
 """
-import argparse
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ import torch
 import transformers
 from tqdm import tqdm
 
+from nanovoco import cli
 from nanovoco.bench import machine, publish, sync
 from nanovoco.generate import generate
 from nanovoco.model import Llama
@@ -38,7 +38,7 @@ NAMES = ("transformers", "nanovoco")
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)

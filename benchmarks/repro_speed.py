@@ -18,7 +18,6 @@ Timed in interleaved rounds (A B C, C B A, ...) so that machine noise hits all a
 Then, for "after", where a step's time goes: loading its batch (PNG decode, preprocessing, collation) and the frozen
 tower's forward, the two parts that caching the tower's features would remove, against the whole step.
 """
-import argparse
 import json
 import statistics
 import tempfile
@@ -29,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import train
-from nanovoco import synthetic, vision_pretrain
+from nanovoco import cli, synthetic, vision_pretrain
 from nanovoco.bench import machine, publish
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate
 from nanovoco.init import init_weights
@@ -115,7 +114,7 @@ def autocast(step):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=5, help="timed steps per set-up per round")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--out", help="append the markdown section to this file")

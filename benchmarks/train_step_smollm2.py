@@ -21,7 +21,6 @@ The losses of the first two are checked equal before timing. Each step is forwar
 zero_grad; after warm-up steps the variants are timed in alternating rounds (rotated order), and the table gives the
 median per-step time over rounds and its ratio to transformers'.
 """
-import argparse
 import statistics
 import tempfile
 import time
@@ -35,6 +34,7 @@ import transformers
 from tqdm import tqdm
 
 from benchmarks.train_throughput import cpu_model, sync
+from nanovoco import cli
 from nanovoco.bench import publish
 from nanovoco.from_gguf import convert, smollm2_path
 from nanovoco.model import Llama
@@ -42,7 +42,7 @@ from nanovoco.voco import TEXT, VISION, VOCO, voco_mask
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--llm", default="", help="an HF LLaMA directory (default: SmolLM2 converted from its wheel)")
     p.add_argument("--layers", type=int, default=0, help="keep the first N decoder layers (0: all)")
     p.add_argument("--batch", type=int, default=16)

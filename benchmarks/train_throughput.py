@@ -14,7 +14,6 @@ explicit position ids. One training step = forward, cross-entropy on shifted lab
 step, zero_grad. The two implementations are timed in alternating rounds (A B, B A, ...), so that machine noise hits
 both alike; the table reports the median per-step time over rounds.
 """
-import argparse
 import platform
 import statistics
 import tempfile
@@ -28,13 +27,14 @@ import torch.nn.functional as F
 import transformers
 from tqdm import tqdm
 
+from nanovoco import cli
 from nanovoco.bench import publish
 from nanovoco.model import Llama
 from nanovoco.voco import TEXT, VISION, VOCO, voco_mask
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=8)

@@ -21,7 +21,6 @@ P - K fewer keys costs, which is little next to the weights unless the cache is 
 """
 from __future__ import annotations
 
-import argparse
 import platform
 import statistics
 import time
@@ -34,7 +33,7 @@ from tqdm import tqdm
 
 from nanovoco.config import CLIPVisionConfig, LlamaConfig, VoCoLlamaConfig, preset
 from nanovoco.data import compress_prefix
-from nanovoco import generate
+from nanovoco import cli, generate
 from nanovoco.init import init_weights
 from nanovoco.model import VoCoLlama
 
@@ -280,7 +279,7 @@ def publish(text: str, out=None):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--size", choices=SIZES, default="tiny")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),

@@ -3,13 +3,13 @@ tokenizer, save them in LLaVA-1.5's checkpoint layout, load them back with `VoCo
 two-stage inference: stage 1 compresses the image once into the VoCo tokens' KV cache, stage 2 answers two questions
 from that cache alone. The weights are random, so the answers are gibberish; what the demo shows is the pipeline and
 the cache's size against the whole image's."""
-import argparse
 import time
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
 
+from nanovoco import cli
 from nanovoco.config import preset
 from nanovoco.data import build_sample, compress_prefix
 from nanovoco.generate import stream_from_cache
@@ -73,7 +73,7 @@ def main(out="runs/demo", max_new_tokens=24, num_voco=2):
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = cli.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--max_new_tokens", type=int, default=24)
     parser.add_argument("--num_voco", type=int, default=2, help="K, VoCo tokens per image (must be >= 1)")

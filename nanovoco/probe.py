@@ -17,7 +17,6 @@ it is one whose answer the mean keeps only faintly.
 
 (without --vision a tower is pretrained first, as the repro's stage 0 does, ~40 CPU seconds).
 """
-import argparse
 import json
 import random
 import tempfile
@@ -27,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanovoco import files, synthetic, vision_pretrain
+from nanovoco import cli, files, synthetic, vision_pretrain
 from nanovoco.image import preprocess
 from nanovoco.model import CLIPVisionTower
 
@@ -118,7 +117,7 @@ def markdown(result: dict) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vision", type=Path, help="a tower in CLIP's HF layout (default: pretrain one with --seed)")
     p.add_argument("--out", type=Path, help="write the result as JSON here too")
     p.add_argument("--images", type=int, default=6000)

@@ -42,10 +42,10 @@ the same command picks up where it stopped. Then it writes, into the run folder:
 Standard errors: an accuracy's is sqrt(p (1 - p) / n) over the n held-out questions; a retention's comes from a
 paired bootstrap over the questions (every method answers the same ones), so it includes the bounds' noise.
 """
-import argparse
 import json
 import random
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -54,7 +54,7 @@ from pathlib import Path
 
 import torch
 
-from nanovoco import bench, files, from_gguf, synthetic, synthetic_video, vision_pretrain
+from nanovoco import bench, cli, files, from_gguf, synthetic, synthetic_video, vision_pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 4, 16)  # the default's Table 2: what the 15-minute budget holds (a K is a stage of ~2 minutes)
@@ -637,7 +637,7 @@ def parse_ints(text: str, least: int) -> list[int] | None:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/repro", type=Path, help="run folder (a folder per seed, tables, plot)")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the data and the training steps")
     p.add_argument("--seeds", default="0", help="comma-separated seeds, each a whole run (data, vision tower, init)")
@@ -714,6 +714,17 @@ def main(argv=None):
     if video:
         video_plot(video, plots[1])
     print("\n" + text + f"\nwrote {out / 'results.md'}, {out / 'results.json'}, " + ", ".join(map(str, plots)))
+    print(infer_command(out / f"seed{seeds[0]}"))
+
+
+def infer_command(folder: Path) -> str:
+    """A ready infer.py command for the seed's K = 1 VoCo-LLaMA model, on its first held-out scene and question."""
+    record = json.loads((folder / "data" / "eval" / "data.json").read_text())[0]
+    question = record["conversations"][0]["value"].replace("<image>", "").strip()
+    command = ["python", "infer.py", "--model", str(folder / "voco_k1" / "checkpoint" / "model"), "--image",
+               str(folder / "data" / "eval" / record["image"]), "--question", question]
+    return (f"\nAsk the VoCo-LLaMA model (one VoCo token) about a held-out scene; the right answer is "
+            f"{record['conversations'][1]['value']!r}:\n  {shlex.join(command)}")
 
 
 if __name__ == "__main__":

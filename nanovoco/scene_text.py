@@ -10,7 +10,6 @@ evaluate.score scores a VLM's answer, so the result sits in the repro's tables b
 of the red object from the text knows how to bind a colour to its object; a VLM must still learn to read that
 binding from 64 vision tokens.
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from nanovoco import cli
 from nanovoco.data import build_sample, pad_samples, user_text
 from nanovoco.evaluate import score
 from nanovoco.files import atomic_write, read_json
@@ -77,7 +77,7 @@ def answer(llm: Llama, tokenizer, records: list[dict], image_size: int, batch_si
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--llm", required=True, help="an HF LLaMA directory with its tokenizer (nanovoco.from_gguf's)")
     p.add_argument("--data", required=True, type=Path, help="synthetic.py's data.json (records with their scene)")
     p.add_argument("--out", required=True, type=Path, help="folder for eval.json")

@@ -23,7 +23,6 @@ writes out/images/000000.png, ... and out/data.json, one LLaVA record per questi
      "scene": [{"color": "red", "shape": "circle", "x": 14, "y": 42}, ...]}
 "type" and "scene" are ours (LLaVA ignores extra keys): per-type accuracy, and answers that can be checked.
 """
-import argparse
 import json
 import math
 import random
@@ -32,6 +31,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+from nanovoco import cli
 from nanovoco.files import atomic_write
 
 PALETTE = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), "orange": (245, 140, 20),
@@ -218,7 +218,7 @@ def write_json(out_dir: Path, records: list[dict]) -> Path:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate a Sort-of-CLEVR visual QA set in LLaVA's JSON format.")
+    p = cli.ArgumentParser(description="Generate a Sort-of-CLEVR visual QA set in LLaVA's JSON format.")
     p.add_argument("--out", required=True, type=Path, help="output directory (images/ and data.json)")
     p.add_argument("--n_images", type=int, default=1000)
     p.add_argument("--questions_per_image", type=int, default=4)

@@ -26,12 +26,12 @@ frames in time order, for the one "<image>" tag:
 "scene" holds the objects of each frame, in the same order in every frame; it and "type" are ours (LLaVA ignores
 extra keys): per-type accuracy, and answers that can be checked.
 """
-import argparse
 import random
 from pathlib import Path
 
 from tqdm import tqdm
 
+from nanovoco import cli
 from nanovoco.files import atomic_write
 from nanovoco.synthetic import (GRID, NUMBERS, PALETTE, QUARTERS, SHAPES, draw, llava_records, make_scene, quarter,
                                 write_json)
@@ -206,7 +206,7 @@ def generate(out_dir, n_videos: int = 1000, questions_per_video: int = 4, seed: 
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate a moving-shapes video QA set in LLaVA's JSON format.")
+    p = cli.ArgumentParser(description="Generate a moving-shapes video QA set in LLaVA's JSON format.")
     p.add_argument("--out", required=True, type=Path, help="output directory (videos/ and data.json)")
     p.add_argument("--n_videos", type=int, default=1000)
     p.add_argument("--questions_per_video", type=int, default=4)

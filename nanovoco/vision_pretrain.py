@@ -15,7 +15,6 @@ The per-patch heads read the last layer; the VLM reads the one before, as LLaVA 
 
 writes the tower and eval.json, a probe of its features against the same tower untrained (`probe`).
 """
-import argparse
 import json
 import math
 import random
@@ -26,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanovoco import checkpoint, files, formats, synthetic
+from nanovoco import checkpoint, cli, files, formats, synthetic
 from nanovoco.config import CLIPVisionConfig
 from nanovoco.image import preprocess
 from nanovoco.init import init_weights
@@ -140,7 +139,7 @@ def probe(tower: CLIPVisionTower, seed: int = 0, n_images: int = 300) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Pretrain the tiny vision tower on synthetic scenes (per-patch colour, "
+    p = cli.ArgumentParser(description="Pretrain the tiny vision tower on synthetic scenes (per-patch colour, "
                                             "shape and grid cell); save it in CLIP's HF layout.")
     p.add_argument("--out", required=True, type=Path, help="directory for config.json, model.safetensors, eval.json")
     p.add_argument("--steps", type=int, default=300)

@@ -3,6 +3,7 @@ plot and the JSON come out, and a second invocation keeps the finished stages in
 import importlib.util
 import json
 import random
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -151,6 +152,12 @@ def test_repro_runs_and_resumes(tmp_path):
         assert state["init"] == ("tiny-mha" if name == "full" else str(run / "full" / "checkpoint" / "model"))
         assert name == "full" or state["num_voco"] == int(name.split("_k")[1])
         assert len(json.loads((run / name / "eval.json").read_text())["correct"]) == seed[name]["n"]
+    # the end of the run: a ready infer.py command for the K = 1 model, on a held-out scene, which runs and answers
+    command = shlex.split(first.stdout.strip().splitlines()[-1])
+    assert command[:2] == ["python", "infer.py"] and "Ask the VoCo-LLaMA model" in first.stdout
+    asked = subprocess.run([sys.executable, *command[1:], "--max_new_tokens", "4"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    assert asked.returncode == 0 and "\nA: " in asked.stdout and "1 VoCo tokens" in asked.stderr, asked.stderr
     second = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0 and second.stdout.count("done before, kept") == len(stages(1.0))
     other = subprocess.run(cmd[:-1] + ["0.02"], cwd=ROOT, capture_output=True, text=True, timeout=300)

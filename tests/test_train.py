@@ -173,6 +173,9 @@ def test_llm_from_scratch_on_a_pretrained_tower(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--nope=1"], "unknown option --nope"),
+    (["--max-stepz=3"], "unknown option --max-stepz, did you mean --max_steps?"),
+    (["--lr"], "--lr needs a value: --lr=VALUE or --lr VALUE"),
+    (["lr=1e-3"], "options are --name=value or --name value, got 'lr=1e-3'"),
     (["--lr=fast"], "--lr takes a float, got 'fast'"),
     (["--resume=maybe"], "--resume takes true or false"),
     (["--mode=magic"], "--mode must be one of full, voco, lower_bound, avgpool, qformer"),
