@@ -3,10 +3,10 @@
     python -m nanovoco.scene_text --llm checkpoints/smollm2 --data runs/x/data/eval/data.json --out runs/x/zero_shot
 
 What the LLM can do with the questions before it has seen a single image: the scene's objects (colour, shape,
-centre in pixels) in a sentence, the question, "Answer with one word.", the answer opened with "The answer is:", and
-its greedy continuation. Its first word (a digit as a word) is scored as
-evaluate.score scores a VLM's answer, so the result sits in the repro's tables beside the trained models (`repro
---llm smollm2`, stage `zero_shot`). It is the answer to "does the LLM bring anything": a model that names the shape
+centre in pixels) in a sentence, the question, "Answer with one word.", the answer opened with "The answer is", and
+of the answers the question's type has, the one whose first token the LLM ranks highest next (a zero-shot multiple
+choice). It is scored as evaluate.score scores a VLM's answer, so the result sits in the repro's tables beside the
+trained models (`repro --llm smollm2`, stage `zero_shot`). It is the answer to "does the LLM bring anything": a model that names the shape
 of the red object from the text knows how to bind a colour to its object; a VLM must still learn to read that
 binding from 64 vision tokens.
 """
@@ -21,11 +21,9 @@ from nanovoco import cli
 from nanovoco.data import build_sample, pad_samples, user_text
 from nanovoco.evaluate import score
 from nanovoco.files import atomic_write, read_json
-from nanovoco.generate import generate
 from nanovoco.model import Llama
-from nanovoco.synthetic import NUMBERS
 from nanovoco.tokenizer import load_tokenizer
-from nanovoco.voco import TEXT
+from nanovoco.voco import TEXT, causal_pad_mask
 
 
 def describe(scene: list[dict], image_size: int) -> str:
@@ -35,45 +33,52 @@ def describe(scene: list[dict], image_size: int) -> str:
             f"{len(scene)} objects: {objects}.")
 
 
-ONE_WORD, LEAD = "Answer with one word.", "The answer is:"
-
-
-def first_word(text: str) -> str:
-    """The answer's first word after any article, a digit written as the word the synthetic answers use ("2" ->
-    "two")."""
-    words = [w.strip(".,!:;\"'*") for w in text.split()]
-    words = [w for w in words if w and w.lower() not in ("a", "an", "the")]
-    word = words[0] if words else ""
-    return NUMBERS[int(word)] if word.isdigit() and int(word) < len(NUMBERS) else word
+ONE_WORD, LEAD = "Answer with one word.", "The answer is"
 
 
 @torch.no_grad()
 def answer(llm: Llama, tokenizer, records: list[dict], image_size: int, batch_size: int = 16,
-           max_new_tokens: int = 4, progress: bool = True) -> dict:
-    """Greedy answers of the LLM to each record's (first) question about its scene as text, scored (evaluate.score,
-    on the answer's first word)."""
+           progress: bool = True) -> dict:
+    """The LLM's choice for each record's (first) question about its scene as text: of the answers that the
+    question's type has in these records, the one whose first token it ranks highest after "The answer is:" (a
+    zero-shot multiple choice, as evaluation harnesses score one), scored by evaluate.score."""
     llm.eval()
+    options = {}
+    for r in records:
+        options.setdefault(r.get("type"), set()).add(r["conversations"][1]["value"])
+    lead = tokenizer.encode(LEAD, bos=False)
+
+    def first_token(answer):  # the answer's first token where it follows the lead, in any tokenizer's spacing
+        ids = tokenizer.encode(f"{LEAD} {answer}", bos=False)
+        return ids[len(lead)] if ids[:len(lead)] == lead and len(ids) > len(lead) else None
+
+    first_tokens = {}
+    for qtype, answers in options.items():
+        first_tokens[qtype] = {a: first_token(a) for a in sorted(answers)}
+        if None in first_tokens[qtype].values() or len(set(first_tokens[qtype].values())) < len(answers):
+            raise ValueError(f"the answers of type {qtype!r} share a first token ({sorted(answers)}): a first-token "
+                             f"choice cannot tell them apart")
     samples = []
     for r in records:
         question = f"{describe(r['scene'], image_size)}\n{user_text(r['conversations'][0]['value'])} {ONE_WORD}"
         s = build_sample(tokenizer, [(question, None)], image_token_id=-1, num_image_tokens=0, voco_token_id=-1,
                          num_voco=0, num_frames=0, system="")
-        # the answer's first words written for it: an instruction-tuned LLM otherwise opens with a sentence
-        lead = tokenizer.encode(LEAD, bos=False)
+        # the answer's first words written for it: the next token is the answer's own
         s.input_ids += lead
         s.segments += [TEXT] * len(lead)
         s.groups += [-1] * len(lead)
         s.positions += range(s.positions[-1] + 1, s.positions[-1] + 1 + len(lead))
         samples.append(s)
-    answers = []
+    chosen = []
     for start in tqdm(range(0, len(samples), batch_size), desc="scenes as text", disable=not progress,
                       leave=False):
-        batch = pad_samples(samples[start:start + batch_size], left=True)
-        generated = generate(llm, input_ids=batch["input_ids"], segments=batch["segments"], groups=batch["groups"],
-                             position_ids=batch["positions"], max_new_tokens=max_new_tokens,
-                             eos_id=tokenizer.eos_id)
-        answers += [first_word(tokenizer.decode(a)) for a in generated]
-    return score(answers, [r["conversations"][1]["value"] for r in records], [r.get("type") for r in records])
+        batch = pad_samples(samples[start:start + batch_size], left=True)  # the last position is every row's own
+        logits = llm(batch["input_ids"], attn_mask=causal_pad_mask(batch["segments"]),
+                     position_ids=batch["positions"], last_only=True).logits[:, -1]  # (B, vocab)
+        for row, r in zip(logits, records[start:start + batch_size]):
+            candidates = first_tokens[r.get("type")]
+            chosen.append(max(candidates, key=lambda a: row[candidates[a]].item()))
+    return score(chosen, [r["conversations"][1]["value"] for r in records], [r.get("type") for r in records])
 
 
 def main(argv=None):
