@@ -7,7 +7,7 @@
     python -m nanovoco.repro --video                  # + video: do the per-frame caches carry time? (~9 CPU minutes)
     python -m nanovoco.repro --questions objects      # the objects named by their colour (docs/results.md)
     python -m nanovoco.repro --scale 8                # a larger run (8x the data and steps), for a GPU
-    python -m nanovoco.repro --llm smollm2 --ks 1     # from a pretrained LLM, SmolLM2-135M (~75 CPU minutes a seed)
+    python -m nanovoco.repro --llm smollm2 --ks 1 --scale 0.6   # from SmolLM2-135M (~1 CPU hour a seed)
 
 The questions are synthetic.py's layout set by default: where things are (how many objects in the left half, which
 quarter is empty, ...), which a tiny LLM trained from scratch masters (the objects set, about the object a colour
