@@ -9,8 +9,9 @@ stage 1 compresses the image once into the VoCo tokens' KV cache, stage 2 answer
     python infer.py --model DIR --mode full --image scene.png --question "..."  # no compression: the whole image
 
 --model is a checkpoint directory (train.py's OUT/checkpoint/model, a LLaVA-1.5 directory + --vision, or a
-Vicuna directory + --vision + --projector) with its tokenizer (tokenizer.model or tokenizer.json); the system prompt it was trained with is read
-from its prompt.json (train.py writes it), else VoCo-LLaMA's. Answers are printed as they are generated.
+Vicuna directory + --vision + --projector) with its tokenizer (tokenizer.model or tokenizer.json); the system prompt
+it was trained with is read from its prompt.json (train.py writes it), else VoCo-LLaMA's. Answers are printed as
+they are generated.
 A video is compressed frame by frame into one cache (VoCoLlama.compress_video): its frames cost K positions each.
 """
 import argparse

@@ -2,13 +2,13 @@
 
     python -m nanovoco.scene_text --llm checkpoints/smollm2 --data runs/x/data/eval/data.json --out runs/x/zero_shot
 
-What the LLM can do with the questions before it has seen a single image: the scene's objects (colour, shape,
-centre in pixels) in a sentence, the question, "Answer with one word.", the answer opened with "The answer is", and
-of the answers the question's type has, the one whose first token the LLM ranks highest next (a zero-shot multiple
-choice). It is scored as evaluate.score scores a VLM's answer, so the result sits in the repro's tables beside the
-trained models (`repro --llm smollm2`, stage `zero_shot`). It is the answer to "does the LLM bring anything": a model that names the shape
-of the red object from the text knows how to bind a colour to its object; a VLM must still learn to read that
-binding from 64 vision tokens.
+What the LLM can do with the questions before it has seen a single image: the scene's objects (colour, shape, centre
+in pixels) in a sentence, the question, "Answer with one word.", the answer opened with "The answer is", and of the
+answers the question's type has, the one whose first token the LLM ranks highest next (a zero-shot multiple choice).
+It is scored as evaluate.score scores a VLM's answer, so the result sits in the repro's tables beside the trained
+models (`repro --llm smollm2`, stage `zero_shot`). It is the answer to "does the LLM bring anything": a model that
+names the shape of the red object from the text knows how to bind a colour to its object; a VLM must still learn to
+read that binding from 64 vision tokens.
 """
 import json
 import sys

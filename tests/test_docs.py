@@ -28,4 +28,4 @@ def test_file_map_line_counts_are_current():
     assert len(rows) >= 20
     for path, stated in rows:
         actual = sum(1 for _ in open(ROOT / path))
-        assert abs(actual - int(stated)) <= max(10, 0.15 * actual), f"{path}: README says {stated} lines, it has {actual}"
+        assert abs(actual - int(stated)) <= max(10, 0.15 * actual), f"{path}: README says {stated}, it has {actual}"
