@@ -21,8 +21,6 @@ eval.json then scores it at each K).
 import dataclasses
 import json
 import math
-import os
-import shutil
 import signal
 import sys
 import textwrap
@@ -35,9 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.tensor import distribute_tensor
+from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from tqdm import tqdm
 
 from nanovoco import checkpoint, cli, files, formats, synthetic, synthetic_video
@@ -46,7 +42,9 @@ from nanovoco.evaluate import blind_baseline, vqa_accuracy
 from nanovoco.config import CLIPVisionConfig, VoCoLlamaConfig, preset
 from nanovoco.init import init_weights
 from nanovoco.model import CLIPVisionTower, Llama, Projector, VoCoLlama
+from nanovoco.parallel import all_sum, barrier, place, setup_distributed
 from nanovoco.tokenizer import VOCO_SYSTEM, BPETokenizer, Tokenizer, load_tokenizer, train_tiny_tokenizer
+from nanovoco.train_checkpoint import check_resumable, find_checkpoint, save_checkpoint
 from nanovoco.voco import PAD, causal_pad_mask, voco_mask
 
 MODES = ("full", "voco", "lower_bound", "avgpool", "qformer")
@@ -218,30 +216,6 @@ def voco_ks(cfg) -> tuple[int, ...] | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed set-up: torchrun sets RANK/WORLD_SIZE; without them this is one plain process.
-
-def setup_distributed():
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return dist.get_rank(), dist.get_world_size(), torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return dist.get_rank(), dist.get_world_size(), torch.device("cpu")
-
-
-def all_sum(x: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(x)
-    return x
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Data, tokenizer and model
 
 def prepare_data(cfg, out: Path, rank: int, size: int):
@@ -386,109 +360,6 @@ def build_model(cfg: TrainConfig, tokenizer, source) -> VoCoLlama:
     return vlm
 
 
-def place(cfg: TrainConfig, tokenizer, source, device, rank: int, world: int) -> VoCoLlama:
-    """The model to train, on its device(s). One process: build_model, then to the device. Under torchrun, a start
-    that fits a node: only rank 0 builds the whole model in host memory (build_model: the checkpoint, the VoCo token,
-    the compressor); every rank builds it on the meta device from rank 0's config, shards it (FSDP2), allocates its
-    own shards only and receives their values from rank 0. Host memory per node: one whole model and the shards,
-    not one whole model per process (docs/benchmarks.md measures it)."""
-    if world == 1:
-        return shard(build_model(cfg, tokenizer, source), device, world, cfg.activation_checkpointing)
-    whole = build_model(cfg, tokenizer, source) if rank == 0 else None
-    config = [whole.config if rank == 0 else None]
-    dist.broadcast_object_list(config, src=0)  # a dataclass of numbers and strings, between our own processes
-    with torch.device("meta"):
-        vlm = VoCoLlama(config[0])
-    vlm.vision.requires_grad_(not cfg.freeze_vision)
-    vlm = shard(vlm, device, world, cfg.activation_checkpointing)
-    vlm.to_empty(device=device)  # this rank's shards, uninitialised until filled below
-    # One tensor at a time, so that a rank holds its shards and one whole tensor, never the whole model: rank 0
-    # broadcasts it, every rank keeps its own slice, and rank 0 frees its whole copy as it goes.
-    # (set_model_state_dict(..., broadcast_from_rank0=True) peaked at the whole model on every rank.)
-    whole_state = whole.state_dict() if rank == 0 else None
-    with torch.no_grad():
-        for name, shard_of in vlm.state_dict().items():  # DTensors, sharded on dim 0 as fully_shard placed them
-            full = whole_state.pop(name).to(device) if rank == 0 else torch.empty(
-                shard_of.shape, dtype=shard_of.dtype, device=device)
-            dist.broadcast(full, src=0)
-            mine = distribute_tensor(full, shard_of.device_mesh, shard_of.placements, src_data_rank=None)
-            shard_of.to_local().copy_(mine.to_local())
-            if rank == 0:  # drop the whole model's reference too: the tensor is freed with `full`
-                module, _, leaf = name.rpartition(".")
-                delattr(whole.get_submodule(module), leaf)
-            del full, mine
-    return vlm
-
-
-def shard(vlm: VoCoLlama, device, world: int, activation_checkpointing: bool) -> VoCoLlama:
-    """Apply activation checkpointing and FSDP2 from outside the model, torchtitan-style: one FSDP unit per decoder
-    block and one for the vision tower, then the root (embeddings, projector, norm, head). bf16 compute with fp32
-    gradient reduction on CUDA; fp32 on the CPU. A model on the meta device stays there (place allocates it)."""
-    from torch.distributed._composable import checkpoint as activation_checkpoint
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if activation_checkpointing:
-        for layer in vlm.llm.layers:
-            activation_checkpoint(layer)  # recompute the block in backward; keeps the parameter names
-    if world == 1:
-        return vlm.to(device)
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" \
-        else MixedPrecisionPolicy()
-    if not next(vlm.parameters()).is_meta:
-        vlm.to(device)
-    for layer in vlm.llm.layers:
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(vlm.vision, mp_policy=mp)
-    fully_shard(vlm, mp_policy=mp)
-    return vlm
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: model weights as safetensors in LLaVA's layout (from_pretrained loads them), optimizer state as a
-# sharded DCP checkpoint, the step in state.json. Written to checkpoint.tmp and renamed, so an interruption at any
-# moment leaves the previous checkpoint whole.
-
-def save_checkpoint(out: Path, vlm, optim, step: int, cfg: TrainConfig, tokenizer, rank: int):
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if final.exists():  # a run that died between the renames of the last save left both: keep the newer
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-    full = get_model_state_dict(vlm, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        formats.save_vlm(tmp / "model", vlm.config, full)
-        tokenizer.save(tmp / "model")
-        # the system prompt the model was trained with, which inference must use too (infer.py reads it)
-        (tmp / "model" / "prompt.json").write_text(json.dumps({"system": cfg.system_prompt}))
-    dcp.save({"optimizer": get_optimizer_state_dict(vlm, optim)}, checkpoint_id=str(tmp / "optimizer"))
-    if rank == 0:
-        (tmp / "state.json").write_text(json.dumps({"step": step, "config": dataclasses.asdict(cfg)}, indent=2))
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def find_checkpoint(out: Path):
-    """The last complete checkpoint: checkpoint/, or checkpoint.old/ if the run died between the two renames."""
-    for d in (out / "checkpoint", out / "checkpoint.old"):
-        if (d / "state.json").exists():
-            return d
-    return None
-
-
-def check_resumable(saved: dict, cfg: TrainConfig, where: Path):
-    changed = {k: (v, getattr(cfg, k)) for k, v in saved.items()
-               if k not in ("resume", "stop_after", "eval_every", "eval_limit", "log_every", "save_every", "out_dir",
-                            "micro_batch_size")  # neither changes the numbers: the loss is normalised per batch
-               and getattr(cfg, k) != v}
-    if changed:
-        raise ValueError(f"{where}/state.json was trained with other settings {changed} (saved, now): resume with "
-                         f"the original options or start a new --out_dir")
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The loop
 
@@ -573,7 +444,7 @@ def prepare(cfg: TrainConfig) -> Run:
     resume_from = find_checkpoint(out) if cfg.resume else None
     if resume_from:
         saved = json.loads((resume_from / "state.json").read_text())
-        check_resumable(saved["config"], cfg, resume_from)
+        check_resumable(saved["config"], dataclasses.asdict(cfg), resume_from)
     elif (out / "checkpoint").exists():
         raise ValueError(f"{out} already holds a checkpoint: pass --resume=true to continue it, or another --out_dir")
 
@@ -600,7 +471,8 @@ def prepare(cfg: TrainConfig) -> Run:
         eval_set = eval_set.with_num_voco(cfg.num_voco)  # every question at the default K; the end: at each K
 
     # model
-    vlm = place(build, tokenizer, source, device, rank, world)
+    vlm = place(lambda: build_model(build, tokenizer, source), device, rank, world, freeze_vision=cfg.freeze_vision,
+                activation_checkpointing=cfg.activation_checkpointing)
     params = [p for p in vlm.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)
@@ -691,7 +563,7 @@ def fit(run: Run):
         interrupted = all_sum(torch.tensor(float(bool(stop)), device=device)).item() > 0 \
             or step - first_step == cfg.stop_after
         if step % cfg.save_every == 0 or step == total_steps or interrupted:
-            save_checkpoint(out, vlm, optim, step, cfg, run.tokenizer, rank)
+            save_checkpoint(out, vlm, optim, step, dataclasses.asdict(cfg), run.tokenizer, cfg.system_prompt, rank)
         if interrupted:
             if rank == 0:
                 print(f"\nstopped: saved step {step} to {out / 'checkpoint'}; continue with --resume=true")

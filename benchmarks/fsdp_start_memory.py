@@ -8,8 +8,8 @@ A random VLM (LLaMA shape: width 1280, 24 layers, intermediate 3456, vocabulary 
 LLaVA's layout in bf16, as released checkpoints are stored, and started from under `torch.distributed` with 2 (or
 --processes) gloo processes, both ways:
 - every rank (before): each process builds the whole model from the checkpoint in host memory
-  (train.build_model), then FSDP2 shards it (train.shard), as train.py did;
-- rank 0 (after): train.place: only rank 0 builds the whole model; every rank builds it on the meta device,
+  (train.build_model), then FSDP2 shards it (parallel.shard), as train.py did;
+- rank 0 (after): parallel.place: only rank 0 builds the whole model; every rank builds it on the meta device,
   shards it, allocates its own shards and receives their values from rank 0.
 Each way runs in fresh processes; each process reports its peak resident memory during the start (Linux's VmHWM,
 reset when the process begins: ru_maxrss would count the memory of the parent it was forked from) and the bytes of
@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import train
-from nanovoco import cli
+from nanovoco import cli, parallel
 from nanovoco.bench import machine, publish
 from nanovoco.config import CLIPVisionConfig, LlamaConfig, VoCoLlamaConfig
 from nanovoco.init import init_weights
@@ -66,9 +66,10 @@ def start(rank: int, world: int, how: str, path: str, port: int, results):
     tokenizer = Tokenizer(Path(path) / "tokenizer.model")
     device = torch.device("cpu")
     if how == "every rank":
-        vlm = train.shard(train.build_model(cfg, tokenizer, path), device, world, False)
+        vlm = parallel.shard(train.build_model(cfg, tokenizer, path), device, world, False)
     else:
-        vlm = train.place(cfg, tokenizer, path, device, rank, world)
+        vlm = parallel.place(lambda: train.build_model(cfg, tokenizer, path), device, rank, world,
+                             freeze_vision=cfg.freeze_vision, activation_checkpointing=False)
     peak = peak_rss()
     shards = sum(p.to_local().nbytes for p in vlm.parameters())
     checksum = float(sum(p.to_local().double().sum() for p in vlm.parameters()))
@@ -100,7 +101,7 @@ def main():
         for rank in range(world):
             peak, shards, _ = results[(how, rank)]
             name = "every rank builds the whole model (before)" if how == "every rank" else \
-                "rank 0 builds it, the others receive their shards (train.place)"
+                "rank 0 builds it, the others receive their shards (parallel.place)"
             lines.append(f"| {name} | {rank} | {peak / 1e9:.2f} | {shards / 1e9:.2f} |")
     total = {how: sum(results[(how, r)][0] for r in range(world)) / 1e9 for how in ("every rank", "rank 0")}
     lines += ["", f"Sum over the {world} processes: {total['every rank']:.2f} GB before, {total['rank 0']:.2f} GB "

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from nanovoco import cli
-from nanovoco.files import atomic_write
 
 # {HF key: GGUF key}, templated per layer; output.weight is absent when the head is tied to the embeddings
 GGUF_KEYS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
