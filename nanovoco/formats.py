@@ -180,10 +180,11 @@ LLAVA_PROJECTOR = {"mlp2x_gelu": ("model.mm_projector.0", "model.mm_projector.2"
 # Whole VLMs: recognise the layout, build the config and the parts to load; save LLaVA-1.5's layout.
 
 def vlm_parts(path, vision_path, projector_path, build_config, num_voco=None, voco_token_id=None):
-    """Recognise a VLM checkpoint's layout; return (config, parts for `load`). build_config(text=, vision=, **rest)
-    builds the VoCoLlamaConfig from config dicts. The VoCo settings come from config.json's num_voco and
-    voco_token_id in any layout (train.py writes them); num_voco / voco_token_id, when given, override them, e.g. for
-    a VoCo-LLaMA model converted to llava-hf's layout by a tool that dropped them (the official model: 2 and 32000)."""
+    """Recognise a VLM checkpoint's layout; return (config, parts for `load`) from the reader of that layout.
+    build_config(text=, vision=, **rest) builds the VoCoLlamaConfig from config dicts. The VoCo settings come from
+    config.json's num_voco and voco_token_id in any layout (train.py writes them); num_voco / voco_token_id, when
+    given, override them, e.g. for a VoCo-LLaMA model converted to llava-hf's layout by a tool that dropped them (the
+    official model: 2 and 32000)."""
     ckpt = Checkpoint(path)
     hf, file = ckpt.config, ckpt.config_file
     kind = require_kind(ckpt, "llava-hf", "llava", "llama")
@@ -196,59 +197,71 @@ def vlm_parts(path, vision_path, projector_path, build_config, num_voco=None, vo
         except ValueError as e:
             raise ValueError(f"{file}: {e}") from e
 
-    if kind == "llava-hf":  # HF LlavaForConditionalGeneration (llava-hf): everything in one checkpoint
-        if hf.get("projector_hidden_act", "gelu") != "gelu" or not isinstance(hf.get("vision_feature_layer", -2), int):
-            raise ValueError(f"{file}: only LLaVA-1.5's projector (gelu) and a single vision_feature_layer are "
-                             f"supported")
-        strategy = {"default": "patch", "full": "cls_patch"}.get(hf.get("vision_feature_select_strategy", "default"))
-        if strategy is None:
-            raise ValueError(f"{file}: vision_feature_select_strategy={hf['vision_feature_select_strategy']!r} is not "
-                             f"supported: use 'default' or 'full'")
-        config = make_config(text=llama_config(hf["text_config"], file),
-                             vision={**clip_config(hf["vision_config"], file), "select_feature": strategy,
-                                     "select_layer": hf.get("vision_feature_layer", -2)},
-                             projector_type="mlp2x_gelu", image_token_id=hf.get("image_token_index", 32000))
-        vp = clip_prefix(ckpt, ("vision_tower.vision_model.", "vision_tower."))  # hub files vs transformers 5
-        keys = {**llama_keys(config.text, "llm.", "language_model.model.", "language_model.lm_head.weight"),
-                **clip_keys(config.vision, vp, "vision."),
-                **projector_keys("mlp2x_gelu", ("multi_modal_projector.linear_1", "multi_modal_projector.linear_2"),
-                                 "projector.")}
-        return config, [(ckpt, keys, LLAMA_UNUSED + clip_unused(config.vision, vp))]
+    if kind == "llava-hf":
+        return llava_hf_parts(ckpt, make_config)
+    if kind == "llava":
+        return llava_parts(ckpt, vision_path, make_config)
+    return llama_parts(ckpt, vision_path, projector_path, make_config)
 
-    if kind == "llava":  # LLaVA-1.5 / VoCo-LLaMA training output
-        vision = Checkpoint(vision_dir(vision_path, hf.get("mm_vision_tower"), ckpt))
-        require_kind(vision, "clip")
-        kind = hf.get("mm_projector_type", "linear")
-        if kind not in LLAVA_PROJECTOR:
-            raise ValueError(f"{file}: mm_projector_type={kind!r} is not supported: use 'linear' or 'mlp2x_gelu'")
-        config = make_config(text=llama_config(hf, file),
-                             vision={**clip_config(vision.config, vision.config_file),
-                                     "select_layer": hf.get("mm_vision_select_layer", -2),
-                                     "select_feature": hf.get("mm_vision_select_feature", "patch")},
-                             projector_type=kind, image_token_id=hf.get("image_token_index", -200),
-                             compressor=hf.get("compressor", "none"),
-                             compressor_tokens=hf.get("compressor_tokens", 0))
-        if hf.get("mm_hidden_size", config.vision.hidden_size) != config.vision.hidden_size:
-            raise ValueError(f"{file}: mm_hidden_size={hf['mm_hidden_size']} but the CLIP in {vision.path} has "
-                             f"hidden_size={config.vision.hidden_size}: pass the vision tower this model was trained "
-                             f"with")
-        keys = {**llama_keys(config.text, "llm."), **projector_keys(kind, LLAVA_PROJECTOR[kind], "projector."),
-                **compressor_keys(k.removeprefix("model.") for k in ckpt.files)}
-        # LLaVA's training under DeepSpeed ZeRO-3 (the official VoCo-LLaMA recipe) also saves the frozen CLIP under
-        # model.vision_tower.vision_tower.*: the same weights as mm_vision_tower, which is where they are read from
-        frozen_clip_copy = (r"model\.vision_tower\.vision_tower\..*",)
-        return config, [(ckpt, keys, LLAMA_UNUSED + frozen_clip_copy), vision_part(vision, config.vision)]
 
-    # A plain LLaMA/Vicuna + CLIP + LLaVA's stage-1 mm_projector.bin: where VoCo-LLaMA's official recipe starts.
+def llava_hf_parts(ckpt: Checkpoint, make_config):
+    """HF LlavaForConditionalGeneration (llava-hf): everything in one checkpoint."""
+    hf, file = ckpt.config, ckpt.config_file
+    if hf.get("projector_hidden_act", "gelu") != "gelu" or not isinstance(hf.get("vision_feature_layer", -2), int):
+        raise ValueError(f"{file}: only LLaVA-1.5's projector (gelu) and a single vision_feature_layer are supported")
+    strategy = {"default": "patch", "full": "cls_patch"}.get(hf.get("vision_feature_select_strategy", "default"))
+    if strategy is None:
+        raise ValueError(f"{file}: vision_feature_select_strategy={hf['vision_feature_select_strategy']!r} is not "
+                         f"supported: use 'default' or 'full'")
+    config = make_config(text=llama_config(hf["text_config"], file),
+                         vision={**clip_config(hf["vision_config"], file), "select_feature": strategy,
+                                 "select_layer": hf.get("vision_feature_layer", -2)},
+                         projector_type="mlp2x_gelu", image_token_id=hf.get("image_token_index", 32000))
+    vp = clip_prefix(ckpt, ("vision_tower.vision_model.", "vision_tower."))  # hub files vs transformers 5
+    keys = {**llama_keys(config.text, "llm.", "language_model.model.", "language_model.lm_head.weight"),
+            **clip_keys(config.vision, vp, "vision."),
+            **projector_keys("mlp2x_gelu", ("multi_modal_projector.linear_1", "multi_modal_projector.linear_2"),
+                             "projector.")}
+    return config, [(ckpt, keys, LLAMA_UNUSED + clip_unused(config.vision, vp))]
+
+
+def llava_parts(ckpt: Checkpoint, vision_path, make_config):
+    """LLaVA-1.5's own layout (VoCo-LLaMA's training output, what train.py saves): LLaMA keys + model.mm_projector.*,
+    the CLIP from vision_path or the config's mm_vision_tower."""
+    hf, file = ckpt.config, ckpt.config_file
+    vision = Checkpoint(vision_dir(vision_path, hf.get("mm_vision_tower"), ckpt))
+    require_kind(vision, "clip")
+    kind = hf.get("mm_projector_type", "linear")
+    if kind not in LLAVA_PROJECTOR:
+        raise ValueError(f"{file}: mm_projector_type={kind!r} is not supported: use 'linear' or 'mlp2x_gelu'")
+    config = make_config(text=llama_config(hf, file),
+                         vision={**clip_config(vision.config, vision.config_file),
+                                 "select_layer": hf.get("mm_vision_select_layer", -2),
+                                 "select_feature": hf.get("mm_vision_select_feature", "patch")},
+                         projector_type=kind, image_token_id=hf.get("image_token_index", -200),
+                         compressor=hf.get("compressor", "none"), compressor_tokens=hf.get("compressor_tokens", 0))
+    if hf.get("mm_hidden_size", config.vision.hidden_size) != config.vision.hidden_size:
+        raise ValueError(f"{file}: mm_hidden_size={hf['mm_hidden_size']} but the CLIP in {vision.path} has "
+                         f"hidden_size={config.vision.hidden_size}: pass the vision tower this model was trained with")
+    keys = {**llama_keys(config.text, "llm."), **projector_keys(kind, LLAVA_PROJECTOR[kind], "projector."),
+            **compressor_keys(k.removeprefix("model.") for k in ckpt.files)}
+    # LLaVA's training under DeepSpeed ZeRO-3 (the official VoCo-LLaMA recipe) also saves the frozen CLIP under
+    # model.vision_tower.vision_tower.*: the same weights as mm_vision_tower, which is where they are read from
+    frozen_clip_copy = (r"model\.vision_tower\.vision_tower\..*",)
+    return config, [(ckpt, keys, LLAMA_UNUSED + frozen_clip_copy), vision_part(vision, config.vision)]
+
+
+def llama_parts(ckpt: Checkpoint, vision_path, projector_path, make_config):
+    """A plain LLaMA/Vicuna + CLIP + LLaVA's stage-1 mm_projector.bin: where VoCo-LLaMA's official recipe starts."""
     if vision_path is None or projector_path is None:
-        raise ValueError(f"{path} is a plain LLaMA checkpoint (config.json has no mm_projector_type): pass "
+        raise ValueError(f"{ckpt.path} is a plain LLaMA checkpoint (config.json has no mm_projector_type): pass "
                          f"vision_path=<CLIP directory> and projector_path=<LLaVA-1.5 mm_projector.bin>, or a LLaVA "
                          f"checkpoint directory")
     vision, projector = Checkpoint(vision_path), Checkpoint(projector_path, weights_file=True)
     require_kind(vision, "clip")
     kind = "mlp2x_gelu" if "model.mm_projector.0.weight" in projector.files else "linear"
-    config = make_config(text=llama_config(hf, file), vision=clip_config(vision.config, vision.config_file),
-                         projector_type=kind)
+    config = make_config(text=llama_config(ckpt.config, ckpt.config_file),
+                         vision=clip_config(vision.config, vision.config_file), projector_type=kind)
     return config, [(ckpt, llama_keys(config.text, "llm."), LLAMA_UNUSED), vision_part(vision, config.vision),
                     (projector, projector_keys(kind, LLAVA_PROJECTOR[kind], "projector."), ())]
 
