@@ -17,7 +17,6 @@ A video is compressed frame by frame into one cache (VoCoLlama.compress_video): 
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
@@ -63,64 +62,77 @@ def parse_args(argv):
 
 
 def run(args):
+    """Load the model, lay out the prompts (checked before any work), stage 1 (compress, or a cache file), stage 2."""
+    vlm, tokenizer, mode = load(args)
+    c = vlm.config
+    images = [load_image(args.image)] if args.image else load_video(args.video, args.fps, args.max_frames) \
+        if args.video else []
+    pixels = torch.stack([preprocess(img, c.vision.image_size) for img in images]).to(args.device) if images else None
+    num_frames = len(images) or 1  # a cache from a file: the text part does not depend on it
+    system = args.system if args.system is not None else trained_system_prompt(args.model)
+    prompts = [build_sample(tokenizer, [(q, None)], image_token_id=c.image_token_id,
+                            num_image_tokens=c.num_image_tokens, voco_token_id=c.voco_token_id,
+                            num_voco=c.num_voco if mode == "voco" else 0, num_frames=num_frames,
+                            max_len=sys.maxsize, system=system)  # the training layout; prompts are never cut
+               for q in args.question]
+    for s in prompts:  # before any work: a prompt too long for the context is an error
+        check_length(s.positions[-1], args.max_new_tokens, c.text.max_position_embeddings)
+    cache = compress(args, vlm, tokenizer, pixels, num_frames) if mode == "voco" else None
+    answer(args, vlm, tokenizer, prompts, cache, pixels)
+
+
+def load(args):
+    """The model (in --dtype on --device), its tokenizer, and the mode: "voco" (two stages) or "full"."""
     if args.num_voco is not None and args.num_voco < 1:
         raise ValueError(f"--num_voco {args.num_voco}: give the number of VoCo tokens per image, at least 1")
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    model_dir = Path(args.model)
-    vlm = VoCoLlama.from_pretrained(model_dir, vision_path=args.vision, projector_path=args.projector, dtype=dtype,
+    vlm = VoCoLlama.from_pretrained(args.model, vision_path=args.vision, projector_path=args.projector, dtype=dtype,
                                     device=device, num_voco=args.num_voco, voco_token_id=args.voco_token_id).eval()
-    tokenizer = load_tokenizer(args.tokenizer or model_dir)
-    system = args.system if args.system is not None else trained_system_prompt(model_dir)
-    c = vlm.config
-    mode = args.mode or ("voco" if c.num_voco else "full")
-    if mode == "voco" and not c.num_voco:
-        raise ValueError(f"{model_dir} has no VoCo tokens (num_voco=0 in its config.json): use --mode full")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    mode = args.mode or ("voco" if vlm.config.num_voco else "full")
+    if mode == "voco" and not vlm.config.num_voco:
+        raise ValueError(f"{args.model} has no VoCo tokens (num_voco=0 in its config.json): use --mode full")
     if mode == "full" and (args.cache or args.save_cache):
         raise ValueError("--cache and --save_cache hold VoCo caches: they need --mode voco")
     if not args.question and not args.save_cache:
         raise ValueError("nothing to do: pass --question (one or more) and/or --save_cache")
+    return vlm, tokenizer, mode
 
-    images = [load_image(args.image)] if args.image else load_video(args.video, args.fps, args.max_frames) \
-        if args.video else []
-    pixels = torch.stack([preprocess(img, c.vision.image_size) for img in images]).to(device) if images else None
-    num_frames = len(images) or 1  # a cache from a file: the text part does not depend on it
 
-    def sample(question, num_voco):  # the training layout of the prompt (prompts are never truncated)
-        return build_sample(tokenizer, [(question, None)], image_token_id=c.image_token_id,
-                            num_image_tokens=c.num_image_tokens, voco_token_id=c.voco_token_id, num_voco=num_voco,
-                            num_frames=num_frames, max_len=sys.maxsize, system=system)
+def compress(args, vlm, tokenizer, pixels, num_frames):
+    """Stage 1: the image (or each frame) with its VoCo tokens, of which only the VoCo KV cache is kept; or the
+    cache from --cache. Saved to --save_cache when asked."""
+    c, t0 = vlm.config, time.perf_counter()
+    if args.cache:
+        cache = load_cache(args.cache, vlm, num_voco=args.num_voco)
+    else:
+        prefix = torch.tensor(compress_prefix(tokenizer, c.image_token_id, c.num_image_tokens, c.voco_token_id,
+                                              c.num_voco), device=args.device)
+        cache = vlm.compress(pixels, prefix) if args.image else vlm.compress_video(pixels, prefix)
+    n_bytes = sum(k.nbytes + v.nbytes for k, v in cache.kv)
+    print(f"stage 1 ({'loaded' if args.cache else f'{num_frames} frame(s) compressed'}): "
+          f"{cache.positions.numel()} VoCo tokens, {n_bytes / 1e6:.3f} MB of KV cache, "
+          f"{time.perf_counter() - t0:.2f}s", file=sys.stderr)
+    if args.save_cache:
+        save_cache(args.save_cache, cache, vlm)
+        print(f"wrote {args.save_cache}", file=sys.stderr)
+    return cache
 
-    prompts = [sample(q, c.num_voco if mode == "voco" else 0) for q in args.question]
-    for s in prompts:  # before any work: a prompt too long for the context is an error (prompts are never cut)
-        check_length(s.positions[-1], args.max_new_tokens, c.text.max_position_embeddings)
 
-    if mode == "voco":
-        t0 = time.perf_counter()
-        if args.cache:
-            cache = load_cache(args.cache, vlm, num_voco=args.num_voco)
-        else:
-            prefix = torch.tensor(compress_prefix(tokenizer, c.image_token_id, c.num_image_tokens, c.voco_token_id,
-                                                  c.num_voco), device=device)
-            cache = vlm.compress(pixels, prefix) if args.image else vlm.compress_video(pixels, prefix)
-        n_bytes = sum(k.nbytes + v.nbytes for k, v in cache.kv)
-        print(f"stage 1 ({'loaded' if args.cache else f'{num_frames} frame(s) compressed'}): "
-              f"{cache.positions.numel()} VoCo tokens, {n_bytes / 1e6:.3f} MB of KV cache, "
-              f"{time.perf_counter() - t0:.2f}s", file=sys.stderr)
-        if args.save_cache:
-            save_cache(args.save_cache, cache, vlm)
-            print(f"wrote {args.save_cache}", file=sys.stderr)
-
-    generator = torch.Generator(device).manual_seed(args.seed)
+def answer(args, vlm, tokenizer, prompts, cache, pixels):
+    """Stage 2, question by question, printed as it is generated: from the VoCo cache (only the text after the VoCo
+    tokens is run), or without one (--mode full) from the whole prompt, vision tokens included."""
+    generator = torch.Generator(args.device).manual_seed(args.seed)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    eos_id=tokenizer.eos_id, generator=generator, fast=args.fast)
     for question, s in zip(args.question, prompts):
         print(f"Q: {question}\nA:", end=" ", flush=True)
         t0 = time.perf_counter()
-        if mode == "voco":  # stage 2: only the text after the VoCo tokens; the image is in the cache
-            tokens = stream_from_cache(vlm, cache, torch.tensor([s.text_ids()], device=device), **options)
-        else:  # the whole prompt, vision tokens included, every time (no VoCo tokens, plain causal attention)
-            ids, segments, groups, positions = (torch.tensor([x], device=device) for x in (
+        if cache is not None:
+            tokens = stream_from_cache(vlm, cache, torch.tensor([s.text_ids()], device=args.device), **options)
+        else:  # no VoCo tokens: plain causal attention over the whole prompt
+            ids, segments, groups, positions = (torch.tensor([x], device=args.device) for x in (
                 s.input_ids, s.segments, s.groups, s.positions))
             with torch.no_grad():
                 embeds = vlm.embed(ids, pixels)
