@@ -486,6 +486,38 @@ def prepare(cfg: TrainConfig) -> Run:
                step)
 
 
+def train_step(run: Run, micro: list[dict], train_mask, autocast, step: int) -> tuple[float, float]:
+    """One optimizer step on a global batch, of which `micro` holds this process's micro-batches: the forward and
+    backward of each, the loss normalised by the answer tokens of the whole batch, gradient clipping, and the update
+    unless the loss or the gradient is not finite. Returns (loss, gradient norm)."""
+    device, world = run.device, run.world
+    # position t predicts token t + 1: the loss (and the head) only where that token is an answer's
+    answers = [F.pad(b["labels"][:, 1:] != IGNORE_INDEX, (0, 1)) for b in micro]
+    # normalise by the answer tokens of the whole global batch, so that any split over processes and
+    # micro-batches gives the same gradient; FSDP averages over processes, hence the factor `world`
+    n_tokens = all_sum(torch.tensor(sum(int(a.sum()) for a in answers), dtype=torch.float64, device=device)).item()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for b, answered in zip(micro, answers):  # FSDP reduce-scatters after every micro-batch: ZeRO-3's sharding
+        ids, labels, answered = b["input_ids"].to(device), b["labels"].to(device), answered.to(device)
+        pixels = None if b["pixel_values"] is None else b["pixel_values"].to(device)
+        with autocast:
+            logits = run.vlm(ids, pixels, attn_mask=train_mask(b["segments"], b["groups"]).to(device),
+                             position_ids=b["positions"].to(device), use_cache=False, logits_at=answered).logits
+        loss = F.cross_entropy(logits.float(), labels[:, 1:][answered[:, :-1]], reduction="sum")
+        (loss * world / max(n_tokens, 1)).backward()
+        loss_sum += loss.detach()
+    loss = all_sum(loss_sum).item() / max(n_tokens, 1)
+    grad_norm = torch.nn.utils.clip_grad_norm_(run.params, run.cfg.grad_clip)
+    grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        raise FloatingPointError(f"step {step}: loss {loss}, gradient norm {grad_norm}: stopping before the "
+                                 f"optimizer step, so the weights are not corrupted. The last good checkpoint is "
+                                 f"{find_checkpoint(run.out) or 'none'}; lower --lr or check the data of this step")
+    run.optim.step()
+    run.optim.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
 def fit(run: Run):
     """The training loop: steps, logs, checkpoints (also on Ctrl-C), the final held-out evaluation."""
     cfg, rank, world, device, out, vlm, optim, params = (run.cfg, run.rank, run.world, run.device, run.out, run.vlm,
@@ -523,31 +555,7 @@ def fit(run: Run):
         mine = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
         micro = [collate([train_set[i] for i in mine[k:k + cfg.micro_batch_size]])
                  for k in range(0, len(mine), cfg.micro_batch_size)]
-        # position t predicts token t + 1: the loss (and the head) only where that token is an answer's
-        answers = [F.pad(b["labels"][:, 1:] != IGNORE_INDEX, (0, 1)) for b in micro]
-        # normalise by the answer tokens of the whole global batch, so that any split over processes and
-        # micro-batches gives the same gradient; FSDP averages over processes, hence the factor `world`
-        n_tokens = all_sum(torch.tensor(sum(int(a.sum()) for a in answers), dtype=torch.float64,
-                                        device=device)).item()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        for b, answered in zip(micro, answers):  # FSDP reduce-scatters after every micro-batch: ZeRO-3's sharding
-            ids, labels, answered = b["input_ids"].to(device), b["labels"].to(device), answered.to(device)
-            pixels = None if b["pixel_values"] is None else b["pixel_values"].to(device)
-            with autocast:
-                logits = vlm(ids, pixels, attn_mask=train_mask(b["segments"], b["groups"]).to(device),
-                             position_ids=b["positions"].to(device), use_cache=False, logits_at=answered).logits
-            loss = F.cross_entropy(logits.float(), labels[:, 1:][answered[:, :-1]], reduction="sum")
-            (loss * world / max(n_tokens, 1)).backward()
-            loss_sum += loss.detach()
-        loss = all_sum(loss_sum).item() / max(n_tokens, 1)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise FloatingPointError(f"step {step}: loss {loss}, gradient norm {grad_norm}: stopping before the "
-                                     f"optimizer step, so the weights are not corrupted. The last good checkpoint is "
-                                     f"{find_checkpoint(out) or 'none'}; lower --lr or check the data of this step")
-        optim.step()
-        optim.zero_grad(set_to_none=True)
+        loss, grad_norm = train_step(run, micro, train_mask, autocast, step)
         step += 1
         dt = time.perf_counter() - t0
         tokens = all_sum(torch.tensor(sum(int((b["segments"] != PAD).sum()) for b in micro), device=device)).item()
