@@ -47,10 +47,11 @@ def decode_one_token(llm: Llama, token, position, visible, cache: KVCache) -> Ou
 
 @torch.no_grad()
 def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, position_ids=None,
-           max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None, fast=False):
+           max_new_tokens=32, **sampling):
     """Yield the next token of every row, (B,), until max_new_tokens or every row has produced eos_id (a finished
     row keeps yielding eos_id). segments/groups: (B, L) labels of the prompt (voco.py), default all TEXT;
-    position_ids: see prefill. fast: decode with static_decoder (compiled; the first call per shape compiles)."""
+    position_ids: see prefill. sampling: decode's options (temperature, top_p, eos_id, generator, fast), passed on
+    as they are, as gpt-fast passes its sampling_kwargs."""
     x = input_ids if inputs_embeds is None else inputs_embeds
     B, L = x.shape[:2]
     if segments is None:
@@ -63,15 +64,16 @@ def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups
     out = prefill(llm, input_ids, inputs_embeds, segments, groups, position_ids)
     seen = uncompressed_as_text(segments, groups)  # an image without VoCo tokens is seen directly, as TEXT
     visible = (seen == TEXT) | (seen == VOCO)  # what generated text may see: never compressed VISION, never PAD
-    yield from decode(llm, out, position_ids[:, -1], visible, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_p=top_p, eos_id=eos_id, generator=generator, fast=fast)
+    yield from decode(llm, out, position_ids[:, -1], visible, max_new_tokens=max_new_tokens, **sampling)
 
 
-def decode(llm: Llama, out: Output, position, visible, *, max_new_tokens, temperature, top_p, eos_id, generator,
-           fast=False):
-    """The decode loop after a prefill: out holds the prompt's last logits and the cache, position (B,) the last
-    prompt position, visible (B, L_cached) the cached keys that generated tokens may see. fast: decode through
-    static_decoder (the same tokens; tested against this loop)."""
+def decode(llm: Llama, out: Output, position, visible, *, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None,
+           generator=None, fast=False):
+    """The decode loop after a prefill, and the one place that defines the sampling options: out holds the prompt's
+    last logits and the cache, position (B,) the last prompt position, visible (B, L_cached) the cached keys that
+    generated tokens may see. temperature 0 is greedy; top_p: nucleus sampling; eos_id ends a row; generator: the
+    sampling's random numbers; fast: decode through static_decoder (compiled; the same tokens, tested against this
+    loop; the first call per shape compiles)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     B = visible.shape[0]
@@ -134,15 +136,15 @@ def compiled_step():
 
 
 def generate(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups=None, position_ids=None,
-             max_new_tokens=32, temperature=0.0, top_p=1.0, eos_id=None, generator=None, fast=False) -> list[list[int]]:
-    """The generated tokens of every row, without the eos token (see `stream` for the arguments)."""
-    return until_eos(stream(llm, input_ids, inputs_embeds, segments, groups, position_ids, max_new_tokens, temperature,
-                            top_p, eos_id, generator, fast), eos_id)
+             **options) -> list[list[int]]:
+    """The generated tokens of every row, without the eos token (options: max_new_tokens and the sampling options
+    of `stream`)."""
+    return until_eos(stream(llm, input_ids, inputs_embeds, segments, groups, position_ids, **options),
+                     options.get("eos_id"))
 
 
 @torch.no_grad()
-def stream_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32, temperature=0.0,
-                      top_p=1.0, eos_id=None, generator=None, fast=False):
+def stream_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32, **sampling):
     """Stage 2 generation: the questions text_ids (B, T) answered from a VoCo cache (VoCoLlama.compress), yielding
     the next token of every row, (B,), as `stream` does. Batched questions must be left-padded (text_mask False on
     the padding), so that every row goes on from its last column."""
@@ -152,15 +154,12 @@ def stream_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None
     out = vlm.answer(cache, text_ids, real, last_only=True)
     visible = torch.cat([real.new_ones(B, cache.positions.shape[0]), real], dim=1)  # the VoCo tokens + text
     last = cache.next_position + real.long().sum(-1) - 1
-    yield from decode(vlm.llm, out, last, visible, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_p=top_p, eos_id=eos_id, generator=generator, fast=fast)
+    yield from decode(vlm.llm, out, last, visible, max_new_tokens=max_new_tokens, **sampling)
 
 
-def generate_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32,
-                        temperature=0.0, top_p=1.0, eos_id=None, generator=None, fast=False) -> list[list[int]]:
-    """Stage 2: every row's generated tokens, without the eos token (see `stream_from_cache`)."""
-    return until_eos(stream_from_cache(vlm, cache, text_ids, text_mask, max_new_tokens, temperature, top_p, eos_id,
-                                       generator, fast), eos_id)
+def generate_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, **options) -> list[list[int]]:
+    """Stage 2: every row's generated tokens, without the eos token (options: see `stream_from_cache`)."""
+    return until_eos(stream_from_cache(vlm, cache, text_ids, text_mask, **options), options.get("eos_id"))
 
 
 def until_eos(steps, eos_id) -> list[list[int]]:
