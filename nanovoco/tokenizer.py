@@ -1,6 +1,5 @@
 """
-Tokenizers, with one interface (bos_id, bos_ids, eos_id, special_ids, vocab_size,
-template, encode, decode):
+Tokenizers, with one interface (bos_id, bos_ids, eos_id, special_ids, vocab_size, template, encode, decode, save):
 - `Tokenizer`: LLaMA's, as LLaVA-1.5 and VoCo-LLaMA use it: sentencepiece ids with BOS prepended, plus special
   tokens (`<image>`, `<voco>`) that are kept whole and, when the sentencepiece vocabulary lacks them, appended after it
   the way HF's `tokenizer.add_tokens` does (VoCo-LLaMA's `<voco>` becomes id 32000 on Vicuna's 32,000 pieces).
