@@ -46,3 +46,18 @@ def test_the_model_and_the_primitives_import_nothing_above_them():
     for primitive in ("files", "config", "voco", "image", "baselines"):
         assert g[primitive] == set(), (primitive, g[primitive])
     assert not any("train" in deps or "infer" in deps for deps in g.values())
+
+
+# The programs that reproduce and measure (each with a `main`), apart from the library a user imports to build,
+# train and run a VoCo model
+EXPERIMENTS = {"repro", "synthetic", "synthetic_video", "probe", "vision_pretrain", "scene_text", "bench",
+               "paper_eval", "demo"}
+
+
+def test_the_library_imports_nothing_from_the_experiments():
+    g = graph()
+    library = set(g) - EXPERIMENTS
+    assert {"model", "voco", "data", "generate", "tokenizer", "parallel", "train_checkpoint"} <= library
+    for module in library:
+        assert not g[module] & EXPERIMENTS, (module, g[module] & EXPERIMENTS)
+    assert EXPERIMENTS <= set(g)  # every name above is a module, so the test cannot pass by a typo
