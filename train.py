@@ -454,8 +454,8 @@ def prepare(cfg: TrainConfig) -> Run:
 
     # data and tokenizer, checked whole before the model is built
     source = resume_from / "model" if resume_from else (None if cfg.init in FROM_SCRATCH else cfg.init)
-    # a resumed run's model is its checkpoint's alone: the vision tower saved with it is cut at its select layer
-    # (save_vlm), so the --vision_path of the start, read again with the saved select layer, is another model
+    # a resumed run's model is its checkpoint's alone, vision tower included: with --freeze_vision=false the tower
+    # trained too, and the --vision_path of the start is no longer it
     build = dataclasses.replace(cfg, vision_path="", projector_path="") if resume_from else cfg
     config = model_config(build, source)
     train_json, eval_json = prepare_data(cfg, out, rank, config.vision.image_size)

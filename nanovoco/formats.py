@@ -287,12 +287,14 @@ def save_vlm(path, c, state: dict):
     """Write the VLM (config `c`, full state dict `state`) in LLaVA-1.5's own layout, what VoCo-LLaMA's official
     training writes: LLaMA keys + model.mm_projector.* in path/, and the CLIP layers that run in
     path/vision_tower/ (CLIPVisionModel layout), which config.json names as mm_vision_tower. Only the layers up to
-    the selected one are kept, so the saved select layer is -1 (the last of those). nanovoco's own fields (VoCo
-    token, baseline compressor under model.compressor.*) are extra config keys that LLaVA's code ignores."""
+    the selected one are kept, and the saved select layer counts from the embeddings (num_layers_run, not -1): it
+    names that layer both in the cut tower and in the full CLIP it came from, which a user may pass as vision_path.
+    nanovoco's own fields (VoCo token, baseline compressor under model.compressor.*) are extra config keys that
+    LLaVA's code ignores."""
     path = Path(path)
     save(path / "vision_tower", clip_hf_config(c.vision), state, clip_keys(c.vision, "vision_model.", "vision."))
     hf = {**llama_hf_config(c.text), "architectures": ["LlavaLlamaForCausalLM"], "model_type": "llava_llama",
-          "mm_vision_tower": "vision_tower", "mm_vision_select_layer": -1,
+          "mm_vision_tower": "vision_tower", "mm_vision_select_layer": c.vision.num_layers_run,
           "mm_vision_select_feature": c.vision.select_feature, "mm_projector_type": c.projector_type,
           "mm_hidden_size": c.vision.hidden_size, "image_token_index": c.image_token_id,
           "voco_token_id": c.voco_token_id, "num_voco": c.num_voco, "compressor": c.compressor,

@@ -75,6 +75,21 @@ def test_save_pretrained_round_trip(tmp_path):
         torch.testing.assert_close(again(ids, pixels).logits, model(ids, pixels).logits, atol=0, rtol=0)
 
 
+def test_a_saved_model_reads_the_same_vision_layer_from_the_full_clip(tmp_path):
+    """save_vlm keeps only the CLIP layers that run; its select layer must name the same layer in the full CLIP, so
+    that `vision_path=<the CLIP it was trained from>` (infer.py --vision, the paper's recipe) is the same model."""
+    hf_llava(tmp_path / "hf")
+    original = llava_original(tmp_path / "hf", tmp_path / "original")
+    model = VoCoLlama.from_pretrained(original)
+    model.save_pretrained(tmp_path / "saved")
+    with_full_clip = VoCoLlama.from_pretrained(tmp_path / "saved", vision_path=original / "clip")
+    assert with_full_clip.config.vision.num_layers_run == model.config.vision.num_layers_run
+    ids, pixels = image_ids()
+    ids = ids.masked_fill(ids == IMAGE_TOKEN, -200)
+    with torch.no_grad():
+        torch.testing.assert_close(with_full_clip(ids, pixels).logits, model(ids, pixels).logits, atol=0, rtol=0)
+
+
 def test_llava_hf_layout_keeps_its_voco_settings(tmp_path):
     """A VoCo model saved in llava-hf's layout keeps num_voco / voco_token_id from its config.json (it used to load
     with num_voco=0 and could not compress); from_pretrained's arguments override them."""
