@@ -65,8 +65,9 @@ def unpermute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def read(path) -> tuple[dict, dict, dict, dict]:
-    """(HF config.json, HF state dict in fp32, tokenizer.json, tokenizer_config.json) of a GGUF LLaMA file."""
+def read(path, num_layers: int = 0) -> tuple[dict, dict, dict, dict]:
+    """(HF config.json, HF state dict in fp32, tokenizer.json, tokenizer_config.json) of a GGUF LLaMA file;
+    num_layers > 0 keeps its first num_layers decoder layers (checked against the file before any tensor is read)."""
     try:  # the optional dependency: only a conversion needs it
         from gguf import GGUFReader, quants
     except ImportError:
@@ -84,14 +85,19 @@ def read(path) -> tuple[dict, dict, dict, dict]:
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not supported: nanovoco converts LLaMA GGUF files only")
     config = hf_config(fields, path)
+    n = config["num_hidden_layers"]
+    if not 0 <= num_layers <= n:
+        raise ValueError(f"--num_layers={num_layers}: {path} has {n} layers; keep 1..{n} (0: all)")
     tensors = {t.name: t for t in reader.tensors}
-    keys = {hf: g for hf, g in GGUF_KEYS.items() if g in tensors or hf != "lm_head.weight"}  # no head: tied
-    keys.update({f"model.layers.{i}.{hf}": f"blk.{i}.{g}" for i in range(config["num_hidden_layers"])
-                 for hf, g in GGUF_LAYER.items()})
-    unknown = sorted(set(tensors) - set(keys.values()) - {"rope_freqs.weight"})
-    missing = sorted(set(keys.values()) - set(tensors))
+    config["tie_word_embeddings"] = "output.weight" not in tensors  # no head of its own: the embeddings'
+    keys = {hf: g for hf, g in GGUF_KEYS.items() if not (hf == "lm_head.weight" and config["tie_word_embeddings"])}
+    every_layer = {f"model.layers.{i}.{hf}": f"blk.{i}.{g}" for i in range(n) for hf, g in GGUF_LAYER.items()}
+    expected = set(keys.values()) | set(every_layer.values())
+    unknown, missing = sorted(set(tensors) - expected - {"rope_freqs.weight"}), sorted(expected - set(tensors))
     if missing or unknown:
         raise ValueError(f"{path}: not a plain LLaMA tensor layout (missing {missing[:3]}, unexpected {unknown[:3]})")
+    config["num_hidden_layers"] = num_layers or n
+    keys.update({hf: g for hf, g in every_layer.items() if int(hf.split(".")[2]) < config["num_hidden_layers"]})
     state = {}
     for hf, g in keys.items():
         t = tensors[g]
@@ -131,7 +137,6 @@ def hf_config(fields: dict, path) -> dict:
                 rope_scaling=({"type": "linear", "factor": fields["llama.rope.scaling.factor"]}
                               if scaling == "linear" else None),
                 max_position_embeddings=fields.get("llama.context_length", 2048),
-                tie_word_embeddings=None,  # set by convert(): tied when the file has no output.weight
                 bos_token_id=fields.get("tokenizer.ggml.bos_token_id", 1),
                 eos_token_id=fields.get("tokenizer.ggml.eos_token_id", 2))
 
@@ -173,19 +178,11 @@ def convert(gguf_path, out_dir, num_layers: int = 0) -> Path:
     (a cheaper LLM for a CPU run). Written into out_dir.tmp and renamed: an interrupted conversion leaves nothing."""
     from safetensors.torch import save_file
 
-    config, state, tokenizer, tokenizer_config = read(gguf_path)
-    n = config["num_hidden_layers"]
-    if not 0 <= num_layers <= n:
-        raise ValueError(f"--num_layers={num_layers}: {gguf_path} has {n} layers; keep 1..{n} (0: all)")
-    if num_layers:
-        state = {k: v for k, v in state.items()
-                 if not k.startswith("model.layers.") or int(k.split(".")[2]) < num_layers}
-        config["num_hidden_layers"] = num_layers
-    config["tie_word_embeddings"] = "lm_head.weight" not in state
-    config["torch_dtype"] = "float32"
     out, tmp = Path(out_dir), Path(f"{out_dir}.tmp")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty directory: remove it or choose another")
+    config, state, tokenizer, tokenizer_config = read(gguf_path, num_layers)
+    config["torch_dtype"] = "float32"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
