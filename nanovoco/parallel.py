@@ -10,7 +10,6 @@ from torch.distributed.tensor import distribute_tensor
 from nanovoco.model import VoCoLlama
 
 
-
 def setup_distributed():
     if "RANK" not in os.environ:
         return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")

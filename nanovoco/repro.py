@@ -719,8 +719,10 @@ def main(argv=None):
 
 def infer_command(folder: Path) -> str:
     """A ready infer.py command for the seed's K = 1 VoCo-LLaMA model, on its first held-out scene and question."""
+    from nanovoco.data import user_text  # the question as infer.py takes it: without its "<image>" tag
+
     record = json.loads((folder / "data" / "eval" / "data.json").read_text())[0]
-    question = record["conversations"][0]["value"].replace("<image>", "").strip()
+    question = user_text(record["conversations"][0]["value"])
     command = ["python", "infer.py", "--model", str(folder / "voco_k1" / "checkpoint" / "model"), "--image",
                str(folder / "data" / "eval" / record["image"]), "--question", question]
     return (f"\nAsk the VoCo-LLaMA model (one VoCo token) about a held-out scene; the right answer is "
