@@ -33,7 +33,7 @@ repro: setup
 	$(PY) -m nanovoco.repro
 
 demo: setup
-	$(PY) -m nanovoco.demo
+	$(PY) -m nanovoco.repro.demo
 
 test: dev
 	$(PY) -m pytest -q

@@ -2,9 +2,12 @@
 
 One process, on the CPU or one GPU: a tiny VLM on synthetic visual QA (~9 CPU minutes), then VoCo-LLaMA from it
 (~3 minutes), the paper's recipe in miniature (VoCo from scratch does not learn at this scale, see README):
-    python train.py --preset=tiny-cpu --mode=full --out_dir=runs/full
-    python train.py --preset=tiny-cpu --init=runs/full/checkpoint/model --max_steps=300 --warmup_ratio=0.03 \
-        --out_dir=runs/voco
+    python -m nanovoco.repro.synthetic --out runs/data --n_images 2000 --questions_per_image 8 --multi_turn \
+        --held_out 500 --image_size 56
+    python train.py --preset=tiny-cpu --data=runs/data/train/data.json --eval_data=runs/data/eval/data.json \
+        --mode=full --out_dir=runs/full
+    python train.py --preset=tiny-cpu --data=runs/data/train/data.json --eval_data=runs/data/eval/data.json \
+        --init=runs/full/checkpoint/model --max_steps=300 --warmup_ratio=0.03 --out_dir=runs/voco
 Several GPUs with FSDP2, one process per GPU (the official recipe, from Vicuna + CLIP + LLaVA's stage-1 projector):
     torchrun --standalone --nproc_per_node=8 train.py --preset=llava-7b --init=vicuna-7b-v1.5 \
         --vision_path=clip-vit-large-patch14-336 --projector_path=llava-v1.5-7b-pretrain/mm_projector.bin \
@@ -23,7 +26,6 @@ import json
 import math
 import signal
 import sys
-import textwrap
 import time
 import warnings
 from dataclasses import dataclass
@@ -36,12 +38,10 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 from tqdm import tqdm
 
-from nanovoco import checkpoint, cli, files, formats, synthetic, synthetic_video
+from nanovoco import cli, files, init
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate, user_text
 from nanovoco.evaluate import blind_baseline, vqa_accuracy
-from nanovoco.config import CLIPVisionConfig, VoCoLlamaConfig, preset
-from nanovoco.init import init_weights
-from nanovoco.model import CLIPVisionTower, Llama, Projector, VoCoLlama
+from nanovoco.model import VoCoLlama
 from nanovoco.parallel import all_sum, barrier, place, setup_distributed
 from nanovoco.tokenizer import VOCO_SYSTEM, BPETokenizer, Tokenizer, load_tokenizer, train_tiny_tokenizer
 from nanovoco.train_checkpoint import check_resumable, find_checkpoint, save_checkpoint
@@ -66,27 +66,19 @@ class TrainConfig:
     # them: the K of inference by default, and of eval.json's headline (eval.json's by_num_voco has every K)
     init: str = "tiny"  # a model preset trained from scratch ("tiny", "tiny-mha"), or a checkpoint directory
     vision_path: str = ""  # CLIP directory, for a LLaVA or plain LLaMA checkpoint, or a pretrained tower (HF CLIP
-    # layout, e.g. from nanovoco.vision_pretrain) for a model from scratch
+    # layout, e.g. from nanovoco.repro.vision_pretrain) for a model from scratch
     projector_path: str = ""  # LLaVA's stage-1 mm_projector.bin, for a plain LLaMA checkpoint; without it, a plain
     # LLM (e.g. SmolLM2 from nanovoco.from_gguf) gets a new projector, trained with it
     freeze_vision: bool = True  # the paper freezes CLIP; the repro freezes its pretrained tiny tower likewise
     voco_init: str = "random"  # the new <voco> embedding: "random" (N(0, 0.02), the official code's) or "newline":
-    # a copy of the "\n" token that precedes the VoCo tokens (see build_model)
+    # a copy of the "\n" token that precedes the VoCo tokens (see init.build_model)
     tokenizer: str = ""  # tokenizer.model or tokenizer.json; default: the init checkpoint's, or a tiny one trained
     # on the data
 
     # data
-    data: str = "synthetic"  # a LLaVA-format JSON, "synthetic" (Sort-of-CLEVR images) or "synthetic_video" (moving
-    # shapes, 4 frames per video), generated into out_dir/data
+    data: str = ""  # a LLaVA-format JSON (python -m nanovoco.repro.synthetic makes one from Sort-of-CLEVR scenes)
     image_folder: str = ""  # default: the JSON's directory
-    eval_data: str = ""  # held-out LLaVA-format JSON for VQA accuracy; synthetic: generated with another seed
-    synthetic_images: int = 2000  # images (or videos)
-    synthetic_questions: int = 8  # questions per synthetic training image (or video), all in one multi-turn record
-    synthetic_eval_images: int = 500  # held-out images (or videos), 4 questions each, one per record
-    synthetic_objects: int = 0  # shapes per synthetic image or video; 0: the generator's default (6 or 3)
-    synthetic_set: str = "layout"  # the synthetic images' questions: "layout" (where things are) or "objects" (the
-    # object named by its colour); synthetic.QUESTION_SETS
-    synthetic_dir: str = ""  # where the synthetic data is generated (default out_dir/data); runs can share it
+    eval_data: str = ""  # held-out LLaVA-format JSON for VQA accuracy (one question per record)
     max_len: int = 2048  # tokens per sample; a longer sample loses the tail of its text
     system_prompt: str = VOCO_SYSTEM  # VoCo-LLaMA's Vicuna system prompt; a tiny model from scratch does without
 
@@ -102,19 +94,18 @@ class TrainConfig:
     activation_checkpointing: bool = False  # recompute each decoder block in the backward: less memory, more time
 
     # run
-    out_dir: str = "runs/train"  # checkpoint/, log.jsonl, eval.json and the generated data go here
+    out_dir: str = "runs/train"  # checkpoint/, log.jsonl and eval.json go here
     log_every: int = 1  # steps between log.jsonl lines
     save_every: int = 200  # steps between checkpoints (also saved at the end and on Ctrl-C)
     eval_every: int = 0  # steps between VQA evaluations (0: at the end only)
     eval_limit: int = 500  # held-out questions per evaluation
     resume: bool = False  # continue out_dir's checkpoint
     stop_after: int = 0  # > 0: checkpoint and stop after this many steps of this invocation (time-limited jobs)
-    seed: int = 0  # the data order, the new weights and the synthetic data
+    seed: int = 0  # the data order and the new weights
 
 
 PRESETS = {
-    "tiny-cpu": dict(init="tiny", data="synthetic", system_prompt="", synthetic_images=2000, max_len=256,
-                     batch_size=32, micro_batch_size=16, lr=1e-3, warmup_ratio=0.05, epochs=16.0, save_every=100,
+    "tiny-cpu": dict(init="tiny", system_prompt="", max_len=256, batch_size=32, micro_batch_size=16, lr=1e-3, warmup_ratio=0.05, epochs=16.0, save_every=100,
                      eval_every=250, eval_limit=400),
     "llava-7b": dict(init="", data="", batch_size=128, micro_batch_size=4, lr=2e-5, warmup_ratio=0.03, epochs=2.0,
                      max_len=2048, activation_checkpointing=True, save_every=500, log_every=10),
@@ -122,56 +113,13 @@ PRESETS = {
 
 
 def parse_args(argv) -> TrainConfig:
-    """--preset=name, then --field=value (or --field value) overrides, each converted to the type of the field's
-    default; -h / --help prints every option and exits. Hyphens and underscores in a name are the same (cli.respell);
-    an unknown name is an error naming the closest known one."""
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
-    known = {"preset", *fields}
-    values, overrides, rest = {}, [], list(argv)
-    while rest:
-        arg = rest.pop(0)
-        if arg in ("-h", "--help"):
-            print(usage())
-            sys.exit(0)
-        if not arg.startswith("--"):
-            raise ValueError(f"options are --name=value or --name value, got {arg!r} (python train.py --help lists "
-                             f"them)")
-        name, eq, value = arg[2:].partition("=")
-        name = cli.respell(name, known)
-        if name not in known:
-            raise ValueError(f"unknown option --{name}{cli.closest(name, known)} (python train.py --help lists them)")
-        if not eq:  # --name value; a boolean alone (--resume) means true
-            if name in fields and type(fields[name].default) is bool and (not rest or rest[0].startswith("--")):
-                value = "true"
-            elif not rest or rest[0].startswith("--"):
-                raise ValueError(f"--{name} needs a value: --{name}=VALUE or --{name} VALUE")
-            else:
-                value = rest.pop(0)
-        if name == "preset":
-            if value not in PRESETS:
-                raise ValueError(f"unknown preset {value!r}: choose from {', '.join(PRESETS)}")
-            values.update(PRESETS[value])
-        else:
-            overrides.append((name, value))
-    for name, value in overrides:
-        kind = type(fields[name].default)
-        if kind is bool:
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--{name} takes true or false, got {value!r}")
-            values[name] = value.lower() in ("true", "1")
-        else:
-            try:
-                values[name] = kind(value)
-            except ValueError:
-                raise ValueError(f"--{name} takes a {kind.__name__}, got {value!r}") from None
-    cfg = TrainConfig(**values)
+    """--preset=name, then --field=value (or --field value) overrides (cli.parse_dataclass), then the checks that
+    involve several fields; -h / --help prints every option and exits."""
+    cfg = cli.parse_dataclass(argv, TrainConfig, PRESETS, "python train.py", __doc__.split("\n")[0])
     if cfg.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {cfg.mode!r}")
     if cfg.voco_init not in ("random", "newline"):
         raise ValueError(f"--voco_init must be random or newline, got {cfg.voco_init!r}")
-    if cfg.synthetic_set not in synthetic.QUESTION_SETS:
-        raise ValueError(f"--synthetic_set must be one of {', '.join(synthetic.QUESTION_SETS)}, got "
-                         f"{cfg.synthetic_set!r}")
     if cfg.voco_ks:
         ks = voco_ks(cfg)
         if ks is None:
@@ -183,27 +131,6 @@ def parse_args(argv) -> TrainConfig:
             raise ValueError(f"--num_voco={cfg.num_voco} must be one of --voco_ks={cfg.voco_ks}: it is the K used "
                              f"when none is asked")
     return cfg
-
-
-def usage() -> str:
-    """The --help text: the command lines, the presets, then every TrainConfig field by group, with its default and
-    its comment (cli.dataclass_help)."""
-    lines = ["usage: python train.py [--preset=NAME] [--name=value | --name value ...]", "",
-             __doc__.split("\n")[0], "",
-             "Names take underscores or hyphens (--max_steps, --max-steps); booleans take true/false.", "",
-             "--preset=NAME sets these options first (the others override them):"]
-    for preset_name, options in PRESETS.items():
-        lines += textwrap.wrap(f"{preset_name}: " + ", ".join(f"{n}={v}" for n, v in options.items()), 100,
-                               initial_indent="  ", subsequent_indent="    ")
-    lines.append("")
-    for group, items in cli.dataclass_help(TrainConfig):
-        lines.append(f"{group}:")
-        for name, default, text in items:
-            option = f"  --{name}={str(default)[:40] + '...' if len(str(default)) > 40 else default}"
-            lines += textwrap.wrap(text, 100, initial_indent=f"{option:<34}" if len(option) < 34 else
-                                   option + "\n" + " " * 34, subsequent_indent=" " * 34) or [option]
-        lines.append("")
-    return "\n".join(lines)
 
 
 def voco_ks(cfg) -> tuple[int, ...] | None:
@@ -218,34 +145,15 @@ def voco_ks(cfg) -> tuple[int, ...] | None:
 # ----------------------------------------------------------------------------------------------------------------
 # Data, tokenizer and model
 
-def prepare_data(cfg, out: Path, rank: int, size: int):
-    """The train and held-out LLaVA JSON files: the user's, or the synthetic sets of size x size images,
-    generated once by rank 0."""
-    if cfg.data not in ("synthetic", "synthetic_video"):
-        if not cfg.data:
-            raise ValueError("--data=<LLaVA-format JSON> is required by this preset")
-        for path in (cfg.data, cfg.eval_data):
-            if path and not Path(path).is_file():
-                raise ValueError(f"{path} does not exist: --data and --eval_data take LLaVA-format JSON files")
-        return Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
-    data = Path(cfg.synthetic_dir) if cfg.synthetic_dir else out / "data"
-    if rank == 0:
-        options = {"n_objects": cfg.synthetic_objects} if cfg.synthetic_objects else {}
-        if cfg.data == "synthetic":  # videos have one set of questions
-            options["question_set"] = cfg.synthetic_set
-        if not (data / "train" / "data.json").exists():
-            if cfg.data == "synthetic":
-                synthetic.generate(data / "train", n_images=cfg.synthetic_images, questions_per_image=
-                                   cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True, **options)
-            else:
-                synthetic_video.generate(data / "train", n_videos=cfg.synthetic_images, questions_per_video=
-                                         cfg.synthetic_questions, seed=cfg.seed, image_size=size, multi_turn=True,
-                                         **options)
-        if not (data / "eval" / "data.json").exists():  # held out: other images, one question per record
-            generate = synthetic.generate if cfg.data == "synthetic" else synthetic_video.generate
-            generate(data / "eval", cfg.synthetic_eval_images, seed=cfg.seed + 10_000, image_size=size, **options)
-    barrier()
-    return data / "train" / "data.json", data / "eval" / "data.json"
+def data_files(cfg) -> tuple[Path, Path | None]:
+    """The training and held-out LLaVA-format JSON files, checked to exist."""
+    if not cfg.data:
+        raise ValueError("--data=<LLaVA-format JSON> is required (python -m nanovoco.repro.synthetic makes a "
+                         "synthetic set)")
+    for path in (cfg.data, cfg.eval_data):
+        if path and not Path(path).is_file():
+            raise ValueError(f"{path} does not exist: --data and --eval_data take LLaVA-format JSON files")
+    return Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
 
 
 def tiny_tokenizer(train_json: Path, out: Path, rank: int) -> Path:
@@ -266,98 +174,6 @@ def tiny_tokenizer(train_json: Path, out: Path, rank: int) -> Path:
         train_tiny_tokenizer(texts, path, vocab_size=512)
     barrier()
     return path
-
-
-def model_config(cfg: TrainConfig, source) -> VoCoLlamaConfig:
-    """The shape of the model to train, read without its weights: what the data is drawn and laid out for (image
-    size, vision tokens), known before the model is built. From the checkpoint, else the preset with the
-    --vision_path CLIP's vision part."""
-    if new_projector(cfg, source):
-        llm, clip = checkpoint.Checkpoint(source), checkpoint.Checkpoint(cfg.vision_path)
-        formats.require_kind(clip, "clip")
-        config = VoCoLlamaConfig.from_dicts(formats.llama_config(llm.config, llm.config_file),
-                                            formats.clip_config(clip.config, clip.config_file))
-    elif source is not None:
-        config = formats.vlm_parts(source, cfg.vision_path or None, cfg.projector_path or None,
-                                   VoCoLlamaConfig.from_dicts)[0]
-    else:
-        config = preset(cfg.init)
-        if cfg.vision_path:
-            clip = checkpoint.Checkpoint(cfg.vision_path)
-            formats.require_kind(clip, "clip")
-            config.vision = CLIPVisionConfig(**formats.clip_config(clip.config, clip.config_file))
-    return with_compressor(config, cfg)
-
-
-def new_projector(cfg: TrainConfig, source) -> bool:
-    """Whether the VLM starts from a plain LLM checkpoint and a vision tower with a new projector (no
-    --projector_path): a pretrained LLM without a LLaVA stage 1, like SmolLM2 with the repro's tiny tower."""
-    if source is None or cfg.projector_path or formats.require_kind(
-            checkpoint.Checkpoint(source), "llama", "llava", "llava-hf") != "llama":
-        return False
-    if not cfg.vision_path:
-        raise ValueError(f"{source} is a plain LLM checkpoint: pass --vision_path=<CLIP directory> (and "
-                         f"--projector_path=<LLaVA-1.5 mm_projector.bin>, or none for a new projector)")
-    return True
-
-
-def with_compressor(config: VoCoLlamaConfig, cfg: TrainConfig) -> VoCoLlamaConfig:
-    """The baselines' config: an external compressor to --num_voco tokens, unless the checkpoint has one already."""
-    if cfg.mode in ("avgpool", "qformer") and config.compressor == "none":
-        return dataclasses.replace(config, compressor=cfg.mode, compressor_tokens=cfg.num_voco)
-    return config
-
-
-def build_model(cfg: TrainConfig, tokenizer, source) -> VoCoLlama:
-    """The model to train: from a checkpoint (or a preset, from scratch), set up for the mode. VoCo modes add the
-    <voco> token to the vocabulary; the baselines get a new compressor; nothing else changes."""
-    if source is None:  # an LLM from scratch, with a vision tower from scratch or pretrained (--vision_path)
-        torch.manual_seed(cfg.seed)
-        config = preset(cfg.init, vocab_size=tokenizer.vocab_size)
-        vision = CLIPVisionTower.from_pretrained(cfg.vision_path) if cfg.vision_path else None
-        if vision is not None:
-            config.vision = vision.config
-        vlm = VoCoLlama(config)
-        # The projector keeps PyTorch's default init (std ~ 1/sqrt(3 fan_in)): at 0.02 its two layers would shrink
-        # the image features some 50x, and the LLM would never learn that the image is there.
-        init_weights(vlm.llm)
-        init_weights(vlm.vision)
-        if vision is not None:
-            vlm.vision = vision
-    elif new_projector(cfg, source):  # a pretrained LLM and tower, joined by a projector trained from scratch
-        llm, vision = Llama.from_pretrained(source), CLIPVisionTower.from_pretrained(cfg.vision_path)
-        with torch.device("meta"):  # the parts are loaded: build the shell without allocating them again
-            vlm = VoCoLlama(VoCoLlamaConfig(text=llm.config, vision=vision.config))  # their configs, the same objects
-        torch.manual_seed(cfg.seed)
-        vlm.llm, vlm.vision = llm, vision
-        vlm.projector = Projector(vlm.config.projector_type, vision.config.hidden_size, llm.config.hidden_size)
-    else:
-        vlm = VoCoLlama.from_pretrained(source, vision_path=cfg.vision_path or None,
-                                        projector_path=cfg.projector_path or None)
-    c = vlm.config
-    if cfg.mode in ("voco", "lower_bound") and c.num_voco == 0:
-        if tokenizer.vocab_size > c.text.vocab_size:
-            vlm.llm.resize_vocab(tokenizer.vocab_size)  # <voco> becomes id 32000 on Vicuna's vocabulary
-        c.voco_token_id, c.num_voco = tokenizer.special_ids["<voco>"], cfg.num_voco
-        if cfg.voco_init == "newline":
-            # The "\n" after the image is, in the trained VLM, the token that has attended to the whole image at
-            # every layer. A VoCo token that starts as its copy starts out gathering the image the same way, rather
-            # than from a random embedding: on the repro's tiny model the VoCo stage then escapes its plateau of
-            # answering from priors in ~60 steps instead of ~170 (docs/results.md).
-            newline = tokenizer.encode("\n", bos=False)[-1]
-            with torch.no_grad():
-                vlm.llm.embed_tokens.weight[c.voco_token_id] = vlm.llm.embed_tokens.weight[newline]
-    if cfg.mode in ("voco", "lower_bound"):
-        c.num_voco = cfg.num_voco  # the K it trains on (of --voco_ks, the default one): inference's default K
-    baseline = with_compressor(c, cfg)
-    if baseline is not c:
-        torch.manual_seed(cfg.seed)
-        new = VoCoLlama(baseline)
-        missing, unexpected = new.load_state_dict(vlm.state_dict(), strict=False)
-        assert not unexpected and all(k.startswith("compressor.") for k in missing), (missing, unexpected)
-        vlm = new
-    vlm.vision.requires_grad_(not cfg.freeze_vision)  # the paper trains the LLM and the projector, not CLIP
-    return vlm
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,6 +250,7 @@ def main(argv=None):
 
 def prepare(cfg: TrainConfig) -> Run:
     """Options, data (validated whole, images included) and only then the model, sharded, with its optimizer."""
+    train_json, eval_json = data_files(cfg)
     rank, world, device = setup_distributed()
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -457,8 +274,7 @@ def prepare(cfg: TrainConfig) -> Run:
     # a resumed run's model is its checkpoint's alone, vision tower included: with --freeze_vision=false the tower
     # trained too, and the --vision_path of the start is no longer it
     build = dataclasses.replace(cfg, vision_path="", projector_path="") if resume_from else cfg
-    config = model_config(build, source)
-    train_json, eval_json = prepare_data(cfg, out, rank, config.vision.image_size)
+    config = init.model_config(build, source)
     tokenizer = load_tokenizer(resume_from / "model" if resume_from else
                                cfg.tokenizer if cfg.tokenizer else
                                tiny_tokenizer(train_json, out, rank) if cfg.init in FROM_SCRATCH else cfg.init)
@@ -471,7 +287,7 @@ def prepare(cfg: TrainConfig) -> Run:
         eval_set = eval_set.with_num_voco(cfg.num_voco)  # every question at the default K; the end: at each K
 
     # model
-    vlm = place(lambda: build_model(build, tokenizer, source), device, rank, world, freeze_vision=cfg.freeze_vision,
+    vlm = place(lambda: init.build_model(build, tokenizer, source), device, rank, world, freeze_vision=cfg.freeze_vision,
                 activation_checkpointing=cfg.activation_checkpointing)
     params = [p for p in vlm.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
@@ -520,28 +336,15 @@ def train_step(run: Run, micro: list[dict], train_mask, autocast, step: int) -> 
 
 def fit(run: Run):
     """The training loop: steps, logs, checkpoints (also on Ctrl-C), the final held-out evaluation."""
-    cfg, rank, world, device, out, vlm, optim, params = (run.cfg, run.rank, run.world, run.device, run.out, run.vlm,
-                                                          run.optim, run.params)
-    train_set, eval_set, total_steps, step = run.train_set, run.eval_set, run.total_steps, run.step
+    cfg, rank, world, device, out = run.cfg, run.rank, run.world, run.device, run.out
+    train_set, total_steps, step = run.train_set, run.total_steps, run.step
     train_mask, eval_compressed = mode_masks(cfg.mode)
     order = sample_order(len(train_set), total_steps, cfg.batch_size, cfg.seed)
-    log_path = out / "log.jsonl"
-    if rank == 0:  # a resumed run rewrites history from its checkpoint on: drop the lines of the lost steps
-        lines = log_path.read_text().splitlines() if log_path.exists() else []  # fresh: step 0, none kept
-        kept = [line for line in lines if line.endswith("}") and json.loads(line)["step"] < step]  # "}": whole
-        log_path.write_text("".join(line + "\n" for line in kept))
+    log_path = start_log(out / "log.jsonl", step, rank)
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda" and world == 1)
-
-    stop = []  # Ctrl-C (or a scheduler's SIGTERM) asks for a checkpoint at the end of the step, not a dead run
-
-    def request_stop(signum, frame):
-        stop.append(signum)
-        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)  # twice: now
-
-    signal.signal(signal.SIGINT, request_stop)
-    signal.signal(signal.SIGTERM, request_stop)
+    stop = stop_on_signals()
     if rank == 0:
-        n_train = sum(p.numel() for p in params)
+        n_train = sum(p.numel() for p in run.params)
         print(f"{cfg.mode}: {n_train / 1e6:.1f}M trainable parameters, {len(train_set)} samples, {total_steps} steps "
               f"of {cfg.batch_size} ({world} process(es) x {cfg.batch_size // (world * cfg.micro_batch_size)} x "
               f"{cfg.micro_batch_size}) on {device}")
@@ -550,7 +353,7 @@ def fit(run: Run):
     while step < total_steps:
         t0 = time.perf_counter()
         lr = schedule(step, total_steps, cfg)
-        for group in optim.param_groups:
+        for group in run.optim.param_groups:
             group["lr"] = lr
         mine = order[step * cfg.batch_size:(step + 1) * cfg.batch_size][rank::world]
         micro = [collate([train_set[i] for i in mine[k:k + cfg.micro_batch_size]])
@@ -560,8 +363,8 @@ def fit(run: Run):
         dt = time.perf_counter() - t0
         tokens = all_sum(torch.tensor(sum(int((b["segments"] != PAD).sum()) for b in micro), device=device)).item()
         record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt}
-        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and eval_set is not None:
-            record["eval"] = evaluate(vlm, eval_set, eval_compressed, cfg.eval_limit)
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and run.eval_set is not None:
+            record["eval"] = evaluate(run.vlm, run.eval_set, eval_compressed, cfg.eval_limit)
         if rank == 0:
             if step % cfg.log_every == 0 or "eval" in record:
                 with open(log_path, "a") as f:
@@ -571,25 +374,57 @@ def fit(run: Run):
         interrupted = all_sum(torch.tensor(float(bool(stop)), device=device)).item() > 0 \
             or step - first_step == cfg.stop_after
         if step % cfg.save_every == 0 or step == total_steps or interrupted:
-            save_checkpoint(out, vlm, optim, step, dataclasses.asdict(cfg), run.tokenizer, cfg.system_prompt, rank)
+            save_checkpoint(out, run.vlm, run.optim, step, dataclasses.asdict(cfg), run.tokenizer, cfg.system_prompt,
+                            rank)
         if interrupted:
             if rank == 0:
                 print(f"\nstopped: saved step {step} to {out / 'checkpoint'}; continue with --resume=true")
             break
     bar.close()
-    if step == total_steps and eval_set is not None:
-        result = evaluate(vlm, eval_set, eval_compressed, cfg.eval_limit, progress=rank == 0)
-        if cfg.voco_ks:  # the one any-K checkpoint, at each of its K (the default K's is the result above)
-            result["by_num_voco"] = {k: dict(result) if k == cfg.num_voco else
-                                     evaluate(vlm, eval_set.with_num_voco(k), eval_compressed, cfg.eval_limit)
-                                     for k in voco_ks(cfg)}
-        result["blind"] = blind_baseline(eval_set, cfg.eval_limit)  # chance: the best answers without the image
-        if rank == 0:
-            print(f"VQA accuracy {result['overall']:.3f} on {result['n']} held-out questions (without the image at "
-                  f"best {result['blind']['overall']:.3f}): {result['by_type']}")
-            (out / "eval.json").write_text(json.dumps(result, indent=2))
+    if step == total_steps and run.eval_set is not None:
+        final_evaluation(run, eval_compressed)
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def start_log(log_path: Path, step: int, rank: int) -> Path:
+    """log.jsonl from the run's start to `step`: a resumed run rewrites history from its checkpoint on, so the lines
+    of the steps it lost are dropped (a fresh run, at step 0, keeps none)."""
+    if rank == 0:
+        lines = log_path.read_text().splitlines() if log_path.exists() else []
+        kept = [line for line in lines if line.endswith("}") and json.loads(line)["step"] < step]  # "}": whole
+        log_path.write_text("".join(line + "\n" for line in kept))
+    return log_path
+
+
+def stop_on_signals() -> list:
+    """Ctrl-C (or a scheduler's SIGTERM) asks for a checkpoint at the end of the step, not a dead run: the returned
+    list is non-empty once asked. A second signal stops at once."""
+    stop = []
+
+    def request_stop(signum, frame):
+        stop.append(signum)
+        signal.signal(signum, signal.default_int_handler if signum == signal.SIGINT else signal.SIG_DFL)
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    return stop
+
+
+def final_evaluation(run: Run, compressed: bool):
+    """VQA accuracy on the held-out set into eval.json, with the best score without the image beside it; an any-K
+    model is scored at each of its K."""
+    cfg, rank = run.cfg, run.rank
+    result = evaluate(run.vlm, run.eval_set, compressed, cfg.eval_limit, progress=rank == 0)
+    if cfg.voco_ks:  # the one any-K checkpoint, at each of its K (the default K's is the result above)
+        result["by_num_voco"] = {k: dict(result) if k == cfg.num_voco else
+                                 evaluate(run.vlm, run.eval_set.with_num_voco(k), compressed, cfg.eval_limit)
+                                 for k in voco_ks(cfg)}
+    result["blind"] = blind_baseline(run.eval_set, cfg.eval_limit)  # chance: the best answers without the image
+    if rank == 0:
+        print(f"VQA accuracy {result['overall']:.3f} on {result['n']} held-out questions (without the image at "
+              f"best {result['blind']['overall']:.3f}): {result['by_type']}")
+        (run.out / "eval.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ A random VLM (LLaMA shape: width 1280, 24 layers, intermediate 3456, vocabulary 
 LLaVA's layout in bf16, as released checkpoints are stored, and started from under `torch.distributed` with 2 (or
 --processes) gloo processes, both ways:
 - every rank (before): each process builds the whole model from the checkpoint in host memory
-  (train.build_model), then FSDP2 shards it (parallel.shard), as train.py did;
+  (init.build_model), then FSDP2 shards it (parallel.shard), as train.py did;
 - rank 0 (after): parallel.place: only rank 0 builds the whole model; every rank builds it on the meta device,
   shards it, allocates its own shards and receives their values from rank 0.
 Each way runs in fresh processes; each process reports its peak resident memory during the start (Linux's VmHWM,
@@ -25,9 +25,9 @@ import torch.multiprocessing as mp
 
 import train
 from nanovoco import cli, parallel
-from nanovoco.bench import machine, publish
+from nanovoco.repro.bench import machine, publish
 from nanovoco.config import CLIPVisionConfig, LlamaConfig, VoCoLlamaConfig
-from nanovoco.init import init_weights
+from nanovoco.init import build_model, init_weights
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
 
@@ -66,9 +66,9 @@ def start(rank: int, world: int, how: str, path: str, port: int, results):
     tokenizer = Tokenizer(Path(path) / "tokenizer.model")
     device = torch.device("cpu")
     if how == "every rank":
-        vlm = parallel.shard(train.build_model(cfg, tokenizer, path), device, world, False)
+        vlm = parallel.shard(build_model(cfg, tokenizer, path), device, world, False)
     else:
-        vlm = parallel.place(lambda: train.build_model(cfg, tokenizer, path), device, rank, world,
+        vlm = parallel.place(lambda: build_model(cfg, tokenizer, path), device, rank, world,
                              freeze_vision=cfg.freeze_vision, activation_checkpointing=False)
     peak = peak_rss()
     shards = sum(p.to_local().nbytes for p in vlm.parameters())

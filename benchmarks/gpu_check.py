@@ -9,7 +9,7 @@ Each part runs on its own (a failure is written into the report and the next par
    LLaMA-7B's head shape, from the profiler's kernel names;
 3. train.py under torchrun on NCCL (one process: the CUDA path of the loop, bf16 autocast, fused AdamW) for a few
    steps of the synthetic task, its losses against the same run on the CPU;
-4. Table 7 at 7B with random bf16 weights (`nanovoco.bench --size 7b --device cuda`), next to the paper's times;
+4. Table 7 at 7B with random bf16 weights (`nanovoco.repro.bench --size 7b --device cuda`), next to the paper's times;
 5. decoding against transformers (`benchmarks.infer_vs_transformers --device cuda --bf16`);
 6. the training MFU of a ~1B LLaMA shape (bf16 autocast, fp32 weights, AdamW): model FLOPs per second over the
    GPU's dense bf16 peak (--peak_tflops, default 989: H100 SXM and H200).
@@ -38,7 +38,7 @@ def parity_bf16() -> str:
     from nanovoco.model import Llama, VoCoLlama
     from nanovoco.config import preset
     from nanovoco.voco import TEXT, VISION, VOCO, voco_mask
-    from nanovoco.bench import SpecialIds
+    from nanovoco.repro.bench import SpecialIds
 
     lines = []
     torch.manual_seed(0)
@@ -107,9 +107,10 @@ def run(cmd, timeout=240, env=None) -> str:
 def train_nccl() -> str:
     import json
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["--preset=tiny-cpu", f"--synthetic_dir={tmp}/data", "--synthetic_images=64",
-                "--synthetic_eval_images=8", "--batch_size=8", "--micro_batch_size=4", "--max_steps=6",
-                "--eval_limit=8"]
+        run([sys.executable, "-m", "nanovoco.repro.synthetic", "--out", f"{tmp}/data", "--n_images", "64",
+             "--held_out", "2", "--image_size", "56"])
+        args = ["--preset=tiny-cpu", f"--data={tmp}/data/train/data.json", f"--eval_data={tmp}/data/eval/data.json",
+                "--batch_size=8", "--micro_batch_size=4", "--max_steps=6", "--eval_limit=8"]
         run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", "train.py", *args,
              f"--out_dir={tmp}/cuda"])
         run([sys.executable, "train.py", *args, f"--out_dir={tmp}/cpu"], env={"CUDA_VISIBLE_DEVICES": ""})
@@ -121,7 +122,7 @@ def train_nccl() -> str:
 
 
 def table7() -> str:
-    return run([sys.executable, "-m", "nanovoco.bench", "--size", "7b", "--device", "cuda", "--repeats", "20"])
+    return run([sys.executable, "-m", "nanovoco.repro.bench", "--size", "7b", "--device", "cuda", "--repeats", "20"])
 
 
 def decode() -> str:
@@ -170,7 +171,7 @@ def main():
     if not torch.cuda.is_available():
         print("error: no CUDA device: this script is for the GPU machine", file=sys.stderr)
         return 2
-    from nanovoco.bench import machine
+    from nanovoco.repro.bench import machine
     parts = [("Parity in bf16", parity_bf16), ("SDPA kernels", sdpa_kernel), ("train.py on NCCL", train_nccl),
              ("Table 7 at 7B, random bf16 weights", table7), ("Decoding vs transformers", decode),
              ("Training MFU, ~1B", lambda: mfu(args.peak_tflops))]

@@ -30,7 +30,7 @@ import transformers
 from tqdm import tqdm
 
 from nanovoco import cli
-from nanovoco.bench import machine, publish, sync
+from nanovoco.repro.bench import machine, publish, sync
 from nanovoco.generate import generate
 from nanovoco.model import Llama
 

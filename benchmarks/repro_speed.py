@@ -28,10 +28,11 @@ import torch
 import torch.nn.functional as F
 
 import train
-from nanovoco import cli, synthetic, vision_pretrain
-from nanovoco.bench import machine, publish
+from nanovoco import cli
+from nanovoco.repro import synthetic, vision_pretrain
+from nanovoco.repro.bench import machine, publish
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate
-from nanovoco.init import init_weights
+from nanovoco.init import build_model, init_weights
 from nanovoco.model import CLIPVisionTower
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
 
@@ -61,7 +62,7 @@ def setup(name: str, root: Path, answers_only: bool = False):
     tokenizer = Tokenizer(train.tiny_tokenizer(data / "data.json", tok_dir, 0) if name == "after"
                           else old_tokenizer(data / "data.json", tok_dir / "tokenizer.model"))
     torch.manual_seed(0)
-    vlm = train.build_model(cfg, tokenizer, None)
+    vlm = build_model(cfg, tokenizer, None)
     dataset = LlavaDataset(data / "data.json", data, tokenizer, vlm.config, num_voco=0, max_len=cfg.max_len,
                            system=cfg.system_prompt)
     params = [p for p in vlm.parameters() if p.requires_grad]

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from benchmarks.train_throughput import cpu_model, sync
 from nanovoco import cli
-from nanovoco.bench import publish
+from nanovoco.repro.bench import publish
 from nanovoco.from_gguf import convert, smollm2_path
 from nanovoco.model import Llama
 from nanovoco.voco import TEXT, VISION, VOCO, voco_mask

@@ -28,7 +28,7 @@ import transformers
 from tqdm import tqdm
 
 from nanovoco import cli
-from nanovoco.bench import publish
+from nanovoco.repro.bench import publish
 from nanovoco.model import Llama
 from nanovoco.voco import TEXT, VISION, VOCO, voco_mask
 

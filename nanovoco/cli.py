@@ -2,7 +2,8 @@
 
 - an option may be spelled with underscores or hyphens (`--max_new_tokens`, `--max-new-tokens`): `respell`, which
   `ArgumentParser` applies to argparse scripts and train.py to its own options;
-- train.py's help is its config dataclass's comments (`dataclass_help`): one source for the code and the help;
+- train.py's options are its config dataclass's fields, on top of a preset (`parse_dataclass`), and its help is
+  their comments (`dataclass_help`, `dataclass_usage`): one source for the code and the help;
 - an unknown option is answered with the closest known one (`closest`).
 """
 import argparse
@@ -76,3 +77,76 @@ def dataclass_help(cls) -> list[tuple[str, list[tuple[str, object, str]]]]:
         elif not line.strip():
             help_of = None
     return [(group, [(name, default, " ".join(h)) for name, default, h in items]) for group, items in groups if items]
+
+
+def parse_dataclass(argv, cls, presets: dict, program: str, description: str = ""):
+    """argv -> an instance of the config dataclass cls: --preset=name (a dict of presets) first, then --field=value
+    or --field value overrides, each converted to the type of the field's default (a boolean alone means true);
+    -h / --help prints dataclass_usage and exits. Names are respelled (`respell`); an unknown one is an error
+    naming the closest known one. Errors are ValueErrors of one line."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    known = {"preset", *fields}
+    values, overrides, rest = {}, [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        if arg in ("-h", "--help"):
+            print(dataclass_usage(cls, presets, program, description))
+            sys.exit(0)
+        if not arg.startswith("--"):
+            raise ValueError(f"options are --name=value or --name value, got {arg!r} ({program} --help lists "
+                             f"them)")
+        name, eq, value = arg[2:].partition("=")
+        name = respell(name, known)
+        if name not in known:
+            raise ValueError(f"unknown option --{name}{closest(name, known)} ({program} --help lists them)")
+        if not eq:  # --name value; a boolean alone (--resume) means true
+            flag = name in fields and type(fields[name].default) is bool
+            if not rest or rest[0].startswith("--"):
+                if not flag:
+                    raise ValueError(f"--{name} needs a value: --{name}=VALUE or --{name} VALUE")
+                value = "true"
+            else:
+                value = rest.pop(0)
+        if name == "preset":
+            if value not in presets:
+                raise ValueError(f"unknown preset {value!r}: choose from {', '.join(presets)}")
+            values.update(presets[value])
+        else:
+            overrides.append((name, value))
+    for name, value in overrides:
+        values[name] = typed(name, value, type(fields[name].default))
+    return cls(**values)
+
+
+def typed(name: str, value: str, kind: type):
+    """An option's text as the type of its field's default (bool: true/false/1/0)."""
+    if kind is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--{name} takes true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"--{name} takes a {kind.__name__}, got {value!r}") from None
+
+
+def dataclass_usage(cls, presets: dict, program: str, description: str = "") -> str:
+    """The --help text of parse_dataclass: the command line, the presets, then every field by group, with its
+    default and its comment (dataclass_help)."""
+    lines = [f"usage: {program} [--preset=NAME] [--name=value | --name value ...]", "",
+             description, "",
+             "Names take underscores or hyphens (--max_steps, --max-steps); booleans take true/false.", "",
+             "--preset=NAME sets these options first (the others override them):"]
+    for preset_name, options in presets.items():
+        lines += textwrap.wrap(f"{preset_name}: " + ", ".join(f"{n}={v}" for n, v in options.items()), 100,
+                               initial_indent="  ", subsequent_indent="    ")
+    lines.append("")
+    for group, items in dataclass_help(cls):
+        lines.append(f"{group}:")
+        for name, default, text in items:
+            shown = str(default) if len(str(default)) <= 40 else str(default)[:40] + "..."
+            option = f"  --{name}={shown}"
+            first = f"{option:<34}" if len(option) < 34 else option + "\n" + " " * 34
+            lines += textwrap.wrap(text, 100, initial_indent=first, subsequent_indent=" " * 34) or [option]
+        lines.append("")
+    return "\n".join(lines)

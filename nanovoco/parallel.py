@@ -32,7 +32,7 @@ def barrier():
 
 
 def place(build, device, rank: int, world: int, *, freeze_vision: bool, activation_checkpointing: bool) -> VoCoLlama:
-    """The model to train, on its device(s); build() makes the whole model (train.py's build_model: the checkpoint,
+    """The model to train, on its device(s); build() makes the whole model (init.build_model: the checkpoint,
     the VoCo token, the compressor). One process: build(), then to the device. Under torchrun, a start that fits a
     node: only rank 0 calls build() and holds the whole model in host memory; every rank builds it on the meta device
     from rank 0's config, shards it (FSDP2), allocates its own shards only and receives their values from rank 0.

@@ -1,4 +1,4 @@
-"""nanovoco.bench, the paper's Table 7: analytic 7B cache bytes against the paper, the tiny model's three methods
+"""nanovoco.repro.bench, the paper's Table 7: analytic 7B cache bytes against the paper, the tiny model's three methods
 against each other (full caching computes what the baseline computes), and FlopCounterMode against the formula."""
 import subprocess
 import sys
@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from nanovoco.bench import PAPER, analytic_rows, configure, kv_bytes_per_token, markdown, measure, random_model, \
+from nanovoco.repro.bench import PAPER, analytic_rows, configure, kv_bytes_per_token, markdown, measure, random_model, \
     report, stages
 
 TEXT = 12  # question tokens: short, the tests need no timing precision
@@ -38,7 +38,7 @@ def test_7b_cache_bytes_match_the_paper():
 
 def test_cli_tiny_prints_the_three_methods(tmp_path):
     out = tmp_path / "table.md"
-    run = subprocess.run([sys.executable, "-m", "nanovoco.bench", "--size", "tiny", "--repeats", "2",
+    run = subprocess.run([sys.executable, "-m", "nanovoco.repro.bench", "--size", "tiny", "--repeats", "2",
                           "--text_tokens", str(TEXT), "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     for method in ("| baseline |", "| full caching |", "| VoCo cache |", "torch " + torch.__version__):
@@ -46,7 +46,7 @@ def test_cli_tiny_prints_the_three_methods(tmp_path):
 
 
 def test_cli_7b_analytic_prints_the_paper_comparison():
-    run = subprocess.run([sys.executable, "-m", "nanovoco.bench", "--size", "7b"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "nanovoco.repro.bench", "--size", "7b"], capture_output=True, text=True,
                          timeout=120)
     assert run.returncode == 0, run.stderr
     assert "302.0 (301,989,888 B) | 302.4 | -0.14%" in run.stdout
@@ -92,7 +92,7 @@ def test_decoding_after_each_stage_2():
     """The timed decode loop continues each method's prefill correctly: after the baseline and after full caching
     it generates the same tokens (the two compute the same thing), and the VoCo cache's tokens equal
     generate_from_cache's."""
-    from nanovoco.bench import decode
+    from nanovoco.repro.bench import decode
     from nanovoco.generate import generate_from_cache
     vlm = tiny_model(2)
     g = torch.Generator().manual_seed(2)

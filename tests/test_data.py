@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovoco import synthetic
+from nanovoco.repro import synthetic
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, build_sample, collate
 from nanovoco.config import preset
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, load_tokenizer, render_vicuna, train_tiny_tokenizer

@@ -1,6 +1,6 @@
 """`make demo`: the tiny random VLM is saved, loaded back, compresses its image once and answers two questions from
 the cache."""
-from nanovoco import demo
+from nanovoco.repro import demo
 
 
 def test_demo_compresses_once_and_answers_twice(tmp_path, capsys):

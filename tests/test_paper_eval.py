@@ -1,4 +1,4 @@
-"""nanovoco.paper_eval: LLaVA-1.5's question and answer files, two-stage answers equal to one masked pass, and scores
+"""nanovoco.repro.paper_eval: LLaVA-1.5's question and answer files, two-stage answers equal to one masked pass, and scores
 equal to those of LLaVA-1.5's evaluation scripts and the benchmarks' own tools. Fixtures are small excerpts in the real
 releases' layouts (id schemes, prompt suffixes, shared ids); each scorer is checked against a literal re-statement of
 the official script's rule, on answers that include malformed, empty, missing and multi-sentence ones."""
@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovoco import paper_eval
+from nanovoco.repro import paper_eval
 from nanovoco.config import preset
 from nanovoco.data import build_sample, pad_samples
 from nanovoco.generate import generate
@@ -455,17 +455,17 @@ def test_seed_round_trip_keeps_integer_ids(model_dir, tiny, tmp_path, capsys):
 def test_command_line(model_dir, tmp_path):
     qs = lines(tmp_path / "q.jsonl", [{"question_id": 1, "image": "img0.png", "text": "Is there a red square?",
                                        "category": "adversarial"}])
-    run = subprocess.run([sys.executable, "-m", "nanovoco.paper_eval", "answer", "--model", model_dir / "model",
+    run = subprocess.run([sys.executable, "-m", "nanovoco.repro.paper_eval", "answer", "--model", model_dir / "model",
                           "--questions", qs, "--image_folder", model_dir, "--answers", tmp_path / "a.jsonl",
                           "--max_new_tokens", "3"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert run.returncode == 0, run.stderr
     (tmp_path / "pope").mkdir()
     lines(tmp_path / "pope" / "coco_pope_adversarial.json", [{"question_id": 1, "label": "yes"}])
-    scored = subprocess.run([sys.executable, "-m", "nanovoco.paper_eval", "score", "pope", "--answers",
+    scored = subprocess.run([sys.executable, "-m", "nanovoco.repro.paper_eval", "score", "pope", "--answers",
                              tmp_path / "a.jsonl", "--questions", qs, "--annotations", tmp_path / "pope"],
                             capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert scored.returncode == 0 and json.loads(scored.stdout)["adversarial"]["n"] == 1
-    bad = subprocess.run([sys.executable, "-m", "nanovoco.paper_eval", "answer", "--model", model_dir / "model",
+    bad = subprocess.run([sys.executable, "-m", "nanovoco.repro.paper_eval", "answer", "--model", model_dir / "model",
                           "--questions", qs, "--image_folder", tmp_path, "--answers", tmp_path / "b.jsonl"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and "1 image(s) missing under" in bad.stderr and "Traceback" not in bad.stderr

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from nanovoco import probe, synthetic, vision_pretrain
+from nanovoco.repro import probe, synthetic, vision_pretrain
 from nanovoco.config import CLIPVisionConfig
 from nanovoco.model import CLIPVisionTower
 

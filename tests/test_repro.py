@@ -10,37 +10,41 @@ from pathlib import Path
 
 import pytest
 
-from nanovoco.repro import (KS, VIDEO_OBJECTS, VIEWS, main, read_at_its_place, retention, retention_se, run_stage,
-                            shortcut_answers, shortcuts, shuffled, stages)
+from nanovoco.repro.analysis import VIEWS, read_at_its_place, shortcut_answers, shortcuts, shuffled
+from nanovoco.repro.recipe import KS, VIDEO_OBJECTS, stages
+from nanovoco.repro.run import main, run_stage
+from nanovoco.repro.stats import retention, retention_se
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_stages_start_from_the_pretrained_tower_and_the_full_model():
     runs = stages(1.0)
-    assert list(runs)[:2] == ["vision", "full"] and len(runs) == 2 + len(KS) + 3
+    assert list(runs)[:3] == ["vision", "data", "full"] and len(runs) == 3 + len(KS) + 3
     assert "--vision_path={out}/vision" in runs["full"]
-    for name, options in list(runs.items())[2:]:
+    for name, options in list(runs.items())[3:]:
         assert "--init={out}/full/checkpoint/model" in options, name
+        assert "--data={out}/data/train/data.json" in options and "--eval_data={out}/data/eval/data.json" in options
 
 
 def test_methods_train_equally_and_the_full_model_sees_each_image_once():
     runs = stages(1.0, ks=(1, 2, 8))
     assert [n for n in runs if n.startswith("voco_")] == ["voco_k1", "voco_k2", "voco_k8"]
     option = lambda name, key: next(o.split("=")[1] for o in runs[name] if o.startswith(f"--{key}="))  # noqa: E731
-    compressed = [n for n in runs if n not in ("vision", "full")]
+    compressed = [n for n in runs if n not in ("vision", "data", "full")]
     assert len({option(n, "max_steps") for n in compressed}) == 1  # Table 1 compares methods trained alike
-    images, steps = int(option("full", "synthetic_images")), int(option("full", "max_steps"))
-    assert images == 32 * steps  # the preset's batch of 32: no image twice
+    images = int(runs["data"][runs["data"].index("--n_images") + 1])
+    assert images == 32 * int(option("full", "max_steps"))  # the preset's batch of 32: no image twice
 
 
 def test_the_video_stage_starts_from_the_k1_model_and_sees_each_video_once():
     runs = stages(1.0, video=True)
-    assert list(runs)[-1] == "video" and "--init={out}/voco_k1/checkpoint/model" in runs["video"]
+    assert list(runs)[-2:] == ["video_data", "video"] and "--init={out}/voco_k1/checkpoint/model" in runs["video"]
     option = lambda key: next(o.split("=")[1] for o in runs["video"] if o.startswith(f"--{key}="))  # noqa: E731
-    assert option("data") == "synthetic_video" and option("num_voco") == "1"
-    assert int(option("synthetic_images")) == 32 * int(option("max_steps"))
-    assert option("synthetic_dir") != next(o.split("=")[1] for o in runs["full"] if o.startswith("--synthetic_dir="))
+    assert option("data") == "{out}/video_data/train/data.json" and option("num_voco") == "1"
+    assert runs["video_data"][:2] == ["-m", "nanovoco.repro.synthetic_video"]
+    videos = int(runs["video_data"][runs["video_data"].index("--n_videos") + 1])
+    assert videos == 32 * int(option("max_steps"))
 
 
 def test_shuffled_frames_and_reading_a_frame_by_its_place():
@@ -195,6 +199,7 @@ def test_repro_runs_and_resumes(tmp_path):
 @pytest.mark.slow
 def test_an_interrupted_stage_is_not_taken_as_finished_and_resumes(tmp_path, capsys):
     run_stage("vision", stages(0.01)["vision"], tmp_path)
+    run_stage("data", stages(0.01)["data"], tmp_path)
     options = stages(0.01)["full"]
     with pytest.raises(SystemExit, match="did not finish"):  # train.py exits 0 after saving, as on Ctrl-C
         run_stage("full", [*options, "--stop_after=4"], tmp_path)
@@ -207,12 +212,13 @@ def test_an_interrupted_stage_is_not_taken_as_finished_and_resumes(tmp_path, cap
 
 def test_smollm2_stages_start_from_the_converted_llm_and_ask_about_objects():
     runs = stages(1.0, ks=(1,), questions="objects", llm="smollm2")
-    assert list(runs)[:3] == ["vision", "full", "zero_shot"]  # zero_shot reads the held-out set the full stage made
+    assert list(runs)[:4] == ["vision", "data", "full", "zero_shot"]
     assert "--init={run}/smollm2" in runs["full"] and "--vision_path={out}/vision" in runs["full"]
     assert not any(o.startswith("--projector_path") for o in runs["full"])  # a new projector
     option = lambda name, key: next(o.split("=")[1] for o in runs[name] if o.startswith(f"--{key}="))  # noqa: E731
-    assert option("full", "synthetic_set") == "objects" and option("full", "lr") == "1e-4"
-    assert int(option("full", "synthetic_images")) == 16 * int(option("full", "max_steps"))  # each image once
+    data = runs["data"]
+    assert data[data.index("--questions") + 1] == "objects" and option("full", "lr") == "1e-4"
+    assert int(data[data.index("--n_images") + 1]) == 16 * int(option("full", "max_steps"))  # each image once
     for name in ("voco_k1", "avgpool_k1", "qformer_k1", "lower_bound_k1"):
         assert "--init={out}/full/checkpoint/model" in runs[name] and option(name, "batch_size") == "16"
 

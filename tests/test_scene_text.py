@@ -1,4 +1,4 @@
-"""nanovoco.scene_text: the scene written out, the answer's first word, the evaluation's shape, bad input."""
+"""nanovoco.repro.scene_text: the scene written out, the answer's first word, the evaluation's shape, bad input."""
 import json
 import subprocess
 import sys
@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanovoco import synthetic
+from nanovoco.repro import synthetic
 from nanovoco.config import LlamaConfig
 from nanovoco.model import Llama
-from nanovoco.scene_text import answer, describe
+from nanovoco.repro.scene_text import answer, describe
 from nanovoco.tokenizer import Tokenizer, load_tokenizer, train_tiny_tokenizer
 from tiny import bpe_tokenizer
 
@@ -53,7 +53,7 @@ def test_answers_that_a_first_token_cannot_tell_apart_are_refused(tmp_path):
 
 def test_records_without_a_scene_are_one_line_exit_2(tmp_path):
     (tmp_path / "data.json").write_text(json.dumps([{"id": "0", "conversations": []}]))
-    r = subprocess.run([sys.executable, "-m", "nanovoco.scene_text", "--llm", str(tmp_path), "--data",
+    r = subprocess.run([sys.executable, "-m", "nanovoco.repro.scene_text", "--llm", str(tmp_path), "--data",
                         str(tmp_path / "data.json"), "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "records need their 'scene'" in r.stderr

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 import train
-from nanovoco import evaluate, synthetic
+from nanovoco import evaluate
+from nanovoco.init import build_model
+from nanovoco.repro import synthetic
 from nanovoco.config import preset
 from nanovoco.data import LlavaDataset, build_sample, pad_samples
 from nanovoco.model import VoCoLlama
@@ -102,7 +104,7 @@ def test_voco_token_init(tmp_path, init):
     """--voco_init=newline starts <voco> as a copy of the "\\n" before it; random leaves the official N(0, 0.02)."""
     tok = Tokenizer(train_tiny_tokenizer(["USER: What is it? ASSISTANT:", "a\nb", "circle"] * 20,
                                          tmp_path / "tokenizer.model"))
-    vlm = train.build_model(train.parse_args(["--preset=tiny-cpu", "--mode=voco", f"--voco_init={init}"]), tok, None)
+    vlm = build_model(train.parse_args(["--preset=tiny-cpu", "--mode=voco", f"--voco_init={init}"]), tok, None)
     weight = vlm.llm.embed_tokens.weight
     voco, newline = weight[tok.special_ids["<voco>"]], weight[tok.encode("\n", bos=False)[-1]]
     assert torch.equal(voco, newline) == (init == "newline")

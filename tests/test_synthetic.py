@@ -7,8 +7,8 @@ import math
 import pytest
 from PIL import Image
 
-from nanovoco import synthetic
-from nanovoco.synthetic import ANSWERS, PALETTE, QUESTION_SETS, generate
+from nanovoco.repro import synthetic
+from nanovoco.repro.synthetic import ANSWERS, PALETTE, QUESTION_SETS, generate
 
 N_IMAGES, PER_IMAGE = 300, 7
 # each question set as the repro asks it (layout: 3 objects on 64 x 64) and in other shapes

@@ -8,8 +8,8 @@ import re
 import pytest
 from PIL import Image
 
-from nanovoco import synthetic_video
-from nanovoco.synthetic_video import ANSWERS, PALETTE, QUARTERS, QUESTION_TYPES, TEMPORAL, generate, n_answers
+from nanovoco.repro import synthetic_video
+from nanovoco.repro.synthetic_video import ANSWERS, PALETTE, QUARTERS, QUESTION_TYPES, TEMPORAL, generate, n_answers
 
 N_VIDEOS, PER_VIDEO, SIZE, CELL = 300, 5, 56, 14
 DIRECTIONS = {(-CELL, 0): "left", (CELL, 0): "right", (0, -CELL): "up", (0, CELL): "down"}

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from nanovoco import synthetic_video
+from nanovoco.repro import synthetic_video
 from nanovoco.model import CLIPVisionTower, VoCoLlama
-from nanovoco.synthetic import generate
+from nanovoco.repro.synthetic import generate
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, load_tokenizer, train_tiny_tokenizer
 from tiny import bpe_tokenizer, hf_clip, hf_llama, hf_llava, llava_original, stage1
 
@@ -33,8 +33,12 @@ def data(tmp_path_factory):
     return d
 
 
+def data_options(data: Path) -> list[str]:
+    return [f"--data={data / 'train' / 'data.json'}", f"--eval_data={data / 'eval' / 'data.json'}"]
+
+
 def args(data, out, *extra):
-    return ["--preset=tiny-cpu", f"--synthetic_dir={data}", f"--out_dir={out}", "--batch_size=8",
+    return ["--preset=tiny-cpu", *data_options(data), f"--out_dir={out}", "--batch_size=8",
             "--micro_batch_size=2", "--max_steps=6", "--eval_limit=8", "--save_every=3", *extra]
 
 
@@ -150,22 +154,23 @@ def test_train_from_llava_style_weights(tmp_path, data):
 
 
 def test_llm_from_scratch_on_a_pretrained_tower(tmp_path):
-    """The repro's full stage: --init=tiny-mha builds a fresh LLM, --vision_path brings a pretrained tower (its size
-    decides the synthetic images' size), frozen: the tower saved with the model is the one given, bit for bit."""
-    from nanovoco import vision_pretrain
+    """The repro's full stage: --init=tiny-mha builds a fresh LLM, --vision_path brings a pretrained tower, frozen:
+    the tower saved with the model is the one given, bit for bit."""
+    from nanovoco.repro import vision_pretrain
     tower = vision_pretrain.pretrain(steps=2, n_images=8, progress=False)
     vision_pretrain.save(tower, tmp_path / "tower")
+    generate(tmp_path / "data" / "train", n_images=16, questions_per_image=8, image_size=64, n_objects=3,
+             multi_turn=True)
+    generate(tmp_path / "data" / "eval", n_images=3, seed=10_000, image_size=64, n_objects=3)
     train("--preset=tiny-cpu", "--init=tiny-mha", f"--vision_path={tmp_path / 'tower'}", "--mode=full",
-          f"--out_dir={tmp_path / 'run'}", "--synthetic_images=16", "--synthetic_eval_images=3", "--batch_size=4",
+          *data_options(tmp_path / "data"), f"--out_dir={tmp_path / 'run'}", "--batch_size=4",
           "--micro_batch_size=2", "--max_steps=2", "--eval_limit=4")
     vlm = VoCoLlama.from_pretrained(tmp_path / "run" / "checkpoint" / "model")
     assert vlm.config.num_image_tokens == 64 and vlm.config.text.num_key_value_heads == 4
     pixels = vision_pretrain.scene_batch(2, seed=1)[0]
     reference = CLIPVisionTower.from_pretrained(tmp_path / "tower")  # -2: the layer LLaVA reads
     assert torch.equal(vlm.vision(pixels), reference(pixels))
-    from PIL import Image
-    assert Image.open(tmp_path / "run" / "data" / "train" / "images" / "000000.png").size == (64, 64)
-    assert len(json.loads((tmp_path / "run" / "data" / "eval" / "data.json").read_text())) == 12
+    assert json.loads((tmp_path / "run" / "eval.json").read_text())["n"] == 4
     # the tiny tokenizer knows the template: a turn's "USER: ... ASSISTANT:" is a few tokens, not 15 letters more
     tok = Tokenizer(tmp_path / "run" / "checkpoint" / "model" / "tokenizer.model")
     assert len(tok.encode("USER: How many objects are in the left half? ASSISTANT:", bos=False)) <= 13  # a word each
@@ -185,7 +190,7 @@ def test_llm_from_scratch_on_a_pretrained_tower(tmp_path):
     (["--voco_ks=0,2"], "--voco_ks=0,2: give distinct numbers of VoCo tokens >= 1"),
     (["--voco_ks=1,4"], "--num_voco=2 must be one of --voco_ks=1,4"),
     (["--voco_ks=1,2", "--mode=full"], "--voco_ks is for the modes with VoCo tokens (voco, lower_bound), not full"),
-    (["--synthetic_set=colours"], "--synthetic_set must be one of layout, objects, got 'colours'"),
+    (["--data="], "--data=<LLaVA-format JSON> is required"),
 ])
 def test_bad_options(tmp_path, data, argv, message):
     result = train(*args(data, tmp_path), *argv, check=False)
@@ -265,16 +270,18 @@ def test_activation_checkpointing_gives_the_same_gradients():
 def test_video_training_then_infer(tmp_path):
     """Moving-shapes videos: each frame its own group under the VoCo mask; the trained model answers from the
     concatenated per-frame caches (infer.py) with the system prompt it was trained with."""
-    out = tmp_path / "video"
-    train("--preset=tiny-cpu", "--data=synthetic_video", "--synthetic_images=16", "--synthetic_questions=3",
-          f"--out_dir={out}", "--batch_size=4", "--micro_batch_size=2", "--max_steps=3", "--eval_limit=4")
+    out, data = tmp_path / "video", tmp_path / "data"
+    synthetic_video.generate(data / "train", n_videos=16, questions_per_video=3, multi_turn=True)
+    synthetic_video.generate(data / "eval", n_videos=4, seed=10_000)
+    train("--preset=tiny-cpu", *data_options(data), f"--out_dir={out}", "--batch_size=4", "--micro_batch_size=2",
+          "--max_steps=3", "--eval_limit=4")
     assert len(losses(out)) == 3
     result = json.loads((out / "eval.json").read_text())
     assert result["n"] == 4 and set(result["by_type"]) <= set(synthetic_video.QUESTION_TYPES)
     model = out / "checkpoint" / "model"
     assert json.loads((model / "prompt.json").read_text()) == {"system": ""}
-    record = json.loads((out / "data" / "eval" / "data.json").read_text())[0]
-    frames = [str(out / "data" / "eval" / f) for f in record["image"]]
+    record = json.loads((data / "eval" / "data.json").read_text())[0]
+    frames = [str(data / "eval" / f) for f in record["image"]]
     done = subprocess.run([sys.executable, str(ROOT / "infer.py"), "--model", str(model), "--video", *frames,
                            "--question", record["conversations"][0]["value"].replace("<image>\n", ""),
                            "--max_new_tokens", "3"], env=ENV, cwd=ROOT, capture_output=True, text=True)

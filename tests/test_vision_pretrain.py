@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanovoco import synthetic, vision_pretrain
+from nanovoco.repro import synthetic, vision_pretrain
 from nanovoco.image import CLIP_MEAN, CLIP_STD
 from nanovoco.init import init_weights
 from nanovoco.model import CLIPVisionTower
@@ -65,12 +65,12 @@ def test_saved_tower_loads_as_clip(towers, tmp_path):
 @pytest.mark.slow
 def test_command_writes_the_tower_and_its_probe(tmp_path):
     out = tmp_path / "vision"
-    run = subprocess.run([sys.executable, "-m", "nanovoco.vision_pretrain", "--out", str(out), "--steps", "40",
+    run = subprocess.run([sys.executable, "-m", "nanovoco.repro.vision_pretrain", "--out", str(out), "--steps", "40",
                           "--images", "300"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     probe = json.loads((out / "eval.json").read_text())
     assert probe["pretrained"]["colour"] > probe["random"]["colour"]
     assert (out / "model.safetensors").exists()
-    bad = subprocess.run([sys.executable, "-m", "nanovoco.vision_pretrain", "--out", str(out), "--steps", "0"],
+    bad = subprocess.run([sys.executable, "-m", "nanovoco.repro.vision_pretrain", "--out", str(out), "--steps", "0"],
                          cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "must be >= 1" in bad.stderr and "Traceback" not in bad.stderr

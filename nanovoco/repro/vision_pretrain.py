@@ -11,7 +11,7 @@ stage freezes it.
 
 The per-patch heads read the last layer; the VLM reads the one before, as LLaVA reads CLIP's penultimate layer.
 
-    python -m nanovoco.vision_pretrain --out runs/vision --steps 300
+    python -m nanovoco.repro.vision_pretrain --out runs/vision --steps 300
 
 writes the tower and eval.json, a probe of its features against the same tower untrained (`probe`).
 """
@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanovoco import checkpoint, cli, files, formats, synthetic
+from nanovoco import checkpoint, cli, files, formats
+from nanovoco.repro import synthetic
 from nanovoco.config import CLIPVisionConfig
 from nanovoco.image import preprocess
 from nanovoco.init import init_weights

@@ -1,13 +1,13 @@
 """The paper's benchmarks: answer LLaVA-1.5's evaluation question files with two-stage inference, score the answers
 exactly as LLaVA-1.5's scripts and the benchmarks' own tools score them.
 
-    python -m nanovoco.paper_eval answer --model DIR --questions llava_gqa_testdev_balanced.jsonl \
+    python -m nanovoco.repro.paper_eval answer --model DIR --questions llava_gqa_testdev_balanced.jsonl \
         --image_folder gqa/data/images --answers answers/gqa.jsonl
-    python -m nanovoco.paper_eval score gqa --answers A --annotations testdev_balanced_questions.json
-    python -m nanovoco.paper_eval score pope --answers A --questions llava_pope_test.jsonl --annotations pope/coco
-    python -m nanovoco.paper_eval score mme --answers A --annotations MME_Benchmark_release_version
-    python -m nanovoco.paper_eval score sqa --answers A --annotations scienceqa     # problems.json, pid_splits.json
-    python -m nanovoco.paper_eval score seed --answers A --annotations SEED-Bench.json
+    python -m nanovoco.repro.paper_eval score gqa --answers A --annotations testdev_balanced_questions.json
+    python -m nanovoco.repro.paper_eval score pope --answers A --questions llava_pope_test.jsonl --annotations pope/coco
+    python -m nanovoco.repro.paper_eval score mme --answers A --annotations MME_Benchmark_release_version
+    python -m nanovoco.repro.paper_eval score sqa --answers A --annotations scienceqa     # problems.json, pid_splits.json
+    python -m nanovoco.repro.paper_eval score seed --answers A --annotations SEED-Bench.json
 
 `answer` reads LLaVA-1.5's question files (eval.zip, playground/data/eval in the LLaVA repository) as its
 model_vqa_loader.py and model_vqa_science.py do: JSONL records {question_id, image, text, category} for GQA, POPE, MME
@@ -189,7 +189,7 @@ def read_answers(path, fields=("question_id", "text")) -> list[dict]:
     """A LLaVA answer file's records in file order, as LLaVA's scripts read it (one JSON object a line)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: run `python -m nanovoco.paper_eval answer` first")
+        raise FileNotFoundError(f"{path} does not exist: run `python -m nanovoco.repro.paper_eval answer` first")
     rows = []
     for n, line in enumerate(text_lines(path), 1):
         if not line.strip():
@@ -205,7 +205,7 @@ def read_answers(path, fields=("question_id", "text")) -> list[dict]:
                              "of `paper_eval answer` or of LLaVA's scripts")
         rows.append(row)
     if not rows:
-        raise ValueError(f"{path} holds no answers: run `python -m nanovoco.paper_eval answer` first")
+        raise ValueError(f"{path} holds no answers: run `python -m nanovoco.repro.paper_eval answer` first")
     return rows
 
 

@@ -1,9 +1,9 @@
 """The paper's Table 7 (inference efficiency): what one question about an already-seen image costs, three ways.
 
-    python -m nanovoco.bench                              # tiny random model, measured on the CPU
-    python -m nanovoco.bench --size 135m                  # SmolLM2-135M's LLM with 576 image tokens, on the CPU
-    python -m nanovoco.bench --size 7b                    # LLaMA-7B + CLIP-L/336 shapes: analytic bytes and FLOPs
-    python -m nanovoco.bench --size 7b --device cuda      # ... and measured with random bf16 weights
+    python -m nanovoco.repro.bench                              # tiny random model, measured on the CPU
+    python -m nanovoco.repro.bench --size 135m                  # SmolLM2-135M's LLM with 576 image tokens, on the CPU
+    python -m nanovoco.repro.bench --size 7b                    # LLaMA-7B + CLIP-L/336 shapes: analytic bytes and FLOPs
+    python -m nanovoco.repro.bench --size 7b --device cuda      # ... and measured with random bf16 weights
     add --out FILE to append the tables (with a machine line) to FILE
 
 One image, one question of --text_tokens tokens, three methods:

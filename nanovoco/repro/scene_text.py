@@ -1,6 +1,6 @@
 """A pretrained LLM without vision: each held-out synthetic scene written out as text, answered zero-shot.
 
-    python -m nanovoco.scene_text --llm checkpoints/smollm2 --data runs/x/data/eval/data.json --out runs/x/zero_shot
+    python -m nanovoco.repro.scene_text --llm checkpoints/smollm2 --data runs/x/data/eval/data.json --out runs/x/zero_shot
 
 What the LLM can do with the questions before it has seen a single image: the scene's objects (colour, shape, centre
 in pixels) in a sentence, the question, "Answer with one word.", the answer opened with "The answer is", and of the

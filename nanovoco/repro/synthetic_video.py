@@ -1,4 +1,4 @@
-"""A moving-shapes video QA set, the video sibling of nanovoco.synthetic: generated from a seed, in LLaVA's JSON format.
+"""A moving-shapes video QA set, the video sibling of nanovoco.repro.synthetic: generated from a seed, in LLaVA's JSON format.
 
 VoCo-LLaMA extends to video by compressing each frame to its own VoCo tokens and letting the LLM answer from the
 sequence of them. These videos test what that sequence must keep: the order of the frames. A few flat shapes of
@@ -11,11 +11,11 @@ object moved first, which last, which way one moved, did one move before another
 move went, which way an object went from the first frame to the last by the quarters of the image it was in), and
 reading one frame by its place in time (in which quarter of the image an object was at the start, at the end).
 "shape" has the same answer in every frame, a control. A video of one object is asked in the layout vocabulary of
-nanovoco.synthetic's default questions: the object is "the object" (nothing to tell it from, so no question hinges on
+nanovoco.repro.synthetic's default questions: the object is "the object" (nothing to tell it from, so no question hinges on
 finding an object by its colour, which the models of nanovoco.repro do not learn; docs/results.md), and the control
 is "frames_left", in how many frames the object is in the left half, which no reordering changes.
 
-    python -m nanovoco.synthetic_video --out data/moving_shapes --n_videos 10000 --seed 0
+    python -m nanovoco.repro.synthetic_video --out data/moving_shapes --n_videos 10000 --seed 0
 
 writes out/videos/000000/0.png, 1.png, ... and out/data.json, one LLaVA record per question; "image" lists a video's
 frames in time order, for the one "<image>" tag:
@@ -33,8 +33,8 @@ from tqdm import tqdm
 
 from nanovoco import cli
 from nanovoco.files import atomic_write
-from nanovoco.synthetic import (GRID, NUMBERS, PALETTE, QUARTERS, SHAPES, draw, llava_records, make_scene, quarter,
-                                write_json)
+from nanovoco.repro.synthetic import (GRID, HELD_OUT_SEED, NUMBERS, PALETTE, QUARTERS, SHAPES, draw,
+                                      llava_records, make_scene, quarter, write_json)
 
 MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -162,7 +162,7 @@ def ask(rng: random.Random, frames: list[list[dict]], moves: list[tuple[int, str
 
 def questions(rng: random.Random, frames, moves, n: int, image_size: int) -> list[tuple[str, str, str]]:
     """n (type, question, answer) about one video, types dealt from shuffled decks of all types (as in
-    nanovoco.synthetic), so a video gets different kinds of questions and every type is about equally frequent."""
+    nanovoco.repro.synthetic), so a video gets different kinds of questions and every type is about equally frequent."""
     types = TEMPORAL + (("frames_left",) if len(frames[0]) == 1 else ("shape",))
     out, deck = [], []
     while len(out) < n:
@@ -215,13 +215,20 @@ def main(argv=None):
     p.add_argument("--n_frames", type=int, default=4)
     p.add_argument("--n_objects", type=int, default=3)
     p.add_argument("--multi_turn", action="store_true", help="one record per video, its questions as turns")
+    p.add_argument("--held_out", type=int, default=0, help="> 0: the set above goes to OUT/train, and this many "
+                   "held-out videos (seed + 10000, 4 questions each, one per record) to OUT/eval")
     a = p.parse_args(argv)
+    options = dict(image_size=a.image_size, n_frames=a.n_frames, n_objects=a.n_objects)
     try:  # the arguments are checked before anything is written
-        path = generate(a.out, a.n_videos, a.questions_per_video, a.seed, a.image_size, a.n_frames, a.n_objects,
-                        a.multi_turn)
+        if a.held_out < 0:
+            raise ValueError(f"--held_out {a.held_out}: give 0 (no held-out set) or more")
+        train = a.out / "train" if a.held_out else a.out
+        paths = [generate(train, a.n_videos, a.questions_per_video, a.seed, multi_turn=a.multi_turn, **options)]
+        if a.held_out:  # other videos: one question per record, as evaluation reads them
+            paths.append(generate(a.out / "eval", a.held_out, seed=a.seed + HELD_OUT_SEED, **options))
     except ValueError as e:
         p.exit(2, f"{e}\n")
-    print(f"wrote {path}")
+    print("wrote " + ", ".join(map(str, paths)))
 
 
 if __name__ == "__main__":

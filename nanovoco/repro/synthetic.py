@@ -4,7 +4,7 @@ Sort-of-CLEVR (Santoro et al. 2017, "A simple neural network module for relation
 distinct colours on a white canvas, and short questions about them, in one of two sets:
 - "layout" (the default): where things are, with no object named. Are more objects on the left or the right, at the
   top or the bottom; how many are in the left (top) half; is there one in the centre; which quarter of the image is
-  empty. The mean of the image's patch features keeps these answers only as a faint direction (nanovoco.probe),
+  empty. The mean of the image's patch features keeps these answers only as a faint direction (nanovoco.repro.probe),
   while attention over the patches reads them plainly: this is the set on which the reproduction compares
   VoCo-LLaMA with average pooling.
 - "objects": Sort-of-CLEVR's own. Non-relational questions ask about the object of a given colour (its shape, which
@@ -14,7 +14,7 @@ distinct colours on a white canvas, and short questions about them, in one of tw
 The answers depend on the image only, so a model that learns them must read the image through whatever it is given
 of it: here, a few VoCo tokens.
 
-    python -m nanovoco.synthetic --out data/sort_of_clevr --n_images 10000 --seed 0 [--questions objects]
+    python -m nanovoco.repro.synthetic --out data/sort_of_clevr --n_images 10000 --seed 0 [--questions objects]
 
 writes out/images/000000.png, ... and out/data.json, one LLaVA record per question:
     {"id": "000000_0", "image": "images/000000.png", "type": "count_left",
@@ -167,6 +167,9 @@ def questions(rng: random.Random, scene: list[dict], n: int, image_size: int,
     return out
 
 
+HELD_OUT_SEED = 10_000  # a held-out set's seed is the training set's + this: other images, never the same
+
+
 def generate(out_dir, n_images: int = 1000, questions_per_image: int = 4, seed: int = 0, image_size: int = 112,
              n_objects: int = 6, multi_turn: bool = False, question_set: str = "layout") -> Path:
     """Write n_images PNGs to out_dir/images/ and one LLaVA record per question to out_dir/data.json; return the
@@ -228,13 +231,20 @@ def main(argv=None):
     p.add_argument("--multi_turn", action="store_true", help="one record per image, its questions as turns")
     p.add_argument("--questions", default="layout", choices=QUESTION_SETS, help="where things are (layout) or the "
                    "object named by its colour (objects)")
+    p.add_argument("--held_out", type=int, default=0, help="> 0: the set above goes to OUT/train, and this many "
+                   "held-out images (seed + 10000, 4 questions each, one per record) to OUT/eval")
     a = p.parse_args(argv)
+    options = dict(image_size=a.image_size, n_objects=a.n_objects, question_set=a.questions)
     try:  # the arguments are checked before anything is written
-        path = generate(a.out, a.n_images, a.questions_per_image, a.seed, a.image_size, a.n_objects, a.multi_turn,
-                        a.questions)
+        if a.held_out < 0:
+            raise ValueError(f"--held_out {a.held_out}: give 0 (no held-out set) or more")
+        train = a.out / "train" if a.held_out else a.out
+        paths = [generate(train, a.n_images, a.questions_per_image, a.seed, multi_turn=a.multi_turn, **options)]
+        if a.held_out:  # other images: one question per record, as evaluation reads them
+            paths.append(generate(a.out / "eval", a.held_out, seed=a.seed + HELD_OUT_SEED, **options))
     except ValueError as e:
         p.exit(2, f"{e}\n")
-    print(f"wrote {path}")
+    print("wrote " + ", ".join(map(str, paths)))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
 Average pooling + linear (LLaMA-VID's compressor) hands the LLM the mean of the image's patch features; VoCo-LLaMA's
 tokens attend to every patch. A question type can separate the two only if its answer is lost in the mean. This
-measures that for each question type of nanovoco.synthetic whose wording is fixed (the layout set: the answer is a
+measures that for each question type of nanovoco.repro.synthetic whose wording is fixed (the layout set: the answer is a
 function of the image alone): a linear classifier of the answer, fitted on the features the VLM reads (the tower's
 penultimate layer, as LLaVA reads CLIP's), either mean-pooled over the patches or all patches side by side, and its
 held-out accuracy next to the no-image answer (the type's most common answer). Two classifiers:
@@ -13,7 +13,7 @@ held-out accuracy next to the no-image answer (the type's most common answer). T
 A type where the pooled features' nearest-class-mean probe stays near the no-image answer while the patches' reads
 it is one whose answer the mean keeps only faintly.
 
-    python -m nanovoco.probe --vision runs/repro/seed0/vision --out runs/probe.json
+    python -m nanovoco.repro.probe --vision runs/repro/seed0/vision --out runs/probe.json
 
 (without --vision a tower is pretrained first, as the repro's stage 0 does, ~40 CPU seconds).
 """
@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanovoco import cli, files, synthetic, vision_pretrain
+from nanovoco import cli, files
+from nanovoco.repro import synthetic, vision_pretrain
 from nanovoco.image import preprocess
 from nanovoco.model import CLIPVisionTower
 
@@ -126,7 +127,7 @@ def main(argv=None):
     if a.images < 100:
         p.exit(2, f"--images {a.images}: give at least 100 (60% fit, 15% validation, 25% test)\n")
     if a.vision is not None and not (a.vision / "config.json").is_file():
-        p.exit(2, f"--vision {a.vision}: no config.json there; give a folder written by nanovoco.vision_pretrain\n")
+        p.exit(2, f"--vision {a.vision}: no config.json there; give a folder written by nanovoco.repro.vision_pretrain\n")
     with tempfile.TemporaryDirectory() as tmp:
         if a.vision is None:
             a.vision = Path(tmp)

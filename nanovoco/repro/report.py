@@ -1,0 +1,229 @@
+"""The reproduction's report: markdown tables and plots from the per-seed summaries (analysis.py)."""
+import statistics
+from pathlib import Path
+
+from nanovoco.repro.analysis import KINDS, SHORTCUTS, VIEWS, run_ks
+from nanovoco.repro.recipe import COMPRESSED_STEPS, TABLE1, VIDEO_OBJECTS, VIDEO_STEPS, VISION_TOKENS
+from nanovoco.repro.stats import accuracy_se, mean_sd
+
+
+def pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}"
+
+
+def with_se(x, se) -> str:
+    return f"{pct(x)} ± {pct(se)}" if x is not None and se is not None else pct(x)
+
+
+def over_seeds(per_seed: dict, name: str, key: str) -> str:
+    ms = mean_sd(s[name][key] for s in per_seed.values())
+    return "n/a" if ms is None else f"{pct(ms[0])} ± {pct(ms[1])}"
+
+
+def tables(per_seed: dict) -> str:
+    """Markdown tables: over seeds (mean ± sd), then each seed's numbers with their standard errors."""
+    seeds = list(per_seed)
+    first = per_seed[seeds[0]]
+    ks = run_ks(first)
+    types = sorted(first["full"]["by_type"])
+    n = first["full"]["n"]
+    zero_shot = [("SmolLM2 untrained, the scene as text", "zero_shot")] if "zero_shot" in first else []
+    rows = [*TABLE1, *zero_shot, ("no image (each type's most common answer)", "no_image")]
+    tokens = {"full": VISION_TOKENS, "no_image": 0, "zero_shot": "text"}
+    lines = [f"## Table 1 in miniature: methods at K = 1 ({VISION_TOKENS} vision tokens -> 1), "
+             f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}", "",
+             f"Accuracy (%) on {n} held-out questions per seed and retention (%), mean ± sd over seeds; the type "
+             "columns are means.", "",
+             "| method | tokens | " + " | ".join(types) + " | accuracy | retention |",
+             "|---|---:|" + "---:|" * (len(types) + 2)]
+    for label, name in rows:
+        cells = [f"{100 * statistics.mean(s[name]['by_type'][t] for s in per_seed.values()):.1f}" for t in types]
+        lines.append(f"| {label} | {tokens.get(name, 1)} | " + " | ".join(cells)
+                     + f" | {over_seeds(per_seed, name, 'overall')} | {over_seeds(per_seed, name, 'retention')} |")
+    lines += ["", "Table 1's ordering, consecutive methods (accuracy points, mean over seeds ± its standard error: "
+              "the larger of the questions' noise, combined over seeds, and the seeds' spread / sqrt(seeds)):", ""]
+    for pair in first["gaps"]:
+        gaps = [s["gaps"][pair]["gap"] for s in per_seed.values()]
+        within = sum(s["gaps"][pair]["se"] ** 2 for s in per_seed.values()) ** 0.5 / len(gaps)
+        se = max(within, statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else 0.0)
+        mean = statistics.mean(gaps)
+        verdict = "holds" if mean > se else "reversed" if mean < -se else "within noise"
+        lines.append(f"- {pair.replace('_k1', '')}: {100 * mean:+.1f} ± {100 * se:.1f} ({verdict})")
+    shortcut_types = [t for t in SHORTCUTS if all(s["shortcuts"] and t in s["shortcuts"] for s in per_seed.values())]
+    if shortcut_types:
+        lines += ["", "### What the answers are made of", "",
+                  "These question types can be scored on without finding the object that the question names. For "
+                  "each, \"follows\" is how often a method's answer, right or wrong, is the shortcut's: "
+                  + "; ".join(f"{t}: {SHORTCUTS[t]}" for t in shortcut_types) + ". The last row is what the shortcut "
+                  "scores on these questions. A method that follows it every time and scores what it scores answers "
+                  "from what is in the image as a whole, not from the object asked about. In %, means over seeds.",
+                  "", "| method | " + " | ".join(f"{t} accuracy | {t} follows" for t in shortcut_types) + " |",
+                  "|---|" + "---:|---:|" * len(shortcut_types)]
+
+        def cell(qtype, name, key):
+            return f"{100 * statistics.mean(s['shortcuts'][qtype][name][key] for s in per_seed.values()):.1f}"
+
+        for label, name in [*TABLE1, *((f"VoCo-LLaMA K = {k}", f"voco_k{k}") for k in ks[1:])]:
+            lines.append(f"| {label} | " + " | ".join(f"{cell(t, name, 'accuracy')} | {cell(t, name, 'follows')}"
+                                                      for t in shortcut_types) + " |")
+        lines.append("| the shortcut itself | " + " | ".join(
+            f"{100 * statistics.mean(s['shortcuts'][t]['shortcut'] for s in per_seed.values()):.1f} | 100"
+            for t in shortcut_types) + " |")
+    any_k = f"voco_any_k{ks[0]}" in first
+    lines += ["", f"## Table 2 in miniature: VoCo-LLaMA with K VoCo tokens ({VISION_TOKENS} vision tokens -> K)", ""]
+    if any_k:
+        lines += [f"One model per K (each {COMPRESSED_STEPS} steps), and one model for every K (`--any_k`: K drawn "
+                  f"per sample, {2 * COMPRESSED_STEPS} steps, scored at each K).", "",
+                  "| K | compression | per-K accuracy | per-K retention | one model: accuracy | one model: retention |",
+                  "|---:|---:|---:|---:|---:|---:|"]
+    else:
+        lines += ["| K | compression | accuracy | retention |", "|---:|---:|---:|---:|"]
+    for k in ks:
+        extra = (f" {over_seeds(per_seed, f'voco_any_k{k}', 'overall')} | "
+                 f"{over_seeds(per_seed, f'voco_any_k{k}', 'retention')} |" if any_k else "")
+        lines.append(f"| {k} | {VISION_TOKENS // k}x | {over_seeds(per_seed, f'voco_k{k}', 'overall')} | "
+                     f"{over_seeds(per_seed, f'voco_k{k}', 'retention')} |" + extra)
+    if any_k:
+        lines += ["", "## Table 4 in miniature: each model run at every K", "",
+                  "Retention (%), mean ± sd over seeds, of the model trained at K (rows) when run at k (columns); "
+                  "the diagonal is Table 2's per-K column.", "",
+                  "| trained at | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+        for trained in ks:
+            cells = [over_seeds(per_seed, f"voco_k{trained}" if k == trained else f"voco_k{trained}_at_k{k}",
+                                "retention") for k in ks]
+            lines.append(f"| K = {trained} | " + " | ".join(cells) + " |")
+        lines.append("| every K (one model) | " + " | ".join(over_seeds(per_seed, f"voco_any_k{k}", "retention")
+                                                             for k in ks) + " |")
+    lines += ["", "## Each seed: accuracy ± standard error, retention ± standard error (paired bootstrap), in %", "",
+              "| method | " + " | ".join(f"seed {s} accuracy | seed {s} retention" for s in seeds) + " |",
+              "|---|" + "---:|---:|" * len(seeds)]
+    for label, name in [*rows[:-1], *((f"VoCo-LLaMA K = {k}", f"voco_k{k}") for k in ks[1:]), rows[-1]]:
+        cells = [with_se(s[name]["overall"], s[name]["se"]) + " | " + with_se(s[name]["retention"],
+                                                                               s[name]["retention_se"])
+                 for s in per_seed.values()]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    gaps = [s["full"]["overall"] - s["no_image"]["overall"] for s in per_seed.values()]
+    lines += ["", "Upper bound above the no-image answer, per seed: "
+              + ", ".join(f"seed {s} {100 * g:+.1f}" for s, g in zip(seeds, gaps)) + " points."]
+    return "\n".join(lines) + "\n"
+
+
+def asked_kinds(per_seed: dict) -> list[str]:
+    """The kinds of temporal question that every seed's held-out videos were asked."""
+    return [k for k in KINDS if all(s["views"]["in order"][k] is not None for s in per_seed.values())]
+
+
+def video_table(per_seed: dict) -> str:
+    """The video stage's table: accuracy for each view, per kind of temporal question (mean ± sd over seeds) and per
+    question type (means)."""
+    first = next(iter(per_seed.values()))
+    types, kinds = list(first["counts"]), asked_kinds(per_seed)
+    n_kind = {k: sum(first["counts"].get(t, 0) for t in KINDS[k]) for k in kinds}
+    lines = [f"## Video: do the per-frame caches carry time? ({len(per_seed)} seed(s))", "",
+             f"The seed's K = 1 VoCo-LLaMA model trained {VIDEO_STEPS} more steps on moving-shapes videos "
+             f"(synthetic_video: {VIDEO_OBJECTS} object(s), 4 frames, one move a frame), one VoCo token per frame. "
+             f"Accuracy (%) on {first['n']} held-out questions per seed. Two kinds of question need the frames' order "
+             "(reversing the video changes their answers): *when*, where an object was at the start or the end "
+             f"(reading one frame chosen by its place in time; {n_kind.get('when', 0)} questions), and *motion*, "
+             f"what moved which way (comparing frames; {n_kind.get('motion', 0)}); shape and frames_left are "
+             "order-free controls. Kinds: mean ± sd over seeds; types: means. Chance is a uniform guess among a "
+             "question's possible answers.", "",
+             "| " + " | ".join(["answered from", *kinds, *types]) + " |",
+             "|---|" + "---:|" * (len(kinds) + len(types))]
+    labels = {"in order": "(a) per-frame caches in time order", "reversed": "(a) the same caches, reversed",
+              "shuffled": "(b) the same caches, shuffled", "first frame only": "(c) the first frame's cache only",
+              "last frame only": "(c) the last frame's cache only",
+              "no video": "(d) no video (each type's most common answer)", "chance": "chance (a uniform guess)",
+              "shuffled, read at the place": "(b) if read from the frames at the first and last places"}
+    for view, label in labels.items():
+        values = [s["views"][view] for s in per_seed.values()]
+        cells = []
+        for kind in kinds:
+            ms = mean_sd(v[kind] for v in values)
+            cells.append("" if ms is None else f"{pct(ms[0])} ± {pct(ms[1])}")
+        cells += [f"{100 * statistics.mean(v['by_type'][t] for v in values):.1f}" if t in values[0]["by_type"] else ""
+                  for t in types]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if kinds:
+        lines += ["", "Above chance, per seed (points, one seed's standard error about "
+                  + ", ".join(f"{pct(accuracy_se(0.5, n_kind[k]))} for {k}" for k in kinds) + "):"]
+    for kind in kinds:
+        gaps = {view: ", ".join(f"{100 * (s['views'][view][kind] - s['views']['chance'][kind]):+.1f}"
+                                for s in per_seed.values()) for view in ("in order", "shuffled")}
+        lines.append(f"- {kind}: in order {gaps['in order']}; shuffled {gaps['shuffled']}")
+    return "\n".join(lines) + "\n"
+
+
+def video_plot(per_seed: dict, path: Path):
+    """Accuracy per kind of temporal question for each view (bars: mean over seeds ± sd; one seed: ± standard
+    error), against chance."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first, kinds = next(iter(per_seed.values())), asked_kinds(per_seed)
+    views = [*VIEWS, "no video"]
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.8 / max(1, len(kinds))  # a toy run's few questions may have none of a kind
+    for j, (kind, color) in enumerate(zip(kinds, ("tab:blue", "tab:orange"))):
+        n = sum(first["counts"].get(t, 0) for t in KINDS[kind])
+        means, errs = [], []
+        for view in views:
+            values = [s["views"][view][kind] for s in per_seed.values()]
+            means.append(100 * statistics.mean(values))
+            errs.append(100 * (statistics.stdev(values) if len(values) > 1 else accuracy_se(values[0], n)))
+        x = [i + (j - (len(kinds) - 1) / 2) * width for i in range(len(views))]
+        label = f"{kind} ({', '.join(t for t in KINDS[kind] if t in first['counts'])})"
+        ax.bar(x, means, width, yerr=errs, capsize=3, color=color, label=label)
+        chance = 100 * statistics.mean(s["views"]["chance"][kind] for s in per_seed.values())
+        ax.axhline(chance, color=color, ls="--", lw=1)
+    ax.set_xticks(range(len(views)), [v.replace(" only", "").replace(" frame", "\nframe") for v in views])
+    ax.set_ylabel("accuracy (%); dashed: chance")
+    ax.set_ylim(0, 105)
+    spread = "mean ± sd over seeds" if len(per_seed) > 1 else "± standard error"
+    ax.set_title(f"Video questions that need the frames' order ({len(per_seed)} seed(s), {spread})")
+    if kinds:
+        ax.legend(fontsize=7, loc="upper right")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot(per_seed: dict, path: Path):
+    """Retention against K (mean ± sd over seeds; with one seed, ± its bootstrap standard error)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    def point(name):
+        values = [s[name]["retention"] for s in per_seed.values()]
+        if any(v is None for v in values):
+            return float("nan"), 0.0  # undefined retention is not drawn
+        if len(values) == 1:
+            se = next(iter(per_seed.values()))[name]["retention_se"]
+            return 100 * values[0], 100 * (se or 0.0)
+        return 100 * statistics.mean(values), 100 * statistics.stdev(values)
+
+    ks = run_ks(next(iter(per_seed.values())))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    y, err = zip(*(point(f"voco_k{k}") for k in ks))
+    ax.errorbar(ks, y, yerr=err, fmt="o-", capsize=3, label="VoCo-LLaMA, one model per K")
+    if f"voco_any_k{ks[0]}" in next(iter(per_seed.values())):
+        y, err = zip(*(point(f"voco_any_k{k}") for k in ks))
+        ax.errorbar(ks, y, yerr=err, fmt="D--", capsize=3, label="VoCo-LLaMA, one model for every K")
+    for mode, marker in (("avgpool", "s"), ("qformer", "^")):
+        y, err = point(f"{mode}_k1")
+        ax.errorbar([1], [y], yerr=[err], fmt=marker, capsize=3, label=mode)
+    ax.axhline(100, color="gray", lw=0.8, ls="--")
+    ax.axhline(0, color="gray", lw=0.8, ls=":")
+    ax.axhline(point("no_image")[0], color="tab:red", lw=0.8, ls="-.", label="no image (priors)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(0.8, 1.25 * ks[-1])  # explicit: with every retention undefined there would be no data to fit
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("compressed tokens per image (K)")
+    ax.set_ylabel("compression retention (%)")
+    spread = "mean ± sd over seeds" if len(per_seed) > 1 else "± standard error"
+    ax.set_title(f"{VISION_TOKENS} vision tokens -> K ({len(per_seed)} seed(s), {spread})")
+    ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
