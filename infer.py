@@ -20,13 +20,15 @@ import time
 
 import torch
 
-from nanovoco import cli
+from nanovoco import cli, voco_cache
 from nanovoco.cache_file import load_cache, save_cache
-from nanovoco.data import build_sample, compress_prefix
-from nanovoco.generate import stream, stream_from_cache
+from nanovoco.data import build_sample
+from nanovoco.generate import stream
 from nanovoco.image import load_image, load_video, preprocess
 from nanovoco.model import VoCoLlama, check_length
 from nanovoco.tokenizer import load_tokenizer, stream_text, trained_system_prompt
+from nanovoco.voco import Layout, compress_prefix
+
 
 def parse_args(argv):
     p = cli.ArgumentParser(description=__doc__.split("\n")[0], epilog=__doc__.split("\n", 2)[2],
@@ -70,10 +72,9 @@ def run(args):
     pixels = torch.stack([preprocess(img, c.vision.image_size) for img in images]).to(args.device) if images else None
     num_frames = len(images) or 1  # a cache from a file: the text part does not depend on it
     system = args.system if args.system is not None else trained_system_prompt(args.model)
-    prompts = [build_sample(tokenizer, [(q, None)], image_token_id=c.image_token_id,
-                            num_image_tokens=c.num_image_tokens, voco_token_id=c.voco_token_id,
-                            num_voco=c.num_voco if mode == "voco" else 0, num_frames=num_frames,
-                            max_len=sys.maxsize, system=system)  # the training layout; prompts are never cut
+    layout = Layout.of(c, c.num_voco if mode == "voco" else 0)
+    prompts = [build_sample(tokenizer, [(q, None)], layout, num_frames=num_frames, max_len=sys.maxsize,
+                            system=system)  # the training layout; prompts are never cut
                for q in args.question]
     for s in prompts:  # before any work: a prompt too long for the context is an error
         check_length(s.positions[-1], args.max_new_tokens, c.text.max_position_embeddings)
@@ -107,9 +108,9 @@ def compress(args, vlm, tokenizer, pixels, num_frames):
     if args.cache:
         cache = load_cache(args.cache, vlm, num_voco=args.num_voco)
     else:
-        prefix = torch.tensor(compress_prefix(tokenizer, c.image_token_id, c.num_image_tokens, c.voco_token_id,
-                                              c.num_voco), device=args.device)
-        cache = vlm.compress(pixels, prefix) if args.image else vlm.compress_video(pixels, prefix)
+        prefix = torch.tensor(compress_prefix(tokenizer, Layout.of(c)), device=args.device)
+        stage1 = voco_cache.compress if args.image else voco_cache.compress_video
+        cache = stage1(vlm, pixels, prefix)
     n_bytes = sum(k.nbytes + v.nbytes for k, v in cache.kv)
     print(f"stage 1 ({'loaded' if args.cache else f'{num_frames} frame(s) compressed'}): "
           f"{cache.positions.numel()} VoCo tokens, {n_bytes / 1e6:.3f} MB of KV cache, "
@@ -130,7 +131,8 @@ def answer(args, vlm, tokenizer, prompts, cache, pixels):
         print(f"Q: {question}\nA:", end=" ", flush=True)
         t0 = time.perf_counter()
         if cache is not None:
-            tokens = stream_from_cache(vlm, cache, torch.tensor([s.text_ids()], device=args.device), **options)
+            text = torch.tensor([s.text_ids()], device=args.device)
+            tokens = voco_cache.stream_from_cache(vlm, cache, text, **options)
         else:  # no VoCo tokens: plain causal attention over the whole prompt
             ids, segments, groups, positions = (torch.tensor([x], device=args.device) for x in (
                 s.input_ids, s.segments, s.groups, s.positions))

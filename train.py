@@ -105,8 +105,8 @@ class TrainConfig:
 
 
 PRESETS = {
-    "tiny-cpu": dict(init="tiny", system_prompt="", max_len=256, batch_size=32, micro_batch_size=16, lr=1e-3, warmup_ratio=0.05, epochs=16.0, save_every=100,
-                     eval_every=250, eval_limit=400),
+    "tiny-cpu": dict(init="tiny", system_prompt="", max_len=256, batch_size=32, micro_batch_size=16, lr=1e-3,
+                     warmup_ratio=0.05, epochs=16.0, save_every=100, eval_every=250, eval_limit=400),
     "llava-7b": dict(init="", data="", batch_size=128, micro_batch_size=4, lr=2e-5, warmup_ratio=0.03, epochs=2.0,
                      max_len=2048, activation_checkpointing=True, save_every=500, log_every=10),
 }
@@ -287,8 +287,8 @@ def prepare(cfg: TrainConfig) -> Run:
         eval_set = eval_set.with_num_voco(cfg.num_voco)  # every question at the default K; the end: at each K
 
     # model
-    vlm = place(lambda: init.build_model(build, tokenizer, source), device, rank, world, freeze_vision=cfg.freeze_vision,
-                activation_checkpointing=cfg.activation_checkpointing)
+    vlm = place(lambda: init.build_model(build, tokenizer, source), device, rank, world,
+                freeze_vision=cfg.freeze_vision, activation_checkpointing=cfg.activation_checkpointing)
     params = [p for p in vlm.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
     total_steps = cfg.max_steps or math.ceil(cfg.epochs * len(train_set) / cfg.batch_size)

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from nanovoco import cli
+from nanovoco.voco import Layout
+from nanovoco.voco_cache import answer, compress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def parity_bf16() -> str:
     import transformers
 
-    from nanovoco.data import compress_prefix
+    from nanovoco.voco import compress_prefix
     from nanovoco.model import Llama, VoCoLlama
     from nanovoco.config import preset
     from nanovoco.voco import TEXT, VISION, VOCO, voco_mask
@@ -63,10 +65,10 @@ def parity_bf16() -> str:
     config.num_voco, config.voco_token_id = 2, 511
     vlm = VoCoLlama(config).to("cuda", torch.bfloat16).eval()
     pixels = torch.randn(1, 3, 56, 56, device="cuda", dtype=torch.bfloat16)
-    prefix = compress_prefix(SpecialIds(), config.image_token_id, config.num_image_tokens, 511, 2)
+    prefix = compress_prefix(SpecialIds(), Layout(config.image_token_id, config.num_image_tokens, 511, 2))
     text = torch.randint(3, 500, (1, 20), device="cuda")
     with torch.no_grad():
-        two_stage = vlm.answer(vlm.compress(pixels, torch.tensor(prefix, device="cuda")), text).logits.float()
+        two_stage = answer(vlm, compress(vlm, pixels, torch.tensor(prefix, device="cuda")), text).logits.float()
         full_ids = torch.cat([torch.tensor([prefix], device="cuda"), text], 1)
         seg = torch.tensor([[VISION] * (len(prefix) - 2) + [VOCO] * 2 + [TEXT] * 20], device="cuda")
         one_pass = vlm(full_ids, pixels, attn_mask=voco_mask(seg, torch.where(seg == TEXT, -1, 0))).logits.float()

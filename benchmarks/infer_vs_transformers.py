@@ -111,6 +111,14 @@ def main():
         tokens = {n: greedy(n, models[n], ids, args.new) for n in names}  # also the bf16 warm-up
     same = sum(x == y for x, y in zip(tokens["nanovoco"], tokens["transformers"]))
 
+    med = measure(args, device, models, names, ids)
+    lines = report(args, device, ours, names, med, diff, same)
+    publish("\n".join(lines) + "\n", args.out)
+
+
+def measure(args, device, models: dict, names, ids) -> dict:
+    """Median milliseconds of prefill, one generated token, N tokens and a decode step, per implementation, over
+    interleaved rounds after a warm-up."""
     for name in names:  # warm-up
         prefill(name, models[name], ids)
         greedy(name, models[name], ids, args.new)
@@ -121,11 +129,15 @@ def main():
             ms[name]["prefill"].append(timed(device, lambda: prefill(name, m, ids)))
             ms[name]["generate 1"].append(timed(device, lambda: greedy(name, m, ids, 1)))
             ms[name]["generate N"].append(timed(device, lambda: greedy(name, m, ids, args.new)))
-
     med = {n: {k: statistics.median(v) for k, v in t.items()} for n, t in ms.items()}
     for n in names:  # per round, so that the prefill of the same round is the one taken out
         med[n]["step"] = statistics.median((g - g1) / (args.new - 1) for g, g1 in
                                            zip(ms[n]["generate N"], ms[n]["generate 1"]))
+    return med
+
+
+def report(args, device, ours, names, med: dict, diff: float, same: int) -> list[str]:
+    """The markdown table: times, throughputs, the bandwidth limit of a decode step, and ratios to transformers."""
     N = args.new
     lines = [
         f"### {'bf16' if args.bf16 else 'fp32'}, {'GQA' if args.kv_heads < args.heads else 'MHA'}: "
@@ -156,8 +168,7 @@ def main():
     lines += ["", "time ratio = nanovoco / transformers, below 1 when nanovoco is faster; bandwidth limit = (the "
               f"weights a step reads, {weights / 1e6:.0f} MB + cache at mid-generation {cache / 1e6:.1f} MB) / the "
               "copy bandwidth measured here"]
-    text = "\n".join(lines) + "\n"
-    publish(text, args.out)
+    return lines
 
 
 if __name__ == "__main__":

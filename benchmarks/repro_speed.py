@@ -44,8 +44,8 @@ def old_tokenizer(train_json: Path, path: Path) -> str:
     return train_tiny_tokenizer([VOCO_SYSTEM] + texts, path, vocab_size=512)
 
 
-def setup(name: str, root: Path, answers_only: bool = False):
-    """(one training step as a function, the mean length of a training sample in tokens) for one set-up."""
+def model_and_data(name: str, root: Path):
+    """(train.py's options, the model, the dataset) of one set-up, as train.py builds them."""
     new_recipe = name != "before"
     size = vision_pretrain.TOWER.image_size if new_recipe else 56
     data = root / f"data{size}"
@@ -65,6 +65,12 @@ def setup(name: str, root: Path, answers_only: bool = False):
     vlm = build_model(cfg, tokenizer, None)
     dataset = LlavaDataset(data / "data.json", data, tokenizer, vlm.config, num_voco=0, max_len=cfg.max_len,
                            system=cfg.system_prompt)
+    return cfg, vlm, dataset
+
+
+def setup(name: str, root: Path, answers_only: bool = False):
+    """(one training step as a function, the mean length of a training sample in tokens) for one set-up."""
+    cfg, vlm, dataset = model_and_data(name, root)
     params = [p for p in vlm.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(params, lr=cfg.lr)
     mask, _ = train.mode_masks("full")
@@ -153,9 +159,9 @@ def main():
         vision = 16 if name == "before" else vision_pretrain.TOWER.num_patches
         lines.append(f"| {name} | {vision} | {lengths[name]:.0f} | {median[name]:.3f} | {1 / median[name]:.2f} | "
                      f"{median['before'] / median[name]:.2f}x |")
-    lines += ["", f"Of an \"after\" step ({median['after'] * 1000:.0f} ms), loading the batch takes {load * 1000:.0f} ms "
-              f"and the frozen tower's forward {tower * 1000:.0f} ms (medians of {args.rounds}): caching the tower's "
-              f"features would save at most {(load + tower) / median['after']:.0%} of a step."]
+    lines += ["", f"Of an \"after\" step ({median['after'] * 1000:.0f} ms), loading the batch takes "
+              f"{load * 1000:.0f} ms and the frozen tower's forward {tower * 1000:.0f} ms (medians of {args.rounds}): "
+              f"caching the tower's features would save at most {(load + tower) / median['after']:.0%} of a step."]
     publish("\n".join(lines) + "\n", args.out)
 
 

@@ -18,7 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanovoco.files import atomic_write
-from nanovoco.model import VoCoCache, VoCoLlama
+from nanovoco.model import VoCoLlama
+from nanovoco.voco_cache import VoCoCache
 
 FORMAT, VERSION = "nanovoco-voco-cache", "2"  # 2: num_voco recorded, the fingerprint without it
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from nanovoco.image import convertible, load_image, open_image, preprocess
 from nanovoco.tokenizer import VOCO_SYSTEM
-from nanovoco.voco import PAD, TEXT, VISION, VOCO
+from nanovoco.voco import PAD, TEXT, VISION, VOCO, Layout, compress_prefix
 
 IGNORE_INDEX = -100  # label of tokens without loss (PyTorch cross_entropy's default ignore_index)
 
@@ -52,67 +52,52 @@ class Sample:
     groups: list[int]  # f for frame f (0 for an image) and its VoCo tokens, -1 for text
     positions: list[int]  # RoPE position ids: 0, 1, 2, ... except for the frames of a video (see above)
 
+    def add(self, ids, segment, group=-1, loss=False, position=None):
+        """Append tokens of one segment and group; by default each takes the position after the one before it."""
+        if position is None:
+            position = self.positions[-1] + 1 if self.positions else 0
+        self.input_ids += ids
+        self.labels += ids if loss else [IGNORE_INDEX] * len(ids)
+        self.segments += [segment] * len(ids)
+        self.groups += [group] * len(ids)
+        self.positions += range(position, position + len(ids))
+
     def text_ids(self) -> list[int]:
         """The tokens from the first TEXT one on: what stage 2 of inference gets (the image is in the VoCo cache)."""
         return self.input_ids[self.segments.index(TEXT):]
 
 
-def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int, voco_token_id: int, num_voco: int,
-                 num_frames: int = 1, max_len: int = 2048, system: str = VOCO_SYSTEM) -> Sample:
+def build_sample(tokenizer, turns, layout: Layout | None, *, num_frames: int = 1, max_len: int = 2048,
+                 system: str = VOCO_SYSTEM) -> Sample:
     """One training sample (or, when the last turn's answer is None, an inference prompt) from turns, a list of
-    (user_text, assistant_text) pairs. See the module docstring for the layout. num_frames: 1 for an image, F > 1
-    for a video of F frames, 0 for text only.
+    (user_text, assistant_text) pairs. See the module docstring for the layout. layout: the ids of the image and its
+    VoCo tokens (voco.Layout), None for a text-only sample; num_frames: 1 for an image, F > 1 for a video of F frames.
 
-    num_voco=0 keeps the image but no VoCo tokens: the uncompressed `full` mode, where voco_mask lets the text
-    see the image (voco.uncompressed_as_text). "<image>" is removed from user texts, as
-    the official code does; any other special token written in a text ("<voco>", "<s>", "</s>", "<image>" in an
-    answer) is a ValueError rather than silently stripped: it would otherwise be encoded as the control token itself.
+    layout.num_voco=0 keeps the image but no VoCo tokens: the uncompressed `full` mode, where voco_mask lets the text
+    see the image (voco.uncompressed_as_text). "<image>" is removed from user texts, as the official code does; any
+    other special token written in a text ("<voco>", "<s>", "</s>", "<image>" in an answer) is a ValueError rather
+    than silently stripped: it would otherwise be encoded as the control token itself.
     A training sample longer than max_len loses the tail of its text; the image/VoCo prefix is never cut.
     """
     if not turns:
         raise ValueError("a sample needs at least one (user, assistant) turn")
-    forbidden = {tokenizer.bos_id, tokenizer.eos_id, voco_token_id, *tokenizer.special_ids.values()}
-    template = tokenizer.template  # Vicuna's for LLaMA's tokenizer, ChatML for SmolLM2's (tokenizer.ChatTemplate)
-
-    def check(text, where):  # the data's own text, encoded alone: the template's markers are special on purpose
-        bad = [i for i in tokenizer.encode(text, bos=False) if i in forbidden]
-        if bad:
-            raise ValueError(f"{where} contains the special token {tokenizer.decode(bad[:1])!r} as text: remove it "
-                             f"from the data (only '<image>' in a user text is allowed, and removed)")
-        return text
-
     s = Sample([], [], [], [], [])
-
-    def add(ids, segment, group=-1, loss=False, position=None):
-        if position is None:  # by default a token takes the position after the one before it
-            position = s.positions[-1] + 1 if s.positions else 0
-        s.input_ids += ids
-        s.labels += ids if loss else [IGNORE_INDEX] * len(ids)
-        s.segments += [segment] * len(ids)
-        s.groups += [group] * len(ids)
-        s.positions += range(position, position + len(ids))
-
-    frame = compress_prefix(tokenizer, image_token_id, num_image_tokens, voco_token_id, num_voco)
-    stride = num_voco or len(frame)  # frames compressed to K tokens take K positions each (module docstring)
-    for f in range(num_frames):
-        # BOS is VISION on purpose: in the official mask it sits before the VoCo tokens, so text never sees it, and
-        # a model trained without BOS in the text's view must be run that way. The "\n" after the image too.
-        add(frame[:len(frame) - num_voco], VISION, f, position=f * stride)
-        add(frame[len(frame) - num_voco:], VOCO, f)
-    if num_frames:
-        lead = "\n"  # the official prompt is "<image>\n" + "<voco>" * N + "\n" + conversation
+    if layout is None:
+        s.add(tokenizer.bos_ids, TEXT)  # plain Vicuna: the conversation right after BOS
+        lead, voco_id = "", -1
     else:
-        add(tokenizer.bos_ids, TEXT)
-        lead = ""
-    prefix = len(s.input_ids)
-    if prefix > max_len:
-        raise ValueError(f"the image/VoCo prefix alone is {prefix} tokens ({num_frames} x ({num_image_tokens} image + "
-                         f"{num_voco} VoCo)), more than max_len={max_len}: raise max_len")
-
+        add_frames(s, tokenizer, layout, num_frames)
+        lead, voco_id = "\n", layout.voco_token_id  # the official prompt: "<image>\n" + "<voco>" * N + "\n" + ...
+    if len(s.input_ids) > max_len:
+        raise ValueError(f"the image/VoCo prefix alone is {len(s.input_ids)} tokens ({num_frames} x "
+                         f"({layout.num_image_tokens} image + {layout.num_voco} VoCo)), more than max_len={max_len}: "
+                         f"raise max_len")
+    forbidden = {tokenizer.bos_id, tokenizer.eos_id, voco_id, *tokenizer.special_ids.values()}
+    template = tokenizer.template  # Vicuna's for LLaMA's tokenizer, ChatML for SmolLM2's (tokenizer.ChatTemplate)
     for k, (user, assistant) in enumerate(turns):
         head = lead + (template.system.format(system) if system else "") if k == 0 else template.between
-        question = template.user.format(check(user_text(user), f"turn {k}'s user text"))
-        add(tokenizer.encode(head + question, bos=False), TEXT)
+        question = template.user.format(checked(tokenizer, user_text(user), forbidden, f"turn {k}'s user text"))
+        s.add(tokenizer.encode(head + question, bos=False), TEXT)
         if assistant is None:
             if k != len(turns) - 1:
                 raise ValueError(f"turn {k} has no answer but is not the last turn: only the last turn can be open")
@@ -122,12 +107,33 @@ def build_sample(tokenizer, turns, *, image_token_id: int, num_image_tokens: int
             return s
         if "<image>" in assistant:
             raise ValueError(f"turn {k}'s assistant text contains '<image>': the tag belongs in a user text")
-        answer = check(assistant.replace("\n", ""), f"turn {k}'s assistant text")
-        add(tokenizer.encode(answer, bos=False) + [tokenizer.eos_id], TEXT, loss=True)
-
+        answer = checked(tokenizer, assistant.replace("\n", ""), forbidden, f"turn {k}'s assistant text")
+        s.add(tokenizer.encode(answer, bos=False) + [tokenizer.eos_id], TEXT, loss=True)
     for field in (s.input_ids, s.labels, s.segments, s.groups, s.positions):  # LLaVA's model_max_length: cut the tail
         del field[max_len:]
     return s
+
+
+def add_frames(s: Sample, tokenizer, layout: Layout, num_frames: int):
+    """The image (num_frames=1) or a video's frames, each [BOS] [image x N] [\\n] [<voco> x K] in a group of its own;
+    frames compressed to K tokens take K positions each (module docstring)."""
+    frame, K = compress_prefix(tokenizer, layout), layout.num_voco
+    stride = K or len(frame)
+    for f in range(num_frames):
+        # BOS is VISION on purpose: in the official mask it sits before the VoCo tokens, so text never sees it, and
+        # a model trained without BOS in the text's view must be run that way. The "\n" after the image too.
+        s.add(frame[:len(frame) - K], VISION, f, position=f * stride)
+        s.add(frame[len(frame) - K:], VOCO, f)
+
+
+def checked(tokenizer, text: str, forbidden: set, where: str) -> str:
+    """The data's own text, encoded alone (the template's markers are special on purpose), must not spell out a
+    special token."""
+    bad = [i for i in tokenizer.encode(text, bos=False) if i in forbidden]
+    if bad:
+        raise ValueError(f"{where} contains the special token {tokenizer.decode(bad[:1])!r} as text: remove it "
+                         f"from the data (only '<image>' in a user text is allowed, and removed)")
+    return text
 
 
 def user_text(text: str) -> str:
@@ -136,12 +142,6 @@ def user_text(text: str) -> str:
     if "<image>" in text:
         text = text.replace("<image>", "").strip()
     return text.replace("\n", "")
-
-
-def compress_prefix(tokenizer, image_token_id: int, num_image_tokens: int, voco_token_id: int, num_voco: int):
-    """What stage 1 compresses, one image or video frame: [BOS] [image x N] [\\n] [<voco> x K] as ids."""
-    return (tokenizer.bos_ids + [image_token_id] * num_image_tokens + tokenizer.encode("\n", bos=False)
-            + [voco_token_id] * num_voco)
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -161,8 +161,9 @@ class LlavaDataset(torch.utils.data.Dataset):
                  max_len: int = 2048, system: str = VOCO_SYSTEM):
         self.json_path, self.image_folder = Path(json_path), Path(image_folder)
         self.tokenizer, self.num_voco, self.max_len, self.system = tokenizer, num_voco, max_len, system
-        self.image_token_id, self.num_image_tokens = config.image_token_id, config.num_image_tokens
-        self.image_size, self.voco_token_id = config.vision.image_size, tokenizer.special_ids["<voco>"]
+        # the VoCo id is the tokenizer's: a model that is not trained for VoCo yet has none in its config
+        self.layout = Layout(config.image_token_id, config.num_image_tokens, tokenizer.special_ids["<voco>"], 0)
+        self.image_size = config.vision.image_size
         self.records = self._read()
 
     def num_voco_of(self, i) -> int:
@@ -203,7 +204,7 @@ class LlavaDataset(torch.utils.data.Dataset):
             raise ValueError(f"{path}: expected a JSON list of records, got a {type(records).__name__}")
         # special tokens a text must not spell out ("<image>" is handled on its own)
         forbidden = [self.tokenizer.decode([i]) for i in (self.tokenizer.bos_id, self.tokenizer.eos_id,
-                                                           self.voco_token_id)]
+                                                           self.layout.voco_token_id)]
         missing = []
         for i, record in enumerate(records):
             self._check(i, record, forbidden)
@@ -274,10 +275,10 @@ class LlavaDataset(torch.utils.data.Dataset):
     def _item(self, i, turns):
         record = self.records[i]
         try:
-            sample = build_sample(self.tokenizer, turns, image_token_id=self.image_token_id,
-                                  num_image_tokens=self.num_image_tokens, voco_token_id=self.voco_token_id,
-                                  num_voco=self.num_voco_of(i), num_frames=len(frames(record)),
-                                  max_len=self.max_len, system=self.system)
+            n_frames = len(frames(record))
+            layout = self.layout.with_num_voco(self.num_voco_of(i)) if n_frames else None
+            sample = build_sample(self.tokenizer, turns, layout, num_frames=max(n_frames, 1), max_len=self.max_len,
+                                  system=self.system)
             # LLaVA-1.5's image_aspect_ratio="pad": the whole image, centred on a square
             images = [preprocess(load_image(self.image_folder / name), self.image_size) for name in frames(record)]
             pixel_values = torch.stack(images) if images else None

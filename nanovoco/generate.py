@@ -2,7 +2,8 @@
 
 Works on the bare decoder (`Llama`): a VLM's prompt goes in as embeddings, `vlm.embed(input_ids, pixel_values)`.
 This is single-pass masked inference (the whole prompt, vision tokens included, in one forward), the reference that
-two-stage VoCo inference (`VoCoLlama.compress`, then `stream_from_cache` / `generate_from_cache` here) must equal.
+two-stage VoCo inference (voco_cache.py: `compress`, then `stream_from_cache` / `generate_from_cache` over this
+module's `decode`) must equal.
 The prompt is described by the segment labels of voco.py, so a VoCo prompt is generated from under exactly the mask
 it was trained with: the prompt runs under `voco_mask`, and every generated token sees the TEXT and VOCO keys but
 never the VISION ones. Plain text is all TEXT; a left-padded batch marks its padding PAD.
@@ -13,7 +14,7 @@ import functools
 
 import torch
 
-from nanovoco.model import KVCache, Llama, Output, StaticKV, VoCoCache, VoCoLlama, check_length
+from nanovoco.model import KVCache, Llama, Output, StaticKV, check_length
 from nanovoco.voco import PAD, TEXT, VOCO, uncompressed_as_text, voco_mask
 
 
@@ -141,25 +142,6 @@ def generate(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, grou
     of `stream`)."""
     return until_eos(stream(llm, input_ids, inputs_embeds, segments, groups, position_ids, **options),
                      options.get("eos_id"))
-
-
-@torch.no_grad()
-def stream_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32, **sampling):
-    """Stage 2 generation: the questions text_ids (B, T) answered from a VoCo cache (VoCoLlama.compress), yielding
-    the next token of every row, (B,), as `stream` does. Batched questions must be left-padded (text_mask False on
-    the padding), so that every row goes on from its last column."""
-    B, T = text_ids.shape
-    check_length(cache.next_position + T - 1, max_new_tokens, vlm.config.text.max_position_embeddings)
-    real = torch.ones_like(text_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
-    out = vlm.answer(cache, text_ids, real, last_only=True)
-    visible = torch.cat([real.new_ones(B, cache.positions.shape[0]), real], dim=1)  # the VoCo tokens + text
-    last = cache.next_position + real.long().sum(-1) - 1
-    yield from decode(vlm.llm, out, last, visible, max_new_tokens=max_new_tokens, **sampling)
-
-
-def generate_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, **options) -> list[list[int]]:
-    """Stage 2: every row's generated tokens, without the eos token (options: see `stream_from_cache`)."""
-    return until_eos(stream_from_cache(vlm, cache, text_ids, text_mask, **options), options.get("eos_id"))
 
 
 def until_eos(steps, eos_id) -> list[list[int]]:

@@ -1,13 +1,15 @@
-"""The VoCo-LLaMA model: a LLaMA decoder, a CLIP ViT vision tower and LLaVA's projector, in plain PyTorch.
+"""The model VoCo-LLaMA trains, a plain LLaVA-1.5: a LLaMA decoder, a CLIP ViT vision tower and LLaVA's projector,
+in plain PyTorch.
 
 Mirrors HF transformers' `LlamaForCausalLM` and `CLIPVisionModel` and LLaVA-1.5's `mm_projector`, with HF's
 parameter names inside each module so that loading a checkpoint is renaming (the key maps live in formats.py).
 VoCo-LLaMA (arXiv 2406.12275) adds no module of its own: its VoCo tokens are ordinary vocabulary tokens, and the
-compression comes from the attention mask that training feeds to every layer. So everything here takes an explicit
-boolean mask and explicit position ids, and all attention goes through `F.scaled_dot_product_attention`.
+compression comes from the attention mask that training feeds to every layer (voco.py). So everything here takes an
+explicit boolean mask and explicit position ids, and all attention goes through `F.scaled_dot_product_attention`;
+the two-stage inference that the mask makes possible is voco_cache.py, on top of this module.
 
-Reading order: LLaMA (RMSNorm, RoPE, attention, MLP, decoder), CLIP vision tower, projector, the VLM and its
-two-stage inference (compress an image into a VoCo cache once, answer questions from it). Configs: config.py.
+Reading order: LLaMA (RMSNorm, RoPE, attention, MLP, decoder), CLIP vision tower, projector, the VLM.
+Configs: config.py.
 """
 from __future__ import annotations
 
@@ -41,32 +43,6 @@ class StaticKV:
     k: torch.Tensor
     v: torch.Tensor
     slots: torch.Tensor
-
-
-@dataclass
-class VoCoCache:
-    """Stage 1's result, all that stage 2 may see of an image (or a video): the keys and values of its VoCo tokens
-    at every layer. Under the training mask a text token sees VoCo and text keys only, never BOS or the vision
-    tokens, so dropping those loses nothing: 576 vision tokens + BOS + "\n" become K VoCo tokens (paper Table 7)."""
-    kv: KVCache  # per layer (k, v), each (B, n_kv_heads, n_voco, head_dim); keys rotated at `positions`
-    positions: torch.Tensor  # (n_voco,) the VoCo tokens' original positions, the same for every row
-    next_position: int  # where the text goes on: right after the last VoCo token, as in training
-    num_voco: int  # K, VoCo tokens per image or frame (n_voco = frames x K)
-
-    def first(self, k: int) -> VoCoCache:
-        """The cache of the same image compressed to k <= K VoCo tokens, without running the model again. VoCo
-        tokens are causal and share one embedding, so the first k of a K-token compression see, and compute,
-        exactly what a k-token compression does: the layout is nested, and one stage-1 pass at the largest K
-        serves every smaller budget (tests/test_two_stage.py). Images only: a video's frames sit K positions
-        apart, and would have to be moved."""
-        if not 1 <= k <= self.num_voco:
-            raise ValueError(f"this cache holds {self.num_voco} VoCo tokens per image: it can give the first 1 to "
-                             f"{self.num_voco}, not {k}")
-        if self.positions.numel() != self.num_voco:
-            raise ValueError("first(k) takes an image's cache; a video's frames are compressed again at k instead")
-        return VoCoCache(kv=[(key[:, :, :k].clone(), value[:, :, :k].clone()) for key, value in self.kv],
-                         positions=self.positions[:k].clone(), next_position=int(self.positions[k - 1]) + 1,
-                         num_voco=k)
 
 
 def check_length(last_position: int, max_new_tokens: int, limit: int):
@@ -339,7 +315,8 @@ class Projector(nn.Module):
 # The VLM: image -> vision features -> projector -> embeddings in place of the image placeholders -> LLaMA
 
 class VoCoLlama(nn.Module):
-    """LLaVA-1.5-shaped VLM. The VoCo tokens, their mask and the two-stage inference build on this module."""
+    """LLaVA-1.5-shaped VLM: the VoCo tokens, their mask (voco.py) and the two-stage inference (voco_cache.py) build
+    on it, from outside."""
 
     def __init__(self, config: VoCoLlamaConfig):
         super().__init__()
@@ -380,83 +357,6 @@ class VoCoLlama(nn.Module):
                 use_cache=True, logits_at=None) -> Output:
         return self.llm(inputs_embeds=self.embed(input_ids, pixel_values), attn_mask=attn_mask,
                         position_ids=position_ids, cache=cache, use_cache=use_cache, logits_at=logits_at)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # Two-stage inference (the paper's Sec. 3.3, which the official code does not implement): stage 1 compresses
-    # each image once into a VoCoCache; stage 2 answers any number of questions from it, never seeing the image.
-    # Generation from a cache (a decode loop over `answer`) is generate.stream_from_cache.
-
-    @torch.no_grad()
-    def compress(self, pixel_values, prefix_ids, num_voco: int | None = None) -> VoCoCache:
-        """Stage 1. pixel_values (n, 3, H, W), prefix_ids (P,): what one image is in a training sample,
-        [BOS] [image x N] [\\n] [<voco> x K] (data.compress_prefix) -> a VoCoCache with one row per image.
-        K is num_voco, by default the config's: a model trained with several K (train.py --voco_ks) compresses
-        to any of them, and any model can be run at a K it was not trained for (the paper's Table 4).
-
-        The prefix is one compression group, where the VoCo mask is plain causal attention (a VISION or VOCO token
-        sees the earlier tokens of its own group), so no mask is needed. The positions are those of training,
-        0..P-1, so the cached keys are rotated (RoPE) exactly as the text saw them in training."""
-        K = self.config.num_voco if num_voco is None else num_voco
-        voco = self.config.voco_token_id
-        if (self.config.num_voco == 0 or K < 1 or prefix_ids.ndim != 1 or prefix_ids.shape[0] <= K
-                or prefix_ids[-K:].ne(voco).any() or prefix_ids[-K - 1] == voco):
-            raise ValueError(f"compress needs a model with VoCo tokens (this one has num_voco="
-                             f"{self.config.num_voco}) and a prefix that ends with exactly {K} <voco> tokens: build "
-                             f"it with data.compress_prefix(..., num_voco={K})")
-        ids = prefix_ids.to(pixel_values.device).expand(pixel_values.shape[0], -1)  # (n, P)
-        out = self.llm(inputs_embeds=self.embed(ids, pixel_values))  # positions 0..P-1, causal
-        P = ids.shape[1]
-        # clone: a slice would keep the whole prefix's keys and values alive, ~576x what the cache needs
-        return VoCoCache(kv=[(k[:, :, P - K:].clone(), v[:, :, P - K:].clone()) for k, v in out.cache],
-                         positions=torch.arange(P - K, P, device=ids.device), next_position=P, num_voco=K)
-
-    def compress_video(self, frames, prefix_ids, batch_size: int = 16, num_voco: int | None = None) -> VoCoCache:
-        """Stage 1 for a video: frames (F, 3, H, W) in time order -> one cache row with the F*K VoCo tokens.
-
-        Every frame is compressed alone, like an image (its own BOS, positions 0..P-1), then moved to its place in
-        the video, f*K positions later (data.py's video layout): consecutive frames' VoCo tokens side by side, in
-        time order. Moving a cached key is exact because RoPE is relative: rotating a key made at position p by d
-        more gives the key made at p + d, R(d) R(p) = R(p + d), and the values do not depend on absolute positions
-        when a frame sees nothing outside itself (the VoCo mask's groups). frames are compressed batch_size at a
-        time, so a long video needs the memory of batch_size frames, and its cache F*K tokens."""
-        parts = [self.compress(frames[i:i + batch_size], prefix_ids, num_voco)
-                 for i in range(0, frames.shape[0], batch_size)]
-        K = parts[0].num_voco
-        kv = [(torch.cat([c.kv[i][0] for c in parts]), torch.cat([c.kv[i][1] for c in parts]))
-              for i in range(len(parts[0].kv))]  # per layer (F, n_kv_heads, K, head_dim)
-        F = kv[0][0].shape[0]
-        shift = torch.arange(F, device=frames.device)[:, None].expand(F, K) * K  # (F, K): frame f moves by f*K
-        cos, sin = rope_cos_sin(shift, self.config.text, torch.float32)  # rotate in fp32, even for bf16 keys
-        kv = [(apply_rope(k.float(), cos, sin).to(k.dtype), v) for k, v in kv]
-        return VoCoCache(kv=[(rearrange(k, "f h k d -> 1 h (f k) d"), rearrange(v, "f h k d -> 1 h (f k) d"))
-                             for k, v in kv],  # the frames side by side, in time order
-                         positions=(parts[0].positions + shift).flatten(),
-                         next_position=parts[0].next_position + (F - 1) * K, num_voco=K)
-
-    def answer(self, cache: VoCoCache, text_ids, text_mask=None, last_only=False) -> Output:
-        """Stage 2. text_ids (B, T): the text after the VoCo tokens (from the "\\n" that follows them, data.py),
-        with text_mask (B, T) False on padding (default all real). Returns the logits (of the last token only with
-        last_only) and the cache grown by the text.
-
-        The text takes the positions it had in training: after the last VoCo token (cache.next_position), not
-        after the cache's length, which would close the gap left by the dropped vision tokens and shift every
-        relative distance the model learned. Every text token sees all cached VoCo tokens and the real text before
-        it. A cache of one row serves a batch of questions; a cache of B rows, one question each."""
-        B, T = text_ids.shape
-        if (text_ids == self.config.image_token_id).any():
-            raise ValueError("text_ids hold image placeholders: the image is in the cache, pass only the text")
-        rows = cache.kv[0][0].shape[0]
-        if rows not in (1, B):
-            raise ValueError(f"a cache of {rows} rows cannot answer {B} questions: use a cache of one row (one image, "
-                             f"many questions) or one row per question")
-        real = torch.ones_like(text_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()
-        check_length(cache.next_position + T - 1, 0, self.config.text.max_position_embeddings)
-        positions = cache.next_position + (real.long().cumsum(-1) - 1).clamp(min=0)  # padding: any position
-        n_voco = cache.positions.shape[0]
-        text_part = torch.ones(T, T, dtype=torch.bool, device=text_ids.device).tril() & real[:, None, :]
-        mask = torch.cat([real.new_ones(B, T, n_voco), text_part], dim=-1)[:, None]  # (B, 1, T, n_voco + T)
-        kv = [(k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)) for k, v in cache.kv]
-        return self.llm(text_ids, attn_mask=mask, position_ids=positions, cache=kv, last_only=last_only)
 
     @classmethod
     def from_pretrained(cls, path, vision_path=None, projector_path=None, dtype=None, device=None, num_voco=None,

@@ -1,4 +1,10 @@
-"""The VoCo attention mask: the whole of VoCo-LLaMA's "attention distillation" (paper Sec. 3.2, Fig. 2).
+"""VoCo-LLaMA's one idea, the VoCo attention mask: the whole of its "attention distillation" (paper Sec. 3.2,
+Fig. 2), and the sequence layout it reads. Read on in voco_cache.py: the two-stage inference it makes possible.
+
+The layout of one image (or video frame) and its VoCo tokens, as the official code writes it:
+    [BOS] [image x N] [\n] [<voco> x K] [\n] system USER: ... ASSISTANT: ...
+`Layout` carries the four ids that spell it (from a model's config: Layout.of(config)); data.build_sample writes
+whole samples with it and `compress_prefix` the part that stage 1 compresses.
 
 Every token carries two absolute labels, set by whoever built the sequence (data.py, inference), never inferred
 from distances to the end of the sequence (the official code does that, which breaks with right padding, truncation
@@ -23,6 +29,11 @@ itself, and no caller has to remember to switch masks for the text to see its im
 A PAD query also sees itself, so that no row is empty: SDPA returns NaN (CUDA) or zeros (CPU) for a query that
 sees no key at all (a left-padded PAD query would otherwise see nothing). PAD rows are never read.
 """
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 
 TEXT, VISION, VOCO, PAD = 0, 1, 2, 3
@@ -61,27 +72,36 @@ def causal_pad_mask(segments: torch.Tensor) -> torch.Tensor:
     return voco_mask(without_compression(segments), torch.full_like(segments, -1))
 
 
-def render_mask(mask: torch.Tensor, segments: torch.Tensor, path=None) -> str:
+def render_mask(mask: torch.Tensor, segments: torch.Tensor) -> str:
     """One sample's (L, L) mask as text (rows: queries, columns: keys; '#' = may attend), with the segment of every
-    token as the header. With `path`, also draws it as a PNG (needs matplotlib)."""
+    token as the header."""
     mask, segments = mask.reshape(mask.shape[-2:]).cpu(), segments.reshape(-1).cpu().tolist()
     letters = "".join("tvcp"[s] for s in segments)  # t=text v=vision c=voco p=pad
     rows = [f"  {letters}"] + [f"{letters[q]} " + "".join("#" if a else "." for a in row)
                                for q, row in enumerate(mask.tolist())]
-    if path is not None:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        colors = torch.tensor([[.55, .75, .95], [.95, .6, .5], [.5, .8, .5], [.85, .85, .85]])
-        seg = torch.tensor(segments)
-        # a key's colour where attention is allowed (the segment it reads from), white where it is blocked
-        image = torch.where(mask[..., None], colors[seg][None, :, :].expand(len(seg), -1, -1), torch.ones(3))
-        fig, ax = plt.subplots(figsize=(6, 6))
-        ax.imshow(image.numpy(), interpolation="nearest")
-        ax.set_xlabel("key (blue text, red vision, green VoCo, grey pad)")
-        ax.set_ylabel("query")
-        ax.set_title("VoCo attention mask: coloured = may attend")
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
     return "\n".join(rows)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The ids that lay out an image (or a video frame) and its VoCo tokens in a sequence, as one value rather than
+    four loose ids: [BOS] [image_token_id x num_image_tokens] [\n] [voco_token_id x num_voco]."""
+    image_token_id: int  # the placeholder id that the image's features replace (LLaVA's -200)
+    num_image_tokens: int  # N: vision tokens per image
+    voco_token_id: int  # the <voco> token's id
+    num_voco: int  # K: VoCo tokens per image (0: an image not compressed, the `full` mode)
+
+    @classmethod
+    def of(cls, config, num_voco: int | None = None) -> Layout:
+        """The layout of a model's config (VoCoLlamaConfig), at its own K or at num_voco."""
+        return cls(config.image_token_id, config.num_image_tokens, config.voco_token_id,
+                   config.num_voco if num_voco is None else num_voco)
+
+    def with_num_voco(self, num_voco: int) -> Layout:
+        return dataclasses.replace(self, num_voco=num_voco)
+
+
+def compress_prefix(tokenizer, layout: Layout) -> list[int]:
+    """What stage 1 compresses, one image or video frame: [BOS] [image x N] [\n] [<voco> x K] as ids."""
+    return (tokenizer.bos_ids + [layout.image_token_id] * layout.num_image_tokens
+            + tokenizer.encode("\n", bos=False) + [layout.voco_token_id] * layout.num_voco)

@@ -8,6 +8,7 @@ import torch
 
 from nanovoco.repro.bench import PAPER, analytic_rows, configure, kv_bytes_per_token, markdown, measure, random_model, \
     report, stages
+from nanovoco.voco_cache import compress
 
 TEXT = 12  # question tokens: short, the tests need no timing precision
 
@@ -93,7 +94,7 @@ def test_decoding_after_each_stage_2():
     it generates the same tokens (the two compute the same thing), and the VoCo cache's tokens equal
     generate_from_cache's."""
     from nanovoco.repro.bench import decode
-    from nanovoco.generate import generate_from_cache
+    from nanovoco.voco_cache import generate_from_cache
     vlm = tiny_model(2)
     g = torch.Generator().manual_seed(2)
     pixels, text_ids = torch.randn(1, 3, 56, 56, generator=g), torch.randint(3, 500, (1, TEXT), generator=g)
@@ -101,7 +102,7 @@ def test_decoding_after_each_stage_2():
     with torch.no_grad():
         tokens = {m: decode(vlm.llm, call(), last, 8) for m, (call, _, last) in methods.items()}
         prefix = torch.tensor([1] + [vlm.config.image_token_id] * 16 + [13] + [vlm.config.voco_token_id] * 2)
-        reference = generate_from_cache(vlm, vlm.compress(pixels, prefix), text_ids, max_new_tokens=8)[0]
+        reference = generate_from_cache(vlm, compress(vlm, pixels, prefix), text_ids, max_new_tokens=8)[0]
     assert tokens["baseline"] == tokens["full caching"]
     assert tokens["VoCo cache"] == reference
 

@@ -8,6 +8,7 @@ from nanovoco import cache_file
 from nanovoco.cache_file import fingerprint, load_cache, save_cache
 from nanovoco.config import preset
 from nanovoco.model import VoCoLlama
+from nanovoco.voco_cache import answer, compress, compress_video
 
 VOCO, K = 99, 2
 PREFIX = torch.tensor([1] + [-200] * 16 + [13] + [VOCO] * K)  # [BOS] [image x 16] [\n] [<voco> x K]
@@ -27,7 +28,7 @@ def images(n):
 @pytest.mark.parametrize("video", [False, True])
 def test_round_trip_is_bit_exact(tmp_path, video):
     vlm = model()
-    cache = vlm.compress_video(images(3), PREFIX) if video else vlm.compress(images(2), PREFIX)
+    cache = compress_video(vlm, images(3), PREFIX) if video else compress(vlm, images(2), PREFIX)
     save_cache(tmp_path / "c.safetensors", cache, vlm)
     back = load_cache(tmp_path / "c.safetensors", vlm)
     assert back.next_position == cache.next_position and torch.equal(back.positions, cache.positions)
@@ -35,7 +36,7 @@ def test_round_trip_is_bit_exact(tmp_path, video):
     assert all(torch.equal(a, b) for x, y in zip(cache.kv, back.kv) for a, b in zip(x, y))
     text = torch.randint(3, 90, (back.kv[0][0].shape[0], 7))
     with torch.no_grad():
-        assert torch.equal(vlm.answer(back, text).logits, vlm.answer(cache, text).logits)
+        assert torch.equal(answer(vlm, back, text).logits, answer(vlm, cache, text).logits)
     with safe_open(tmp_path / "c.safetensors", "pt") as f:  # small: only the VoCo tokens
         assert f.get_tensor("layers.0.key").shape == (1 if video else 2, 2, 3 * K if video else K, 32)
         assert f.metadata()["fingerprint"] == fingerprint(vlm)
@@ -59,7 +60,7 @@ def test_fingerprint_follows_the_weights_not_the_dtype():
 
 def test_foreign_dtype_corrupt_and_missing_caches_are_refused(tmp_path):
     vlm, path = model(), tmp_path / "c.safetensors"
-    save_cache(path, vlm.compress(images(1), PREFIX), vlm)
+    save_cache(path, compress(vlm, images(1), PREFIX), vlm)
     with pytest.raises(ValueError, match=r"c\.safetensors was made by another model \(fingerprint [0-9a-f]{16}, this "
                                          r"model's is [0-9a-f]{16}\).*compute it again with this model"):
         load_cache(path, model(seed=1))
@@ -95,7 +96,7 @@ def test_foreign_dtype_corrupt_and_missing_caches_are_refused(tmp_path):
                                          ("meta:num_voco", "num_voco")])
 def test_a_cache_that_lacks_a_tensor_or_its_metadata_is_refused(tmp_path, drop, lacks):
     vlm, path = model(), tmp_path / "c.safetensors"
-    save_cache(path, vlm.compress(images(1), PREFIX), vlm)
+    save_cache(path, compress(vlm, images(1), PREFIX), vlm)
     with safe_open(path, "pt") as f:
         tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
     (meta if drop.startswith("meta:") else tensors).pop(drop.removeprefix("meta:"))
@@ -106,7 +107,7 @@ def test_a_cache_that_lacks_a_tensor_or_its_metadata_is_refused(tmp_path, drop, 
 
 def test_writes_are_atomic(tmp_path, monkeypatch):
     vlm, path = model(), tmp_path / "c.safetensors"
-    cache = vlm.compress(images(1), PREFIX)
+    cache = compress(vlm, images(1), PREFIX)
     save_cache(path, cache, vlm)
     before = path.read_bytes()
 
@@ -116,14 +117,14 @@ def test_writes_are_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cache_file, "save_file", crash)
     with pytest.raises(OSError, match="disk full"):
-        save_cache(path, vlm.compress(images(2), PREFIX), vlm)
+        save_cache(path, compress(vlm, images(2), PREFIX), vlm)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["c.safetensors"]
 
 
 def test_a_cache_of_another_k_is_refused_when_a_k_is_asked(tmp_path):
     vlm, path = model(num_voco=4), tmp_path / "c.safetensors"
     prefix = torch.tensor([1] + [-200] * 16 + [13] + [VOCO] * 4)
-    save_cache(path, vlm.compress(images(1), prefix), vlm)
+    save_cache(path, compress(vlm, images(1), prefix), vlm)
     assert load_cache(path, vlm, num_voco=4).num_voco == 4
     assert load_cache(path, model(num_voco=2)).num_voco == 4  # no K asked: the cache's own
     with pytest.raises(ValueError, match=r"c\.safetensors holds 4 VoCo tokens per image or frame, but 2 were asked "

@@ -232,8 +232,9 @@ def test_missing_tensor(tmp_path):
 def test_unexpected_tensor(tmp_path):
     hf_llama(tmp_path)
     edit_tensors(tmp_path / "model.safetensors", **{"model.extra.weight": torch.zeros(2)})
-    with pytest.raises(ValueError, match=at(tmp_path) + r": 1 unexpected tensor\(s\), e\.g\. \['model\.extra\.weight'\]: "
-                                        r"the weights hold more than " + at(tmp_path / "config.json") + " describes"):
+    with pytest.raises(ValueError, match=at(tmp_path) + r": 1 unexpected tensor\(s\), e\.g\. "
+                                        r"\['model\.extra\.weight'\]: the weights hold more than "
+                                        + at(tmp_path / "config.json") + " describes"):
         Llama.from_pretrained(tmp_path)
 
 
@@ -260,9 +261,9 @@ def test_num_hidden_layers_larger_than_weights(tmp_path):
 def test_num_hidden_layers_smaller_than_weights(tmp_path):
     hf_llama(tmp_path)
     edit_config(tmp_path, num_hidden_layers=1)
-    with pytest.raises(ValueError, match=r"9 unexpected tensor\(s\), e\.g\. \['model\.layers\.1\..*\]: the weights hold "
-                                       r"more than " + at(tmp_path / "config.json") + r" describes \(num_hidden_layers "
-                                       r"or tie_word_embeddings wrong\?\)"):
+    with pytest.raises(ValueError, match=r"9 unexpected tensor\(s\), e\.g\. \['model\.layers\.1\..*\]: "
+                                       r"the weights hold more than " + at(tmp_path / "config.json")
+                                       + r" describes \(num_hidden_layers or tie_word_embeddings wrong\?\)"):
         Llama.from_pretrained(tmp_path)
 
 

@@ -5,6 +5,7 @@ from nanovoco.generate import generate, sample, stream
 from nanovoco.model import Llama, VoCoLlama
 from nanovoco.voco import PAD, TEXT, VISION, VOCO
 from tiny import hf_llama, hf_llava, image_ids
+from nanovoco.voco_cache import compress
 
 
 def greedy_without_cache(model, ids, n):
@@ -90,7 +91,7 @@ def test_fast_decode_gives_the_eager_tokens(tmp_path):
     """generate(..., fast=True): a static KV cache and a torch.compile'd step (generate.static_decoder) decode the
     same tokens as the eager loop, for a left-padded batch under the VoCo mask and from a VoCo cache (stage 2)."""
     from nanovoco.config import preset
-    from nanovoco.generate import generate_from_cache
+    from nanovoco.voco_cache import generate_from_cache
     torch.manual_seed(0)
     config = preset("tiny", 200)
     config.num_voco, config.voco_token_id = 2, 199
@@ -100,7 +101,7 @@ def test_fast_decode_gives_the_eager_tokens(tmp_path):
     eager = generate(vlm.llm, ids, segments=segments, max_new_tokens=20)
     assert generate(vlm.llm, ids, segments=segments, max_new_tokens=20, fast=True) == eager
     prefix = torch.tensor([1] + [vlm.config.image_token_id] * 16 + [13, 199, 199])
-    cache = vlm.compress(torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(2)), prefix)
+    cache = compress(vlm, torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(2)), prefix)
     text = torch.randint(3, 190, (3, 6), generator=torch.Generator().manual_seed(3))
     assert generate_from_cache(vlm, cache, text, max_new_tokens=20, fast=True) == \
         generate_from_cache(vlm, cache, text, max_new_tokens=20)

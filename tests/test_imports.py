@@ -51,6 +51,10 @@ def test_no_import_circle():
 def test_the_model_and_the_primitives_import_nothing_above_them():
     g = graph()
     assert g["model"] <= {"checkpoint", "formats", "config", "baselines"}
+    # VoCo sits on top of a plain LLaVA: the rule and the layout (voco.py) need nothing, the two stages
+    # (voco_cache.py) the model and the decode loop, and neither the model nor generation needs them
+    assert g["voco_cache"] <= {"model", "generate", "voco"}
+    assert "voco_cache" not in g["model"] | g["generate"]
     for primitive in ("files", "config", "voco", "image", "baselines"):
         assert g[primitive] == set(), (primitive, g[primitive])
     assert not any("train" in deps or "infer" in deps for deps in g.values())

@@ -12,11 +12,12 @@ from PIL import Image
 import infer
 from nanovoco.cache_file import save_cache
 from nanovoco.config import preset
-from nanovoco.data import build_sample, compress_prefix
-from nanovoco.generate import generate_from_cache
+from nanovoco.data import build_sample
 from nanovoco.image import load_video, preprocess
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
+from nanovoco.voco import Layout, compress_prefix
+from nanovoco.voco_cache import compress, compress_video, generate_from_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ["USER: What shape is the red object? ASSISTANT: circle square triangle left right red green blue</s>"] * 50
@@ -57,10 +58,9 @@ def expected_answer(setup, question, frames, mode="voco"):
     root, tok, models = setup
     vlm, c = models[mode], models[mode].config
     pixels = torch.stack([preprocess(Image.open(root / f), 56) for f in frames])
-    s = build_sample(tok, [(question, None)], image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens,
-                     voco_token_id=c.voco_token_id, num_voco=c.num_voco, num_frames=len(frames), system="")
-    prefix = torch.tensor(compress_prefix(tok, c.image_token_id, c.num_image_tokens, c.voco_token_id, c.num_voco))
-    cache = vlm.compress(pixels, prefix) if len(frames) == 1 else vlm.compress_video(pixels, prefix)
+    s = build_sample(tok, [(question, None)], Layout.of(c), num_frames=len(frames), system="")
+    prefix = torch.tensor(compress_prefix(tok, Layout.of(c)))
+    cache = compress(vlm, pixels, prefix) if len(frames) == 1 else compress_video(vlm, pixels, prefix)
     ids = generate_from_cache(vlm, cache, torch.tensor([s.text_ids()]), max_new_tokens=10,
                        eos_id=tok.eos_id)[0]
     return tok.decode(ids)
@@ -102,8 +102,7 @@ def test_full_mode_answers_from_the_whole_image(setup, capsys):
     code, out, _ = run(capsys, "--model", root / "full", "--image", root / "frame2.png", "--question", "red?",
                        "--max_new_tokens", 6)
     vlm, c = models["full"], models["full"].config
-    s = build_sample(tok, [("red?", None)], image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens,
-                     voco_token_id=-1, num_voco=0, system="")
+    s = build_sample(tok, [("red?", None)], Layout(c.image_token_id, c.num_image_tokens, -1, 0), system="")
     from nanovoco.generate import generate
     with torch.no_grad():
         embeds = vlm.embed(torch.tensor([s.input_ids]), preprocess(Image.open(root / "frame2.png"), 56)[None])
@@ -130,7 +129,7 @@ def test_bad_input_is_one_clear_line(setup, capsys, argv, message):
     (root / "empty").mkdir(exist_ok=True)
     other = models["other"]
     prefix = torch.tensor([1] + [-200] * 16 + [13] + [other.config.voco_token_id] * 2)
-    save_cache(root / "other.voco", other.compress(torch.zeros(1, 3, 56, 56), prefix), other)
+    save_cache(root / "other.voco", compress(other, torch.zeros(1, 3, 56, 56), prefix), other)
     code, _, err = run(capsys, "--model", root / "voco", *(a.format(root=root) for a in argv))
     assert code == 2 and err.startswith("error: ") and message.format(root=root) in err and "Traceback" not in err
 
@@ -188,7 +187,7 @@ def test_damaged_files_are_one_clear_line(setup, capsys, case, message):
         from safetensors.torch import save_file
         vlm = models["voco"]
         prefix = torch.tensor([1] + [-200] * 16 + [13] + [vlm.config.voco_token_id] * 2)
-        save_cache(root / "whole.voco", vlm.compress(torch.zeros(1, 3, 56, 56), prefix), vlm)
+        save_cache(root / "whole.voco", compress(vlm, torch.zeros(1, 3, 56, 56), prefix), vlm)
         with safe_open(root / "whole.voco", "pt") as f:
             tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
         name = "nopos" if case == "cache without positions" else "nofp"

@@ -1,7 +1,8 @@
-"""nanovoco.repro.paper_eval: LLaVA-1.5's question and answer files, two-stage answers equal to one masked pass, and scores
-equal to those of LLaVA-1.5's evaluation scripts and the benchmarks' own tools. Fixtures are small excerpts in the real
-releases' layouts (id schemes, prompt suffixes, shared ids); each scorer is checked against a literal re-statement of
-the official script's rule, on answers that include malformed, empty, missing and multi-sentence ones."""
+"""nanovoco.repro.paper_eval: LLaVA-1.5's question and answer files, two-stage answers equal to one masked pass, and
+scores equal to those of LLaVA-1.5's evaluation scripts and the benchmarks' own tools. Fixtures are small excerpts in
+the real releases' layouts (id schemes, prompt suffixes, shared ids); each scorer is checked against a literal
+re-statement of the official script's rule, on answers that include malformed, empty, missing and multi-sentence
+ones."""
 import io
 import json
 import re
@@ -20,6 +21,7 @@ from nanovoco.generate import generate
 from nanovoco.image import preprocess
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
+from nanovoco.voco import Layout
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = "\nAnswer the question using a single word or phrase."  # LLaVA's suffix of GQA, POPE and MME questions
@@ -371,8 +373,7 @@ def test_answers_equal_single_pass_masked_generation(model_dir, tiny, tmp_path):
     assert set(rows[0]) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
     c = vlm.config
     for q, row in zip(questions, rows):
-        s = build_sample(tok, [(q["text"], None)], image_token_id=c.image_token_id,
-                         num_image_tokens=c.num_image_tokens, voco_token_id=c.voco_token_id, num_voco=2, system="")
+        s = build_sample(tok, [(q["text"], None)], Layout.of(c, 2), system="")
         b = pad_samples([s])
         pixels = preprocess(Image.open(model_dir / q["image"]), 56)[None]
         with torch.no_grad():

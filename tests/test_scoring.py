@@ -13,7 +13,7 @@ from nanovoco.config import preset
 from nanovoco.data import LlavaDataset, build_sample, pad_samples
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import VICUNA, Tokenizer, train_tiny_tokenizer
-from nanovoco.voco import TEXT, VISION, VOCO, voco_mask
+from nanovoco.voco import Layout, TEXT, VISION, VOCO, voco_mask
 
 
 def test_score_on_hand_made_answers():
@@ -80,8 +80,7 @@ def sample_with_voco(num_voco=2):
         def encode(self, text, bos=False):
             return [10 + ord(c) % 50 for c in text]
 
-    return build_sample(Tok(), [("<image>\nWhat?", "Red.")], image_token_id=-200, num_image_tokens=4,
-                        voco_token_id=7, num_voco=num_voco, system="")
+    return build_sample(Tok(), [("<image>\nWhat?", "Red.")], Layout(-200, 4, 7, num_voco), system="")
 
 
 @pytest.mark.parametrize("mode", train.MODES)

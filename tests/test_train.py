@@ -205,7 +205,8 @@ def one_line(stderr: str) -> str:
     return lines[0]
 
 
-CONVERSATION = [{"from": "human", "value": "<image>\nWhat shape is the red object?"}, {"from": "gpt", "value": "circle"}]
+CONVERSATION = [{"from": "human", "value": "<image>\nWhat shape is the red object?"},
+                {"from": "gpt", "value": "circle"}]
 
 
 @pytest.mark.parametrize("records, message", [

@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from nanovoco.config import preset
-from nanovoco.data import build_sample, compress_prefix, pad_samples
-from nanovoco.generate import generate, generate_from_cache
+from nanovoco.data import build_sample, pad_samples
+from nanovoco.generate import generate
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import Tokenizer, load_tokenizer, train_tiny_tokenizer
-from nanovoco.voco import voco_mask
+from nanovoco.voco import Layout, compress_prefix, voco_mask
 from tiny import bpe_tokenizer
+from nanovoco.voco_cache import answer, compress, compress_video, generate_from_cache
 
 QUESTIONS = ["What shape is the red object?", "How many squares?", "Is the blue circle left of the green one or not?"]
 CORPUS = QUESTIONS + ["USER: ASSISTANT: circle square triangle left right red green blue"] * 20
@@ -33,14 +34,12 @@ def model(tok, num_voco):
 
 def sample(tok, vlm, question, num_frames=1, num_voco=None):
     c = vlm.config
-    return build_sample(tok, [(question, None)], image_token_id=c.image_token_id, num_image_tokens=c.num_image_tokens,
-                        voco_token_id=c.voco_token_id, num_voco=num_voco or c.num_voco, num_frames=num_frames)
+    return build_sample(tok, [(question, None)], Layout.of(c, num_voco or c.num_voco), num_frames=num_frames)
 
 
 def prefix(tok, vlm, num_voco=None):
     c = vlm.config
-    return torch.tensor(compress_prefix(tok, c.image_token_id, c.num_image_tokens, c.voco_token_id,
-                                        num_voco or c.num_voco))
+    return torch.tensor(compress_prefix(tok, Layout.of(c, num_voco or c.num_voco)))
 
 
 def single_pass(vlm, samples, pixels):
@@ -59,7 +58,7 @@ def images(n, seed=0):
 def test_answer_equals_single_pass(tok, K):
     vlm = model(tok, K)
     pixels = images(1)
-    cache = vlm.compress(pixels, prefix(tok, vlm))
+    cache = compress(vlm, pixels, prefix(tok, vlm))
     assert [k.shape for k, _ in cache.kv] == [(1, 2, K, 32)] * 4  # only the K VoCo tokens of every layer
     P = len(prefix(tok, vlm))
     assert cache.positions.tolist() == list(range(P - K, P)) and cache.next_position == P
@@ -67,7 +66,7 @@ def test_answer_equals_single_pass(tok, K):
         s = sample(tok, vlm, q)
         ref = single_pass(vlm, [s], pixels)[:, P:]
         with torch.no_grad():
-            got = vlm.answer(cache, torch.tensor([s.text_ids()])).logits
+            got = answer(vlm, cache, torch.tensor([s.text_ids()])).logits
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
 
 
@@ -75,14 +74,14 @@ def test_answer_equals_single_pass(tok, K):
 def test_batched_questions_and_generation_equal_single_pass(tok, K):
     vlm = model(tok, K)
     pixels = images(1, seed=1)
-    cache = vlm.compress(pixels, prefix(tok, vlm))
+    cache = compress(vlm, pixels, prefix(tok, vlm))
     samples = [sample(tok, vlm, q) for q in QUESTIONS]
     T = max(len(s.text_ids()) for s in samples)
     ids = torch.tensor([[0] * (T - len(s.text_ids())) + s.text_ids() for s in samples])  # left-padded questions
     real = torch.tensor([[False] * (T - len(s.text_ids())) + [True] * len(s.text_ids()) for s in samples])
     ref = single_pass(vlm, samples, pixels.expand(3, -1, -1, -1))[:, -T:]
     with torch.no_grad():
-        got = vlm.answer(cache, ids, real).logits
+        got = answer(vlm, cache, ids, real).logits
     torch.testing.assert_close(got[real], ref[real], atol=1e-5, rtol=0)
 
     b = pad_samples(samples, left=True)
@@ -92,10 +91,10 @@ def test_batched_questions_and_generation_equal_single_pass(tok, K):
                         position_ids=b["positions"], max_new_tokens=12)
     assert generate_from_cache(vlm, cache, ids, real, max_new_tokens=12) == expected
     # one cache row per question works too (a batch of images, one question each)
-    many = vlm.compress(images(3, seed=2), prefix(tok, vlm))
+    many = compress(vlm, images(3, seed=2), prefix(tok, vlm))
     ref = single_pass(vlm, samples, images(3, seed=2))[:, -T:]
     with torch.no_grad():
-        torch.testing.assert_close(vlm.answer(many, ids, real).logits[real], ref[real], atol=1e-5, rtol=0)
+        torch.testing.assert_close(answer(vlm, many, ids, real).logits[real], ref[real], atol=1e-5, rtol=0)
 
 
 def test_one_model_at_every_k_equals_single_pass_and_its_first_k_tokens_are_a_k_compression(tok):
@@ -105,10 +104,10 @@ def test_one_model_at_every_k_equals_single_pass_and_its_first_k_tokens_are_a_k_
     k-token compression, so one stage-1 pass serves every smaller budget (VoCoCache.first)."""
     vlm = model(tok, 4)  # its config's K, the default; asked for others
     pixels = images(1, seed=2)
-    largest = vlm.compress(pixels, prefix(tok, vlm, 8), num_voco=8)
+    largest = compress(vlm, pixels, prefix(tok, vlm, 8), num_voco=8)
     for k in (1, 2, 4, 8):
         P = len(prefix(tok, vlm, k))
-        cache = vlm.compress(pixels, prefix(tok, vlm, k), num_voco=k)
+        cache = compress(vlm, pixels, prefix(tok, vlm, k), num_voco=k)
         assert cache.num_voco == k and cache.positions.tolist() == list(range(P - k, P)) and cache.next_position == P
         nested = largest.first(k)
         assert nested.num_voco == k and torch.equal(nested.positions, cache.positions)
@@ -118,28 +117,28 @@ def test_one_model_at_every_k_equals_single_pass_and_its_first_k_tokens_are_a_k_
         s = sample(tok, vlm, QUESTIONS[0], num_voco=k)
         ref = single_pass(vlm, [s], pixels)[:, P:]
         with torch.no_grad():
-            got, from_nested = (vlm.answer(x, torch.tensor([s.text_ids()])).logits for x in (cache, nested))
+            got, from_nested = (answer(vlm, x, torch.tensor([s.text_ids()])).logits for x in (cache, nested))
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
         torch.testing.assert_close(from_nested, ref, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"ends with exactly 2 <voco> tokens: build it with "
-                                         r"data.compress_prefix\(\.\.\., num_voco=2\)"):
-        vlm.compress(pixels, prefix(tok, vlm, 4), num_voco=2)  # a prefix of 4 VoCo tokens, 2 asked
+                                         r"voco.compress_prefix\(tokenizer, Layout.of\(config, 2\)\)"):
+        compress(vlm, pixels, prefix(tok, vlm, 4), num_voco=2)  # a prefix of 4 VoCo tokens, 2 asked
     with pytest.raises(ValueError, match="holds 8 VoCo tokens per image: it can give the first 1 to 8, not 9"):
         largest.first(9)
     with pytest.raises(ValueError, match="first\\(k\\) takes an image's cache"):
-        vlm.compress_video(images(2), prefix(tok, vlm)).first(1)
+        compress_video(vlm, images(2), prefix(tok, vlm)).first(1)
 
 
 def test_text_positions_continue_after_the_voco_tokens(tok):
     """Why answer() does not simply continue after the cache's length: that would close the gap of the dropped vision
     tokens, and every relative distance the model saw in training would change."""
     vlm = model(tok, 2)
-    cache = vlm.compress(images(1), prefix(tok, vlm))
+    cache = compress(vlm, images(1), prefix(tok, vlm))
     text = torch.tensor([sample(tok, vlm, QUESTIONS[0]).text_ids()])
     with torch.no_grad():
-        right = vlm.answer(cache, text).logits
+        right = answer(vlm, cache, text).logits
         cache.next_position = cache.positions.shape[0]  # as if the VoCo tokens were at 0..K-1
-        compacted = vlm.answer(cache, text).logits
+        compacted = answer(vlm, cache, text).logits
     assert (right - compacted).abs().max() > 1e-3
 
 
@@ -148,14 +147,14 @@ def test_video_caches_equal_single_pass_over_all_frames(tok, K):
     vlm = model(tok, K)
     frames = images(5, seed=3)
     P = len(prefix(tok, vlm))
-    cache = vlm.compress_video(frames, prefix(tok, vlm), batch_size=2)  # frames compressed 2 at a time
+    cache = compress_video(vlm, frames, prefix(tok, vlm), batch_size=2)  # frames compressed 2 at a time
     assert cache.kv[0][0].shape == (1, 2, 5 * K, 32)
     assert cache.positions.tolist() == list(range(P - K, P - K + 5 * K)) and cache.next_position == P + 4 * K
     for q in QUESTIONS[:2]:
         s = sample(tok, vlm, q, num_frames=5)
         ref = single_pass(vlm, [s], frames)[:, 5 * P:]  # every frame in its own group, shifted by f*K positions
         with torch.no_grad():
-            got = vlm.answer(cache, torch.tensor([s.text_ids()])).logits
+            got = answer(vlm, cache, torch.tensor([s.text_ids()])).logits
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=0)
         b = pad_samples([s])
         with torch.no_grad():
@@ -163,25 +162,26 @@ def test_video_caches_equal_single_pass_over_all_frames(tok, K):
                                 groups=b["groups"], position_ids=b["positions"], max_new_tokens=8)
         assert generate_from_cache(vlm, cache, torch.tensor([s.text_ids()]), max_new_tokens=8) == expected
     # the positions keep the frames' order: the same frames reversed are another video
-    reverse = vlm.compress_video(frames.flip(0), prefix(tok, vlm))
+    reverse = compress_video(vlm, frames.flip(0), prefix(tok, vlm))
     text = torch.tensor([sample(tok, vlm, QUESTIONS[0], num_frames=5).text_ids()])
     with torch.no_grad():
-        assert (vlm.answer(cache, text).logits - vlm.answer(reverse, text).logits).abs().max() > 1e-3
+        assert (answer(vlm, cache, text).logits - answer(vlm, reverse, text).logits).abs().max() > 1e-3
 
 
 def test_stage_errors(tok):
     vlm = model(tok, 2)
-    cache = vlm.compress(images(2), prefix(tok, vlm))
+    cache = compress(vlm, images(2), prefix(tok, vlm))
     text = torch.tensor([sample(tok, vlm, q).text_ids()[:5] for q in QUESTIONS])
     with pytest.raises(ValueError, match="a cache of 2 rows cannot answer 3 questions"):
-        vlm.answer(cache, text)
+        answer(vlm, cache, text)
     with pytest.raises(ValueError, match="text_ids hold image placeholders: the image is in the cache"):
-        vlm.answer(cache, torch.full((2, 3), vlm.config.image_token_id))
+        answer(vlm, cache, torch.full((2, 3), vlm.config.image_token_id))
     with pytest.raises(ValueError, match="exceeds the model's context of 512 positions"):
         generate_from_cache(vlm, cache, text[:2], max_new_tokens=512 - cache.next_position - 4)
-    assert len(generate_from_cache(vlm, cache, text[:2], max_new_tokens=512 - cache.next_position - 5)[0]) > 0  # exactly full
+    full = 512 - cache.next_position - 5  # exactly the context
+    assert len(generate_from_cache(vlm, cache, text[:2], max_new_tokens=full)[0]) > 0
     with pytest.raises(ValueError, match=r"needs a model with VoCo tokens \(this one has num_voco=0\)"):
-        model(tok, 0).compress(images(1), prefix(tok, vlm)[:-2])
+        compress(model(tok, 0), images(1), prefix(tok, vlm)[:-2])
     with pytest.raises(ValueError, match="a prefix that ends with exactly 2 <voco> tokens: build it with "
-                                         "data.compress_prefix"):
-        vlm.compress(images(1), prefix(tok, vlm)[:-1])
+                                         "voco.compress_prefix"):
+        compress(vlm, images(1), prefix(tok, vlm)[:-1])

@@ -7,6 +7,7 @@ import torch
 
 from nanovoco.model import CLIPVisionTower, VoCoLlama
 from tiny import IMAGE_TOKEN, NUM_PATCHES, VISION_CONFIG, hf_clip, hf_llava, image_ids, llava_original, stage1
+from nanovoco.voco_cache import compress
 
 
 @pytest.mark.parametrize("select_layer", [-2, -1, 1])
@@ -100,12 +101,12 @@ def test_llava_hf_layout_keeps_its_voco_settings(tmp_path):
     assert (vlm.config.num_voco, vlm.config.voco_token_id) == (2, voco_id)
     pixels = torch.randn(1, 3, 56, 56, generator=torch.Generator().manual_seed(0))
     prefix = torch.tensor([1] + [IMAGE_TOKEN] * NUM_PATCHES + [13, voco_id, voco_id])
-    cache = vlm.compress(pixels, prefix)
+    cache = compress(vlm, pixels, prefix)
     assert cache.positions.tolist() == [NUM_PATCHES + 2, NUM_PATCHES + 3]
     assert VoCoLlama.from_pretrained(tmp_path / "plain").config.num_voco == 0
     assert VoCoLlama.from_pretrained(tmp_path / "voco", num_voco=1).config.num_voco == 1
     overridden = VoCoLlama.from_pretrained(tmp_path / "plain", num_voco=2, voco_token_id=voco_id)
-    again = overridden.compress(pixels, prefix)
+    again = compress(overridden, pixels, prefix)
     assert all(torch.equal(a, b) for x, y in zip(cache.kv, again.kv) for a, b in zip(x, y))
     with pytest.raises(ValueError, match=r"config\.json: num_voco=2 needs voco_token_id, the id of <voco> in the "
                                          r"vocabulary of 160, got -1"):

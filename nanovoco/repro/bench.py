@@ -32,10 +32,11 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from tqdm import tqdm
 
 from nanovoco.config import CLIPVisionConfig, LlamaConfig, VoCoLlamaConfig, preset
-from nanovoco.data import compress_prefix
 from nanovoco import cli, generate
 from nanovoco.init import init_weights
 from nanovoco.model import VoCoLlama
+from nanovoco.voco import Layout, compress_prefix
+from nanovoco.voco_cache import answer, compress
 
 METHODS = ("baseline", "full caching", "VoCo cache")
 # Table 7 of the paper (LLaVA-1.5-7B, K=1): KV cache length, storage (MB), CUDA time (ms), FLOPs (T)
@@ -90,18 +91,18 @@ def stages(vlm: VoCoLlama, pixels, text_ids) -> dict:
     """Run every method's stage 1 on pixels (1, 3, H, W); return {method: (stage 2 as a call -> Output, its cache,
     the question's last position)}. text_ids (1, T) is the question, the same for all three."""
     c = vlm.config
-    prefix = compress_prefix(SpecialIds(), c.image_token_id, c.num_image_tokens, c.voco_token_id, c.num_voco)
+    prefix = compress_prefix(SpecialIds(), Layout.of(c))
     image_prefix = prefix[:len(prefix) - c.num_voco]  # [BOS] [image x N] [\n]: what the uncompressed methods keep
     llm = vlm.llm
     with torch.no_grad():
         image = vlm.embed(torch.tensor([image_prefix], device=pixels.device), pixels)  # (1, P, D): the tower, once
         full = llm(inputs_embeds=image).cache  # per layer (1, n_kv_heads, P, head_dim)
-        voco = vlm.compress(pixels, torch.tensor(prefix))
+        voco = compress(vlm, pixels, torch.tensor(prefix))
     P, T = len(image_prefix), text_ids.shape[1]
     return {"baseline": (lambda: llm(inputs_embeds=torch.cat([image, llm.embed_tokens(text_ids)], 1)), None,
                          P + T - 1),
             "full caching": (lambda: llm(text_ids, cache=full), full, P + T - 1),  # causal, positions P, P+1, ...
-            "VoCo cache": (lambda: vlm.answer(voco, text_ids), voco.kv, voco.next_position + T - 1)}
+            "VoCo cache": (lambda: answer(vlm, voco, text_ids), voco.kv, voco.next_position + T - 1)}
 
 
 def decode(llm, out, last_position: int, n: int) -> list[int]:

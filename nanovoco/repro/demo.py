@@ -11,11 +11,12 @@ from PIL import Image, ImageDraw
 
 from nanovoco import cli
 from nanovoco.config import preset
-from nanovoco.data import build_sample, compress_prefix
-from nanovoco.generate import stream_from_cache
+from nanovoco.data import build_sample
 from nanovoco.image import preprocess
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import VICUNA_SYSTEM, VOCO_SYSTEM, Tokenizer, stream_text, train_tiny_tokenizer
+from nanovoco.voco import Layout, compress_prefix
+from nanovoco.voco_cache import compress, stream_from_cache
 
 CORPUS = [VICUNA_SYSTEM, "USER: What shape is in the image? ASSISTANT: A red circle and a blue square.</s>",
           "Which object is left of the green triangle? How many shapes are there? There are three."]
@@ -47,11 +48,10 @@ def main(out="runs/demo", max_new_tokens=24, num_voco=2):
           f"{c.num_image_tokens} vision tokens per image, {c.num_voco} VoCo tokens")
 
     # stage 1: [BOS] [image x N] [\n] [<voco> x K] once; only the VoCo tokens' keys and values are kept
-    prefix = torch.tensor(compress_prefix(tokenizer, c.image_token_id, c.num_image_tokens, c.voco_token_id,
-                                          c.num_voco))
+    prefix = torch.tensor(compress_prefix(tokenizer, Layout.of(c)))
     pixels = preprocess(demo_image(), c.vision.image_size)[None]
     t0 = time.perf_counter()
-    cache = vlm.compress(pixels, prefix)
+    cache = compress(vlm, pixels, prefix)
     cached = sum(k.nbytes + v.nbytes for k, v in cache.kv)
     print(f"stage 1: {prefix.numel()} tokens -> a VoCo cache of {cache.positions.numel()} tokens, "
           f"{cached / 1e3:.1f} kB (the whole prefix's cache: {cached * prefix.numel() / c.num_voco / 1e3:.1f} kB), "
@@ -59,8 +59,7 @@ def main(out="runs/demo", max_new_tokens=24, num_voco=2):
 
     # stage 2: every question from the cache alone, never seeing the image again
     for question in QUESTIONS:
-        s = build_sample(tokenizer, [(question, None)], image_token_id=c.image_token_id,
-                         num_image_tokens=c.num_image_tokens, voco_token_id=c.voco_token_id, num_voco=c.num_voco,
+        s = build_sample(tokenizer, [(question, None)], Layout.of(c),
                          system=VOCO_SYSTEM)
         print(f"Q: {question}\nA: ", end="", flush=True)
         t0, n = time.perf_counter(), 0

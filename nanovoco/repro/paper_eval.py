@@ -6,7 +6,7 @@ exactly as LLaVA-1.5's scripts and the benchmarks' own tools score them.
     python -m nanovoco.repro.paper_eval score gqa --answers A --annotations testdev_balanced_questions.json
     python -m nanovoco.repro.paper_eval score pope --answers A --questions llava_pope_test.jsonl --annotations pope/coco
     python -m nanovoco.repro.paper_eval score mme --answers A --annotations MME_Benchmark_release_version
-    python -m nanovoco.repro.paper_eval score sqa --answers A --annotations scienceqa     # problems.json, pid_splits.json
+    python -m nanovoco.repro.paper_eval score sqa --answers A --annotations scienceqa  # problems.json, pid_splits.json
     python -m nanovoco.repro.paper_eval score seed --answers A --annotations SEED-Bench.json
 
 `answer` reads LLaVA-1.5's question files (eval.zip, playground/data/eval in the LLaVA repository) as its
@@ -38,12 +38,14 @@ import torch
 from tqdm import tqdm
 
 from nanovoco import cli
-from nanovoco.data import build_sample, compress_prefix, pad_samples
+from nanovoco.data import build_sample, pad_samples
 from nanovoco.files import read_json
-from nanovoco.generate import generate, generate_from_cache
+from nanovoco.generate import generate
 from nanovoco.image import load_image, preprocess
 from nanovoco.model import VoCoLlama
 from nanovoco.tokenizer import VOCO_SYSTEM, load_tokenizer, trained_system_prompt
+from nanovoco.voco import Layout, compress_prefix
+from nanovoco.voco_cache import compress, generate_from_cache
 
 BENCHMARKS = ("gqa", "pope", "mme", "sqa", "seed")
 SQA_PROMPT = "Answer with the option's letter from the given choices directly."  # LLaVA's --single-pred-prompt
@@ -160,14 +162,12 @@ def answer_group(vlm, tokenizer, image_path, group, system, max_new_tokens) -> l
     c, device = vlm.config, next(vlm.parameters()).device
     frames = 1 if image_path else 0
     voco = c.num_voco if frames else 0
-    samples = [build_sample(tokenizer, [(q["text"], None)], image_token_id=c.image_token_id,
-                            num_image_tokens=c.num_image_tokens, voco_token_id=c.voco_token_id, num_voco=voco,
+    samples = [build_sample(tokenizer, [(q["text"], None)], Layout.of(c, voco),
                             num_frames=frames, max_len=sys.maxsize, system=system) for q in group]
     pixels = preprocess(load_image(image_path), c.vision.image_size)[None].to(device) if frames else None
     if voco:  # stage 1 once, stage 2 for every question: the text after the VoCo tokens, left-padded
-        prefix = torch.tensor(compress_prefix(tokenizer, c.image_token_id, c.num_image_tokens, c.voco_token_id,
-                                              c.num_voco), device=device)
-        cache = vlm.compress(pixels.to(next(vlm.parameters()).dtype), prefix)
+        prefix = torch.tensor(compress_prefix(tokenizer, Layout.of(c)), device=device)
+        cache = compress(vlm, pixels.to(next(vlm.parameters()).dtype), prefix)
         T = max(len(s.text_ids()) for s in samples)
         text = torch.tensor([[0] * (T - len(s.text_ids())) + s.text_ids() for s in samples], device=device)
         real = torch.tensor([[False] * (T - len(s.text_ids())) + [True] * len(s.text_ids()) for s in samples],

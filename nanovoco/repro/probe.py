@@ -127,7 +127,8 @@ def main(argv=None):
     if a.images < 100:
         p.exit(2, f"--images {a.images}: give at least 100 (60% fit, 15% validation, 25% test)\n")
     if a.vision is not None and not (a.vision / "config.json").is_file():
-        p.exit(2, f"--vision {a.vision}: no config.json there; give a folder written by nanovoco.repro.vision_pretrain\n")
+        p.exit(2, f"--vision {a.vision}: no config.json there; give a folder written by "
+                  f"nanovoco.repro.vision_pretrain\n")
     with tempfile.TemporaryDirectory() as tmp:
         if a.vision is None:
             a.vision = Path(tmp)

@@ -22,55 +22,81 @@ def over_seeds(per_seed: dict, name: str, key: str) -> str:
 
 def tables(per_seed: dict) -> str:
     """Markdown tables: over seeds (mean ± sd), then each seed's numbers with their standard errors."""
-    seeds = list(per_seed)
-    first = per_seed[seeds[0]]
-    ks = run_ks(first)
-    types = sorted(first["full"]["by_type"])
-    n = first["full"]["n"]
+    first = next(iter(per_seed.values()))
     zero_shot = [("SmolLM2 untrained, the scene as text", "zero_shot")] if "zero_shot" in first else []
     rows = [*TABLE1, *zero_shot, ("no image (each type's most common answer)", "no_image")]
+    lines = table1(per_seed, rows) + gaps(per_seed) + shortcuts_table(per_seed) + table2(per_seed)
+    if f"voco_any_k{run_ks(first)[0]}" in first:
+        lines += table4(per_seed)
+    return "\n".join(lines + each_seed(per_seed, rows)) + "\n"
+
+
+def table1(per_seed: dict, rows) -> list[str]:
+    """Table 1: each method's accuracy per question type, overall and as retention, mean ± sd over seeds."""
+    seeds, first = list(per_seed), next(iter(per_seed.values()))
+    types = sorted(first["full"]["by_type"])
     tokens = {"full": VISION_TOKENS, "no_image": 0, "zero_shot": "text"}
     lines = [f"## Table 1 in miniature: methods at K = 1 ({VISION_TOKENS} vision tokens -> 1), "
              f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}", "",
-             f"Accuracy (%) on {n} held-out questions per seed and retention (%), mean ± sd over seeds; the type "
-             "columns are means.", "",
+             f"Accuracy (%) on {first['full']['n']} held-out questions per seed and retention (%), mean ± sd over "
+             "seeds; the type columns are means.", "",
              "| method | tokens | " + " | ".join(types) + " | accuracy | retention |",
              "|---|---:|" + "---:|" * (len(types) + 2)]
     for label, name in rows:
         cells = [f"{100 * statistics.mean(s[name]['by_type'][t] for s in per_seed.values()):.1f}" for t in types]
         lines.append(f"| {label} | {tokens.get(name, 1)} | " + " | ".join(cells)
                      + f" | {over_seeds(per_seed, name, 'overall')} | {over_seeds(per_seed, name, 'retention')} |")
-    lines += ["", "Table 1's ordering, consecutive methods (accuracy points, mean over seeds ± its standard error: "
-              "the larger of the questions' noise, combined over seeds, and the seeds' spread / sqrt(seeds)):", ""]
+    return lines
+
+
+def gaps(per_seed: dict) -> list[str]:
+    """Table 1's ordering, each consecutive pair of methods: the gap and whether it exceeds the noise."""
+    first = next(iter(per_seed.values()))
+    lines = ["", "Table 1's ordering, consecutive methods (accuracy points, mean over seeds ± its standard error: "
+             "the larger of the questions' noise, combined over seeds, and the seeds' spread / sqrt(seeds)):", ""]
     for pair in first["gaps"]:
-        gaps = [s["gaps"][pair]["gap"] for s in per_seed.values()]
-        within = sum(s["gaps"][pair]["se"] ** 2 for s in per_seed.values()) ** 0.5 / len(gaps)
-        se = max(within, statistics.stdev(gaps) / len(gaps) ** 0.5 if len(gaps) > 1 else 0.0)
-        mean = statistics.mean(gaps)
+        gap = [s["gaps"][pair]["gap"] for s in per_seed.values()]
+        within = sum(s["gaps"][pair]["se"] ** 2 for s in per_seed.values()) ** 0.5 / len(gap)
+        se = max(within, statistics.stdev(gap) / len(gap) ** 0.5 if len(gap) > 1 else 0.0)
+        mean = statistics.mean(gap)
         verdict = "holds" if mean > se else "reversed" if mean < -se else "within noise"
         lines.append(f"- {pair.replace('_k1', '')}: {100 * mean:+.1f} ± {100 * se:.1f} ({verdict})")
+    return lines
+
+
+def shortcuts_table(per_seed: dict) -> list[str]:
+    """How often each method's answers are the shortcut's, on the question types that have one (SHORTCUTS)."""
+    ks = run_ks(next(iter(per_seed.values())))
     shortcut_types = [t for t in SHORTCUTS if all(s["shortcuts"] and t in s["shortcuts"] for s in per_seed.values())]
-    if shortcut_types:
-        lines += ["", "### What the answers are made of", "",
-                  "These question types can be scored on without finding the object that the question names. For "
-                  "each, \"follows\" is how often a method's answer, right or wrong, is the shortcut's: "
-                  + "; ".join(f"{t}: {SHORTCUTS[t]}" for t in shortcut_types) + ". The last row is what the shortcut "
-                  "scores on these questions. A method that follows it every time and scores what it scores answers "
-                  "from what is in the image as a whole, not from the object asked about. In %, means over seeds.",
-                  "", "| method | " + " | ".join(f"{t} accuracy | {t} follows" for t in shortcut_types) + " |",
-                  "|---|" + "---:|---:|" * len(shortcut_types)]
+    if not shortcut_types:
+        return []
+    lines = ["", "### What the answers are made of", "",
+             "These question types can be scored on without finding the object that the question names. For "
+             "each, \"follows\" is how often a method's answer, right or wrong, is the shortcut's: "
+             + "; ".join(f"{t}: {SHORTCUTS[t]}" for t in shortcut_types) + ". The last row is what the shortcut "
+             "scores on these questions. A method that follows it every time and scores what it scores answers "
+             "from what is in the image as a whole, not from the object asked about. In %, means over seeds.",
+             "", "| method | " + " | ".join(f"{t} accuracy | {t} follows" for t in shortcut_types) + " |",
+             "|---|" + "---:|---:|" * len(shortcut_types)]
 
-        def cell(qtype, name, key):
-            return f"{100 * statistics.mean(s['shortcuts'][qtype][name][key] for s in per_seed.values()):.1f}"
+    def cell(qtype, name, key):
+        return f"{100 * statistics.mean(s['shortcuts'][qtype][name][key] for s in per_seed.values()):.1f}"
 
-        for label, name in [*TABLE1, *((f"VoCo-LLaMA K = {k}", f"voco_k{k}") for k in ks[1:])]:
-            lines.append(f"| {label} | " + " | ".join(f"{cell(t, name, 'accuracy')} | {cell(t, name, 'follows')}"
-                                                      for t in shortcut_types) + " |")
-        lines.append("| the shortcut itself | " + " | ".join(
-            f"{100 * statistics.mean(s['shortcuts'][t]['shortcut'] for s in per_seed.values()):.1f} | 100"
-            for t in shortcut_types) + " |")
+    for label, name in [*TABLE1, *((f"VoCo-LLaMA K = {k}", f"voco_k{k}") for k in ks[1:])]:
+        lines.append(f"| {label} | " + " | ".join(f"{cell(t, name, 'accuracy')} | {cell(t, name, 'follows')}"
+                                                  for t in shortcut_types) + " |")
+    lines.append("| the shortcut itself | " + " | ".join(
+        f"{100 * statistics.mean(s['shortcuts'][t]['shortcut'] for s in per_seed.values()):.1f} | 100"
+        for t in shortcut_types) + " |")
+    return lines
+
+
+def table2(per_seed: dict) -> list[str]:
+    """Table 2: VoCo-LLaMA's accuracy and retention at each K (and the any-K model's, if run)."""
+    first = next(iter(per_seed.values()))
+    ks = run_ks(first)
     any_k = f"voco_any_k{ks[0]}" in first
-    lines += ["", f"## Table 2 in miniature: VoCo-LLaMA with K VoCo tokens ({VISION_TOKENS} vision tokens -> K)", ""]
+    lines = ["", f"## Table 2 in miniature: VoCo-LLaMA with K VoCo tokens ({VISION_TOKENS} vision tokens -> K)", ""]
     if any_k:
         lines += [f"One model per K (each {COMPRESSED_STEPS} steps), and one model for every K (`--any_k`: K drawn "
                   f"per sample, {2 * COMPRESSED_STEPS} steps, scored at each K).", "",
@@ -83,29 +109,41 @@ def tables(per_seed: dict) -> str:
                  f"{over_seeds(per_seed, f'voco_any_k{k}', 'retention')} |" if any_k else "")
         lines.append(f"| {k} | {VISION_TOKENS // k}x | {over_seeds(per_seed, f'voco_k{k}', 'overall')} | "
                      f"{over_seeds(per_seed, f'voco_k{k}', 'retention')} |" + extra)
-    if any_k:
-        lines += ["", "## Table 4 in miniature: each model run at every K", "",
-                  "Retention (%), mean ± sd over seeds, of the model trained at K (rows) when run at k (columns); "
-                  "the diagonal is Table 2's per-K column.", "",
-                  "| trained at | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
-        for trained in ks:
-            cells = [over_seeds(per_seed, f"voco_k{trained}" if k == trained else f"voco_k{trained}_at_k{k}",
-                                "retention") for k in ks]
-            lines.append(f"| K = {trained} | " + " | ".join(cells) + " |")
-        lines.append("| every K (one model) | " + " | ".join(over_seeds(per_seed, f"voco_any_k{k}", "retention")
-                                                             for k in ks) + " |")
-    lines += ["", "## Each seed: accuracy ± standard error, retention ± standard error (paired bootstrap), in %", "",
-              "| method | " + " | ".join(f"seed {s} accuracy | seed {s} retention" for s in seeds) + " |",
-              "|---|" + "---:|---:|" * len(seeds)]
+    return lines
+
+
+def table4(per_seed: dict) -> list[str]:
+    """Table 4: each per-K model run at every K, and the one model for every K."""
+    ks = run_ks(next(iter(per_seed.values())))
+    lines = ["", "## Table 4 in miniature: each model run at every K", "",
+             "Retention (%), mean ± sd over seeds, of the model trained at K (rows) when run at k (columns); "
+             "the diagonal is Table 2's per-K column.", "",
+             "| trained at | " + " | ".join(f"k = {k}" for k in ks) + " |", "|---|" + "---:|" * len(ks)]
+    for trained in ks:
+        cells = [over_seeds(per_seed, f"voco_k{trained}" if k == trained else f"voco_k{trained}_at_k{k}",
+                            "retention") for k in ks]
+        lines.append(f"| K = {trained} | " + " | ".join(cells) + " |")
+    lines.append("| every K (one model) | " + " | ".join(over_seeds(per_seed, f"voco_any_k{k}", "retention")
+                                                         for k in ks) + " |")
+    return lines
+
+
+def each_seed(per_seed: dict, rows) -> list[str]:
+    """Each seed's accuracy and retention with their standard errors, and how far the upper bound is above the
+    no-image answer."""
+    seeds, ks = list(per_seed), run_ks(next(iter(per_seed.values())))
+    lines = ["", "## Each seed: accuracy ± standard error, retention ± standard error (paired bootstrap), in %", "",
+             "| method | " + " | ".join(f"seed {s} accuracy | seed {s} retention" for s in seeds) + " |",
+             "|---|" + "---:|---:|" * len(seeds)]
     for label, name in [*rows[:-1], *((f"VoCo-LLaMA K = {k}", f"voco_k{k}") for k in ks[1:]), rows[-1]]:
         cells = [with_se(s[name]["overall"], s[name]["se"]) + " | " + with_se(s[name]["retention"],
                                                                                s[name]["retention_se"])
                  for s in per_seed.values()]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    gaps = [s["full"]["overall"] - s["no_image"]["overall"] for s in per_seed.values()]
+    above = [s["full"]["overall"] - s["no_image"]["overall"] for s in per_seed.values()]
     lines += ["", "Upper bound above the no-image answer, per seed: "
-              + ", ".join(f"seed {s} {100 * g:+.1f}" for s, g in zip(seeds, gaps)) + " points."]
-    return "\n".join(lines) + "\n"
+              + ", ".join(f"seed {s} {100 * g:+.1f}" for s, g in zip(seeds, above)) + " points."]
+    return lines
 
 
 def asked_kinds(per_seed: dict) -> list[str]:

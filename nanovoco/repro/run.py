@@ -21,8 +21,8 @@ As the paper does (Sec. 4.1), every seed runs these stages, each in its own fold
    others), the same K = 1 tokens trained without the VoCo mask and tested with it (`lower_bound`), and the external
    compressors average pooling + linear (`avgpool`, as in LLaMA-VID) and a Q-Former (`qformer`, as in BLIP-2) to
    K = 1 token, both on the vision tower's features.
-A stage that finished (its eval.json, or its data, exists) is not run again, and an interrupted one resumes from its checkpoint, so
-the same command picks up where it stopped. Then it writes, into the run folder:
+A stage that finished (its eval.json, or its data, exists) is not run again, and an interrupted one resumes from its
+checkpoint, so the same command picks up where it stopped. Then it writes, into the run folder:
 
 - Table 1: held-out accuracy per question type for each method at K = 1, and the compression retention rate
   (result - lower bound) / (upper bound - lower bound), per seed with its standard error, and over seeds;

@@ -1,6 +1,7 @@
 """A pretrained LLM without vision: each held-out synthetic scene written out as text, answered zero-shot.
 
-    python -m nanovoco.repro.scene_text --llm checkpoints/smollm2 --data runs/x/data/eval/data.json --out runs/x/zero_shot
+    python -m nanovoco.repro.scene_text --llm checkpoints/smollm2 --data runs/x/data/eval/data.json \
+        --out runs/x/zero_shot
 
 What the LLM can do with the questions before it has seen a single image: the scene's objects (colour, shape, centre
 in pixels) in a sentence, the question, "Answer with one word.", the answer opened with "The answer is", and of the
@@ -61,8 +62,7 @@ def answer(llm: Llama, tokenizer, records: list[dict], image_size: int, batch_si
     samples = []
     for r in records:
         question = f"{describe(r['scene'], image_size)}\n{user_text(r['conversations'][0]['value'])} {ONE_WORD}"
-        s = build_sample(tokenizer, [(question, None)], image_token_id=-1, num_image_tokens=0, voco_token_id=-1,
-                         num_voco=0, num_frames=0, system="")
+        s = build_sample(tokenizer, [(question, None)], None, system="")  # text only
         # the answer's first words written for it: the next token is the answer's own
         s.input_ids += lead
         s.segments += [TEXT] * len(lead)

@@ -1,4 +1,5 @@
-"""A moving-shapes video QA set, the video sibling of nanovoco.repro.synthetic: generated from a seed, in LLaVA's JSON format.
+"""A moving-shapes video QA set, the video sibling of nanovoco.repro.synthetic: generated from a seed, in LLaVA's
+JSON format.
 
 VoCo-LLaMA extends to video by compressing each frame to its own VoCo tokens and letting the LLM answer from the
 sequence of them. These videos test what that sequence must keep: the order of the frames. A few flat shapes of
@@ -11,8 +12,9 @@ object moved first, which last, which way one moved, did one move before another
 move went, which way an object went from the first frame to the last by the quarters of the image it was in), and
 reading one frame by its place in time (in which quarter of the image an object was at the start, at the end).
 "shape" has the same answer in every frame, a control. A video of one object is asked in the layout vocabulary of
-nanovoco.repro.synthetic's default questions: the object is "the object" (nothing to tell it from, so no question hinges on
-finding an object by its colour, which the models of nanovoco.repro do not learn; docs/results.md), and the control
+nanovoco.repro.synthetic's default questions: the object is "the object" (nothing to tell it from, so no question
+hinges on finding an object by its colour, which the models of nanovoco.repro do not learn; docs/results.md), and the
+control
 is "frames_left", in how many frames the object is in the left half, which no reordering changes.
 
     python -m nanovoco.repro.synthetic_video --out data/moving_shapes --n_videos 10000 --seed 0
