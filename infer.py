@@ -12,7 +12,7 @@ stage 1 compresses the image once into the VoCo tokens' KV cache, stage 2 answer
 Vicuna directory + --vision + --projector) with its tokenizer (tokenizer.model or tokenizer.json); the system prompt
 it was trained with is read from its prompt.json (train.py writes it), else VoCo-LLaMA's. Answers are printed as
 they are generated.
-A video is compressed frame by frame into one cache (VoCoLlama.compress_video): its frames cost K positions each.
+A video is compressed frame by frame into one cache (voco_cache.compress_video): its frames cost K positions each.
 """
 import argparse
 import sys

@@ -62,7 +62,7 @@ class TrainConfig:
     mode: str = "voco"  # what to train: one of full, voco, lower_bound, avgpool, qformer (MODES)
     num_voco: int = 2  # K: VoCo tokens per image (voco, lower_bound) or compressed tokens (avgpool, qformer)
     voco_ks: str = ""  # any-K training, e.g. "1,2,4,8,16": each sample gets one of these K, and the one checkpoint
-    # compresses to any of them (VoCoLlama.compress(num_voco=k), infer.py --num_voco k); num_voco must be one of
+    # compresses to any of them (voco_cache.compress(num_voco=k), infer.py --num_voco k); num_voco must be one of
     # them: the K of inference by default, and of eval.json's headline (eval.json's by_num_voco has every K)
     init: str = "tiny"  # a model preset trained from scratch ("tiny", "tiny-mha"), or a checkpoint directory
     vision_path: str = ""  # CLIP directory, for a LLaVA or plain LLaMA checkpoint, or a pretrained tower (HF CLIP

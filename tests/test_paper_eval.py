@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from nanovoco.repro import paper_eval
+from nanovoco.repro import paper_eval, paper_scores
 from nanovoco.config import preset
 from nanovoco.data import build_sample, pad_samples
 from nanovoco.generate import generate
@@ -70,10 +70,10 @@ def test_gqa_accuracy_as_llava_converts_and_gqa_scores():
     rows = answer_rows([("201307251", "Is it overcast?" + SHORT, "No."), ("201640614", "Who?" + SHORT, "Woman"),
                         ("202225914", "Clean?" + SHORT, "Yes"), ("2062325", "Wetsuit?" + SHORT, "no"),
                         ("2062325", "Wetsuit?" + SHORT, "Yes...")])  # a question answered twice: the last counts
-    got = paper_eval.score_gqa(rows, questions)
+    got = paper_scores.score_gqa(rows, questions)
     assert got == {"accuracy": official_gqa(rows, questions), "n": 4, "missing": 0} and got["accuracy"] == 75.0
     # eval.py refuses a file with a balanced question unanswered; nanovoco scores the answered ones and says so
-    partial = paper_eval.score_gqa(rows[:2], questions)
+    partial = paper_scores.score_gqa(rows[:2], questions)
     assert partial["accuracy"] == 100.0 and partial["missing"] == 2 and "eval.py refuses" in partial["note"]
 
 
@@ -130,27 +130,27 @@ def test_pope_pairs_answers_with_labels_by_order_as_eval_pope_does(tmp_path):
     questions = pope_fixture(tmp_path)
     rows = answer_rows([(q["question_id"], q["text"], TRICKY[i % 12]) for i, q in enumerate(questions)])
     label_files = {p.name: p.read_text() for p in (tmp_path / "coco").iterdir()}
-    got = paper_eval.score_pope(rows, paper_eval.read_questions(tmp_path / "llava_pope_test.jsonl"),
-                                paper_eval.read_pope_labels(tmp_path / "coco"))
+    got = paper_scores.score_pope(rows, paper_eval.read_questions(tmp_path / "llava_pope_test.jsonl"),
+                                paper_scores.read_pope_labels(tmp_path / "coco"))
     want = official_pope(rows, questions, label_files)
     assert {c: {k: got[c][k] for k in want[c]} for c in got} == want
     assert [got[c]["n"] for c in ("adversarial", "random", "popular")] == [7, 6, 8]
     # a partial run: the answers of a category are paired with its first labels, as eval_pope.py's zip pairs them
     partial = rows[:3] + rows[7:9]
-    got = paper_eval.score_pope(partial, questions, paper_eval.read_pope_labels(tmp_path / "coco"))
+    got = paper_scores.score_pope(partial, questions, paper_scores.read_pope_labels(tmp_path / "coco"))
     want = official_pope(partial, questions, {k: v for k, v in label_files.items() if "popular" not in k})
     assert {c: {k: got[c][k] for k in want[c]} for c in want} == want
     assert got["popular"]["n"] == 0 and got["popular"]["accuracy"] is None  # eval_pope.py divides by zero there
 
 
 def test_pope_first_sentence_and_division_by_zero():
-    assert paper_eval.pope_yes("Yes. There is no cat.") and not paper_eval.pope_yes("No, there is a cat.")
-    assert paper_eval.pope_yes("Nope") and paper_eval.pope_yes("") and not paper_eval.pope_yes("I do not see one")
+    assert paper_scores.pope_yes("Yes. There is no cat.") and not paper_scores.pope_yes("No, there is a cat.")
+    assert paper_scores.pope_yes("Nope") and paper_scores.pope_yes("") and not paper_scores.pope_yes("I do not see one")
     # all answers "no": eval_pope.py stops at precision = 0 / 0; nanovoco reports null there, the rest as computed
-    got = paper_eval.pope_metrics([False, False], ["yes", "no"])
+    got = paper_scores.pope_metrics([False, False], ["yes", "no"])
     assert (got["precision"], got["f1"], got["recall"], got["accuracy"], got["yes_ratio"]) == (None, None, 0.0, 0.5,
                                                                                               0.0)
-    assert paper_eval.pope_metrics([], ["yes"])["yes_ratio"] is None  # a category with no answers
+    assert paper_scores.pope_metrics([], ["yes"])["yes_ratio"] is None  # a category with no answers
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def official_mme(answer_file_rows, release: Path):
         results.setdefault(category, "")
         results[category] += "\t".join((file, prompt, gt[category, file, prompt], a["text"])) + "\n"
     scores = {}
-    for group, tasks in (("perception", paper_eval.MME_PERCEPTION), ("cognition", paper_eval.MME_COGNITION)):
+    for group, tasks in (("perception", paper_scores.MME_PERCEPTION), ("cognition", paper_scores.MME_COGNITION)):
         total = 0
         for task in tasks:
             task_lines = io.StringIO(results[task], newline=None).readlines()
@@ -214,7 +214,7 @@ def mme_release(root: Path):
     others beside the images; each .txt is "question<TAB>Yes/No" lines, one of them with the two-space variant.
     Returns llava_mme.jsonl's records: the image path as question_id (shared by its two questions), LLaVA's suffix."""
     questions = []
-    for t, task in enumerate(paper_eval.MME_PERCEPTION + paper_eval.MME_COGNITION):
+    for t, task in enumerate(paper_scores.MME_PERCEPTION + paper_scores.MME_COGNITION):
         nested = task in ("posters", "celebrity", "scene", "landmark", "artwork")
         qa = root / task / ("questions_answers_YN" if nested else "")
         qa.mkdir(parents=True)
@@ -235,24 +235,24 @@ def test_mme_scores_as_llava_converts_and_mme_calculates(tmp_path):
     yes_no = ["Yes", "No", "yes.", "No, there is not.", "Nope", "NO", "", "Yes,no", "There is no", "noyes", "Church"]
     rows = answer_rows([(q["question_id"], q["text"], yes_no[i * 5 % len(yes_no)]) for i, q in enumerate(questions)])
     release = tmp_path / "MME_Benchmark_release_version"
-    got = paper_eval.score_mme(paper_eval.mme_result_files(rows, paper_eval.read_mme_truth(release)))
+    got = paper_scores.score_mme(paper_scores.mme_result_files(rows, paper_scores.read_mme_truth(release)))
     want = official_mme(rows, release)
     assert {k: v["score"] if isinstance(v, dict) else v for k, v in got.items()} == want
-    assert paper_eval.mme_label("yes, it is") == "yes" and paper_eval.mme_label("it is") == "other"
+    assert paper_scores.mme_label("yes, it is") == "yes" and paper_scores.mme_label("it is") == "other"
 
 
 def test_mme_refuses_what_calculation_py_cannot_read(tmp_path):
     questions = mme_release(tmp_path / "MME_Benchmark_release_version")
-    truth = paper_eval.read_mme_truth(tmp_path / "MME_Benchmark_release_version")
+    truth = paper_scores.read_mme_truth(tmp_path / "MME_Benchmark_release_version")
     for text in ("Yes\nthe cat is red", "Yes\tno"):  # a line break or a tab makes calculation.py stop
         rows = answer_rows([(q["question_id"], q["text"], text) for q in questions])
         with pytest.raises(ValueError, match="calculation.py stops there"):
-            paper_eval.score_mme(paper_eval.mme_result_files(rows, truth))
+            paper_scores.score_mme(paper_scores.mme_result_files(rows, truth))
     rows = answer_rows([(q["question_id"], q["text"], "Yes") for q in questions[1:]])  # one image half answered
     with pytest.raises(ValueError, match="not two per image"):
-        paper_eval.score_mme(paper_eval.mme_result_files(rows, truth))
+        paper_scores.score_mme(paper_scores.mme_result_files(rows, truth))
     rows = answer_rows([(q["question_id"], q["text"], "Yes") for q in questions if q["category"] != "OCR"])
-    got = paper_eval.score_mme(paper_eval.mme_result_files(rows, truth))
+    got = paper_scores.score_mme(paper_scores.mme_result_files(rows, truth))
     assert "OCR" not in got and "OCR" in got["note"]
 
 
@@ -286,12 +286,12 @@ def test_scienceqa_as_eval_science_qa_parses_and_counts():
     prompt = "Which is it?\nA. x\nB. y\nAnswer with the option's letter from the given choices directly."
     rows = answer_rows([(pid, ("<image>\n" if problems[pid]["image"] else "") + prompt, text)
                         for pid, text in zip(split, TRICKY)])  # the last three problems have no answer
-    got = paper_eval.score_sqa(rows, problems, split)
+    got = paper_scores.score_sqa(rows, problems, split)
     want = official_sqa(rows, problems, split)
     assert (got["accuracy"], got["img_accuracy"]) == (want["accuracy"], want["img_accuracy"])
     # a list of letters: "" and "AB" are no option (not "A"); an unanswered image problem is not in IMG accuracy
-    assert paper_eval.sqa_letter("") == paper_eval.sqa_letter("AB") == "FAILED"
-    assert paper_eval.sqa_letter("B. because") == "B" and paper_eval.sqa_letter("The answer is C.") == "C"
+    assert paper_scores.sqa_letter("") == paper_scores.sqa_letter("AB") == "FAILED"
+    assert paper_scores.sqa_letter("B. because") == "B" and paper_scores.sqa_letter("The answer is C.") == "C"
     assert got["n_img"] == sum(1 for pid, _ in zip(split, TRICKY) if problems[pid]["image"])
 
 
@@ -324,7 +324,7 @@ def test_seed_looks_string_ids_up_as_integers():
     # LLaVA's answer files carry integer ids; 101669 as a string is not found (convert_seed's int() lookup)
     rows = answer_rows([(101669 + i, "q", ["A", "B", "A", "D", "", "B.", " C", "D", "A", "B", "C", "D"][i])
                         for i in range(1, 12)] + [("101669", "q", "A")])
-    got = paper_eval.score_seed(rows, data)
+    got = paper_scores.score_seed(rows, data)
     by_type, total = official_seed(rows, data)
     assert got["by_type"] == by_type and got["accuracy"] == total
     assert got["image_accuracy"] == official_seed(rows, data, "image")[1]
@@ -417,7 +417,7 @@ def test_scienceqa_question_file_and_round_trip(model_dir, tiny, tmp_path, capsy
         {"from": "gpt", "value": "B"}]}, {"id": "8", "conversations": [
             {"from": "human", "value": "Which word is a noun?\nA. run\nB. dog"}, {"from": "gpt", "value": "B"}]}]))
     got = paper_eval.read_questions(path)
-    asked = "Context: a map.\nWhich state is highlighted?\nA. Ohio\nB. Iowa\n" + paper_eval.SQA_PROMPT
+    asked = "Context: a map.\nWhich state is highlighted?\nA. Ohio\nB. Iowa\n" + paper_scores.SQA_PROMPT
     assert got[0] == {"question_id": "7", "image": "img0.png", "text": asked, "prompt": "<image>\n" + asked,
                       "category": None}
     assert got[1]["image"] is None and got[1]["prompt"] == got[1]["text"]
@@ -438,7 +438,7 @@ def test_scienceqa_question_file_and_round_trip(model_dir, tiny, tmp_path, capsy
 def test_seed_round_trip_keeps_integer_ids(model_dir, tiny, tmp_path, capsys):
     """llava-seed-bench.jsonl's integer ids stay integers in the answer file, which SEED's string ids find."""
     questions = lines(tmp_path / "llava-seed-bench.jsonl", [
-        {"image": "img0.png", "text": "How many?\nA. One\nB. Two\nC. Three\nD. Four\n" + paper_eval.SQA_PROMPT,
+        {"image": "img0.png", "text": "How many?\nA. One\nB. Two\nC. Three\nD. Four\n" + paper_scores.SQA_PROMPT,
          "category": "Instances Counting", "question_id": 101669}])
     vlm, tok = tiny
     out = paper_eval.answer(vlm, tok, paper_eval.read_questions(questions), model_dir, tmp_path / "seed.jsonl",

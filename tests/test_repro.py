@@ -146,14 +146,14 @@ def test_repro_runs_and_resumes(tmp_path):
         assert heading in text
     summary = json.loads((out / "results.json").read_text())
     seed = summary["seeds"]["0"]
-    assert set(seed) == set(stages(1.0)) - {"vision"} | {"no_image", "gaps", "shortcuts"}
+    assert set(seed) == set(stages(1.0)) - {"vision", "data"} | {"no_image", "gaps", "shortcuts"}
     # the layout questions name no object: no shortcut to measure (the objects set's, tested above)
     assert seed["shortcuts"] == {} and "What the answers are made of" not in text
     bounds = seed["full"]["retention"], seed["lower_bound_k1"]["retention"]
     assert bounds == (1.0, 0.0) or bounds == (None, None)  # None: no gap between the bounds in so short a run
     assert (out / "retention.png").stat().st_size > 1000
     run = out / "seed0"
-    for name in list(stages(1.0))[1:]:  # each compressed stage started from the full model, K tokens each
+    for name in list(stages(1.0))[2:]:  # each compressed stage started from the full model, K tokens each
         state = json.loads((run / name / "checkpoint" / "state.json").read_text())["config"]
         assert state["init"] == ("tiny-mha" if name == "full" else str(run / "full" / "checkpoint" / "model"))
         assert name == "full" or state["num_voco"] == int(name.split("_k")[1])
@@ -170,7 +170,6 @@ def test_repro_runs_and_resumes(tmp_path):
     assert other.returncode == 2 and "made with --scale 0.01" in other.stderr and "Traceback" not in other.stderr
     objects = subprocess.run(cmd + ["--questions", "objects"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert objects.returncode == 2 and "--questions layout" in objects.stderr and not (out / "seed1").exists()
-    # --any_k on the same folder: only the one-model-for-every-K stage is new, then every per-K model at each K
     # --any_k --video on the same folder: only the one-model-for-every-K stage and the video stage are new, then
     # every per-K model at each K, and the video model shown its frames in each order
     third = subprocess.run(cmd + ["--any_k", "--video"], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -179,7 +178,8 @@ def test_repro_runs_and_resumes(tmp_path):
     assert f"== voco_any_{'-'.join(map(str, KS))}:" in third.stdout
     assert "== video:" in third.stdout
     state = json.loads((run / "video" / "checkpoint" / "state.json").read_text())["config"]
-    assert state["init"] == str(run / "voco_k1" / "checkpoint" / "model") and state["data"] == "synthetic_video"
+    assert state["init"] == str(run / "voco_k1" / "checkpoint" / "model")
+    assert state["data"] == str(run / "video_data" / "train" / "data.json")
     video = json.loads((out / "results.json").read_text())["video"]["0"]
     assert set(video["views"]) == set(VIEWS) | {"no video", "chance", "shuffled, read at the place"}
     questions = json.loads((run / "video_data" / "eval" / "data.json").read_text())

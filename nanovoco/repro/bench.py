@@ -11,7 +11,7 @@ One image, one question of --text_tokens tokens, three methods:
   under a causal mask;
 - full caching: the keys/values of [BOS] [vision x N] ["\\n"] at every layer are kept; the question runs only its
   text over them, at the positions after the prefix;
-- VoCo cache: VoCoLlama.compress keeps the K VoCo tokens per layer; VoCoLlama.answer runs the text over them.
+- VoCo cache: voco_cache.compress keeps the K VoCo tokens per layer; voco_cache.answer runs the text over them.
 Stage 2 is one question's prefill: one forward over its tokens, up to the logits of its first answer token (and the
 cache grown by the text, for decoding). Stage 1 (the vision tower, the caches) is done once and not timed; the
 baseline gets the image's embeddings precomputed, so no method runs the vision tower in stage 2. Decoding after it
@@ -45,7 +45,7 @@ PAPER = {"baseline": (None, None, 440.5, 9.6), "full caching": (576, 302.4, 154.
 
 
 class SpecialIds:
-    """What data.compress_prefix asks of a tokenizer: the BOS ids and the ids of "\n", here LLaMA's (1 and <0x0A>,
+    """What voco.compress_prefix asks of a tokenizer: the BOS ids and the ids of "\n", here LLaMA's (1 and <0x0A>,
     13). The benchmark runs on random weights, where the ids change no timing, so it needs no tokenizer file."""
     bos_ids = [1]
 

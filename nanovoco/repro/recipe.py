@@ -20,11 +20,10 @@ HELD_OUT_IMAGES = 750
 BATCH = 32  # images per step (train.py's tiny-cpu preset)
 FULL_STEPS = 1000
 COMPRESSED_STEPS = 300  # every compressed stage alike, so that Table 1 compares methods trained equally
-# --video: VIDEO_STEPS steps of 32 moving-shapes videos (~8 CPU minutes, + ~1 of evaluation), each seen once (at 300
-# steps, seed 1's model read where the object was at the start or the end 49-55% of the time, at 450 66-77%), and
+# --video: VIDEO_STEPS steps of 32 moving-shapes videos (~8 CPU minutes, + ~1 of evaluation), each seen once, and
 # 250 held-out videos x 4 questions. VIDEO_OBJECTS: the questions that need the order must not hinge on finding an
-# object by its colour, which no model of this miniature learns (docs/results.md): with one object, every question
-# about it is about the whole frame
+# object by its colour, which no model of this miniature learns: with one object, every question about it is about
+# the whole frame. Why these numbers: docs/results.md, "How the recipe was chosen"
 VIDEO_STEPS, VIDEO_OBJECTS, HELD_OUT_VIDEOS = 450, 1, 250
 # --llm smollm2: a training step of the 30-layer SmolLM2 costs ~20x the tiny LLM's on a CPU (~12 s at batch 16), so
 # its scale 1 is short: SMOLLM2_STEPS (full, compressed) at batch 16, each image seen once, 250 held-out images.
@@ -50,8 +49,8 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
         (FULL_STEPS, COMPRESSED_STEPS, BATCH, HELD_OUT_IMAGES) if llm == "tiny" else
         (*SMOLLM2_STEPS, SMOLLM2_BATCH, SMOLLM2_HELD_OUT))
     held_out = max(1, round(held_out * min(scale, 1)))  # a larger run is not scored on more questions
-    # as many training images as the full stage reads, so that it never sees one twice: with 2,000 images read 16
-    # times it memorised them (held-out 0.672, its own training images 0.785), with 32,000 read once: 0.719
+    # as many training images as the full stage reads, so that it never sees one twice (read many times, they are
+    # memorised: docs/results.md, "How the recipe was chosen")
     runs["data"] = ["-m", "nanovoco.repro.synthetic", "--out", "{out}/data", "--n_images", steps(full_steps * batch),
                     "--questions_per_image", "8", "--multi_turn", "--held_out", str(held_out), "--n_objects", "3",
                     "--questions", questions, "--image_size", str(IMAGE_SIZE), "--seed", str(seed)]
@@ -70,8 +69,7 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
     compressed = [("voco", k) for k in ks] + [(mode, 1) for mode in BASELINES]
     for mode, k in compressed:
         # <voco> starts as a copy of the "\n" that precedes it (train.py --voco_init), for VoCo-LLaMA and its lower
-        # bound alike: from the official random init, the plateau of answering from the priors lasted ~170 steps,
-        # from this one ~60 (docs/results.md)
+        # bound alike: its plateau of answering from the priors is shorter than from the official random init
         voco_init = ["--voco_init=newline"] if mode in ("voco", "lower_bound") else []
         runs[f"{mode}_k{k}"] = [*common, f"--mode={mode}", f"--num_voco={k}", *voco_init,
                                 f"--max_steps={steps(compressed_steps)}", "--warmup_ratio=0.03",
