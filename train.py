@@ -143,7 +143,7 @@ def voco_ks(cfg) -> tuple[int, ...] | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data, tokenizer and model
+# Data and tokenizer (the model to train: init.build_model)
 
 def data_files(cfg) -> tuple[Path, Path | None]:
     """The training and held-out LLaVA-format JSON files, checked to exist."""

@@ -2,7 +2,7 @@
 Fig. 2), and the sequence layout it reads. Read on in voco_cache.py: the two-stage inference it makes possible.
 
 The layout of one image (or video frame) and its VoCo tokens, as the official code writes it:
-    [BOS] [image x N] [\n] [<voco> x K] [\n] system USER: ... ASSISTANT: ...
+    [BOS] [image x N] [\\n] [<voco> x K] [\\n] system USER: ... ASSISTANT: ...
 `Layout` carries the four ids that spell it (from a model's config: Layout.of(config)); data.build_sample writes
 whole samples with it and `compress_prefix` the part that stage 1 compresses.
 
@@ -85,7 +85,7 @@ def render_mask(mask: torch.Tensor, segments: torch.Tensor) -> str:
 @dataclass(frozen=True)
 class Layout:
     """The ids that lay out an image (or a video frame) and its VoCo tokens in a sequence, as one value rather than
-    four loose ids: [BOS] [image_token_id x num_image_tokens] [\n] [voco_token_id x num_voco]."""
+    four loose ids: [BOS] [image_token_id x num_image_tokens] [\\n] [voco_token_id x num_voco]."""
     image_token_id: int  # the placeholder id that the image's features replace (LLaVA's -200)
     num_image_tokens: int  # N: vision tokens per image
     voco_token_id: int  # the <voco> token's id
@@ -102,6 +102,6 @@ class Layout:
 
 
 def compress_prefix(tokenizer, layout: Layout) -> list[int]:
-    """What stage 1 compresses, one image or video frame: [BOS] [image x N] [\n] [<voco> x K] as ids."""
+    """What stage 1 compresses, one image or video frame: [BOS] [image x N] [\\n] [<voco> x K] as ids."""
     return (tokenizer.bos_ids + [layout.image_token_id] * layout.num_image_tokens
             + tokenizer.encode("\n", bos=False) + [layout.voco_token_id] * layout.num_voco)

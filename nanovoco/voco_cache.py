@@ -1,5 +1,5 @@
 """VoCo-LLaMA's two-stage inference (paper Sec. 3.3, which the official code does not implement), read after
-voco.py: stage 1 runs an image's [BOS] [image x N] [\n] [<voco> x K] once and keeps only the VoCo tokens' keys and
+voco.py: stage 1 runs an image's [BOS] [image x N] [\\n] [<voco> x K] once and keeps only the VoCo tokens' keys and
 values, a `VoCoCache`; stage 2 answers any number of questions from that cache, never seeing the image again.
 
     cache = compress(vlm, pixel_values, compress_prefix(tokenizer, Layout.of(vlm.config)))   # stage 1

@@ -209,3 +209,19 @@ def test_multi_turn_puts_every_question_of_an_image_in_one_record(tmp_path):
         want = [t["value"] for r in same_image for t in r["conversations"]]
         assert [t["value"] for t in turns] == [want[0]] + [v.removeprefix("<image>\n") for v in want[1:]]
         assert record["type"] == same_image[0]["type"] and record["image"] == same_image[0]["image"]
+
+
+def test_held_out_writes_the_training_set_and_another_seeds_held_out_set(tmp_path, capsys):
+    """--held_out N: the set to OUT/train and N other images to OUT/eval (seed + 10000, one question per record),
+    byte for byte what generate() writes with those arguments; what train.py reads as --data and --eval_data."""
+    synthetic.main(["--out", str(tmp_path / "cli"), "--n_images", "3", "--questions_per_image", "8", "--multi_turn",
+                    "--held_out", "2", "--n_objects", "3", "--image_size", "64", "--seed", "5"])
+    generate(tmp_path / "api" / "train", 3, 8, seed=5, image_size=64, n_objects=3, multi_turn=True)
+    generate(tmp_path / "api" / "eval", 2, seed=5 + synthetic.HELD_OUT_SEED, image_size=64, n_objects=3)
+    for part in ("train", "eval"):
+        assert (tmp_path / "cli" / part / "data.json").read_bytes() == \
+            (tmp_path / "api" / part / "data.json").read_bytes()
+    assert len(json.loads((tmp_path / "cli" / "eval" / "data.json").read_text())) == 2 * 4
+    with pytest.raises(SystemExit) as e:
+        synthetic.main(["--out", str(tmp_path / "bad"), "--held_out", "-1"])
+    assert e.value.code == 2 and "--held_out -1" in capsys.readouterr().err and not (tmp_path / "bad").exists()

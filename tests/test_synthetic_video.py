@@ -265,3 +265,13 @@ def test_multi_turn_puts_every_question_of_a_video_in_one_record(tmp_path):
         assert [t["value"] for t in turns] == [want[0]] + [v.removeprefix("<image>\n") for v in want[1:]]
         assert record["type"] == same_video[0]["type"] and record["image"] == same_video[0]["image"]
         assert record["scene"] == same_video[0]["scene"]
+
+
+def test_held_out_writes_the_training_set_and_another_seeds_held_out_set(tmp_path):
+    synthetic_video.main(["--out", str(tmp_path / "cli"), "--n_videos", "2", "--questions_per_video", "8",
+                          "--multi_turn", "--held_out", "2", "--n_objects", "1", "--image_size", "64", "--seed", "5"])
+    generate(tmp_path / "api" / "train", 2, 8, seed=5, image_size=64, n_objects=1, multi_turn=True)
+    generate(tmp_path / "api" / "eval", 2, seed=5 + 10_000, image_size=64, n_objects=1)
+    for part in ("train", "eval"):
+        assert (tmp_path / "cli" / part / "data.json").read_bytes() == \
+            (tmp_path / "api" / part / "data.json").read_bytes()
