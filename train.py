@@ -107,7 +107,7 @@ class TrainConfig:
 PRESETS = {
     "tiny-cpu": dict(init="tiny", system_prompt="", max_len=256, batch_size=32, micro_batch_size=16, lr=1e-3,
                      warmup_ratio=0.05, epochs=16.0, save_every=100, eval_every=250, eval_limit=400),
-    "llava-7b": dict(init="", data="", batch_size=128, micro_batch_size=4, lr=2e-5, warmup_ratio=0.03, epochs=2.0,
+    "llava-7b": dict(init="", batch_size=128, micro_batch_size=4, lr=2e-5, warmup_ratio=0.03, epochs=2.0,
                      max_len=2048, activation_checkpointing=True, save_every=500, log_every=10),
 }
 

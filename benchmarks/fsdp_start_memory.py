@@ -25,10 +25,10 @@ import torch.multiprocessing as mp
 
 import train
 from nanovoco import cli, parallel
-from nanovoco.repro.bench import machine, publish
 from nanovoco.config import CLIPVisionConfig, LlamaConfig, VoCoLlamaConfig
 from nanovoco.init import build_model, init_weights
 from nanovoco.model import VoCoLlama
+from nanovoco.repro.bench import machine, publish
 from nanovoco.tokenizer import Tokenizer, train_tiny_tokenizer
 
 SHAPE = dict(vocab_size=32000, hidden_size=1280, intermediate_size=3456, num_hidden_layers=24, num_attention_heads=16,

@@ -27,8 +27,6 @@ import torch
 import torch.nn.functional as F
 
 from nanovoco import cli
-from nanovoco.voco import Layout
-from nanovoco.voco_cache import answer, compress
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,11 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 def parity_bf16() -> str:
     import transformers
 
-    from nanovoco.voco import compress_prefix
-    from nanovoco.model import Llama, VoCoLlama
     from nanovoco.config import preset
-    from nanovoco.voco import TEXT, VISION, VOCO, voco_mask
+    from nanovoco.model import Llama, VoCoLlama
     from nanovoco.repro.bench import SpecialIds
+    from nanovoco.voco import TEXT, VISION, VOCO, Layout, compress_prefix, voco_mask
+    from nanovoco.voco_cache import answer, compress
 
     lines = []
     torch.manual_seed(0)

@@ -29,11 +29,11 @@ import torch.nn.functional as F
 
 import train
 from nanovoco import cli
-from nanovoco.repro import synthetic, vision_pretrain
-from nanovoco.repro.bench import machine, publish
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate
 from nanovoco.init import build_model, init_weights
 from nanovoco.model import CLIPVisionTower
+from nanovoco.repro import synthetic, vision_pretrain
+from nanovoco.repro.bench import machine, publish
 from nanovoco.tokenizer import VOCO_SYSTEM, Tokenizer, train_tiny_tokenizer
 
 

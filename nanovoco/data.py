@@ -81,6 +81,9 @@ def build_sample(tokenizer, turns, layout: Layout | None, *, num_frames: int = 1
     """
     if not turns:
         raise ValueError("a sample needs at least one (user, assistant) turn")
+    if layout is not None and num_frames < 1:
+        raise ValueError(f"num_frames={num_frames}: a sample with an image has 1 (a video more); pass layout=None "
+                         f"for a text-only sample")
     s = Sample([], [], [], [], [])
     if layout is None:
         s.add(tokenizer.bos_ids, TEXT)  # plain Vicuna: the conversation right after BOS
@@ -88,7 +91,7 @@ def build_sample(tokenizer, turns, layout: Layout | None, *, num_frames: int = 1
     else:
         add_frames(s, tokenizer, layout, num_frames)
         lead, voco_id = "\n", layout.voco_token_id  # the official prompt: "<image>\n" + "<voco>" * N + "\n" + ...
-    if len(s.input_ids) > max_len:
+    if layout is not None and len(s.input_ids) > max_len:
         raise ValueError(f"the image/VoCo prefix alone is {len(s.input_ids)} tokens ({num_frames} x "
                          f"({layout.num_image_tokens} image + {layout.num_voco} VoCo)), more than max_len={max_len}: "
                          f"raise max_len")
@@ -275,9 +278,9 @@ class LlavaDataset(torch.utils.data.Dataset):
     def _item(self, i, turns):
         record = self.records[i]
         try:
-            n_frames = len(frames(record))
+            n_frames = len(frames(record))  # 0: a text-only record, laid out without an image
             layout = self.layout.with_num_voco(self.num_voco_of(i)) if n_frames else None
-            sample = build_sample(self.tokenizer, turns, layout, num_frames=max(n_frames, 1), max_len=self.max_len,
+            sample = build_sample(self.tokenizer, turns, layout, num_frames=n_frames or 1, max_len=self.max_len,
                                   system=self.system)
             # LLaVA-1.5's image_aspect_ratio="pad": the whole image, centred on a square
             images = [preprocess(load_image(self.image_folder / name), self.image_size) for name in frames(record)]

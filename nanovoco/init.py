@@ -2,7 +2,7 @@
 vision tower joined by a new projector, or from a preset with fresh weights (`init_weights`: the tiny repro models;
 a real run starts from pretrained weights), then sets it up for the training mode: the <voco> token for VoCo-LLaMA,
 a new compressor for the baselines. `cfg` is train.py's TrainConfig (mode, num_voco, init, vision_path,
-projector_path, voco_init, seed)."""
+projector_path, voco_init, freeze_vision, seed)."""
 import dataclasses
 
 import torch
@@ -103,8 +103,6 @@ def build_model(cfg, tokenizer, source) -> VoCoLlama:
         vlm = new
     vlm.vision.requires_grad_(not cfg.freeze_vision)  # the paper trains the LLM and the projector, not CLIP
     return vlm
-
-
 
 
 def init_weights(module: nn.Module):

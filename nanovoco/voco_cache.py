@@ -2,9 +2,10 @@
 voco.py: stage 1 runs an image's [BOS] [image x N] [\\n] [<voco> x K] once and keeps only the VoCo tokens' keys and
 values, a `VoCoCache`; stage 2 answers any number of questions from that cache, never seeing the image again.
 
-    cache = compress(vlm, pixel_values, compress_prefix(tokenizer, Layout.of(vlm.config)))   # stage 1
-    logits = answer(vlm, cache, text_ids).logits                                             # stage 2, one pass
-    tokens = generate_from_cache(vlm, cache, text_ids, max_new_tokens=32)                    # stage 2, decoding
+    prefix = torch.tensor(compress_prefix(tokenizer, Layout.of(vlm.config)))
+    cache = compress(vlm, pixel_values, prefix)                              # stage 1
+    logits = answer(vlm, cache, text_ids).logits                             # stage 2, one pass
+    tokens = generate_from_cache(vlm, cache, text_ids, max_new_tokens=32)    # stage 2, decoding
 
 A video is compressed frame by frame (`compress_video`) into one cache. Both stages equal one pass over the whole
 sequence under the VoCo mask (generate.py, tests/test_two_stage.py); cache_file.py keeps caches on disk.
@@ -124,9 +125,9 @@ def answer(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, last_only
 
 @torch.no_grad()
 def stream_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, max_new_tokens=32, **sampling):
-    """Stage 2 generation: the questions text_ids (B, T) answered from a VoCo cache (compress), yielding
-    the next token of every row, (B,), as `stream` does. Batched questions must be left-padded (text_mask False on
-    the padding), so that every row goes on from its last column."""
+    """Stage 2 generation: the questions text_ids (B, T) answered from a VoCo cache (compress), yielding the next
+    token of every row, (B,), as `generate.stream` does. Batched questions must be left-padded (text_mask False on
+    the padding), so that every row goes on from its last column. sampling: generate.decode's options."""
     B, T = text_ids.shape
     check_length(cache.next_position + T - 1, max_new_tokens, vlm.config.text.max_position_embeddings)
     real = torch.ones_like(text_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()

@@ -86,6 +86,8 @@ def test_prompt_only_sample(tok):
 
 
 def test_text_only_sample(tok):
+    with pytest.raises(ValueError, match="pass layout=None for a text-only sample"):
+        build(tok, num_frames=0)
     s = build(tok, text_only=True)
     assert s.input_ids[0] == tok.bos_id and IMAGE not in s.input_ids
     assert set(s.segments) == {TEXT} and set(s.groups) == {-1}

@@ -11,7 +11,8 @@ def nanovoco_imports(path: Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nanovoco"):
-            names = [node.module] if node.module != "nanovoco" else [f"nanovoco.{a.name}" for a in node.names]
+            package = (ROOT / node.module.replace(".", "/")).is_dir()  # from a package import its modules
+            names = [f"{node.module}.{a.name}" for a in node.names] if package else [node.module]
             found.update(n.removeprefix("nanovoco.") for n in names)
         elif isinstance(node, ast.Import):
             found.update(a.name.removeprefix("nanovoco.") for a in node.names if a.name.startswith("nanovoco."))

@@ -389,6 +389,18 @@ def test_answers_equal_single_pass_masked_generation(model_dir, tiny, tmp_path):
     assert [r["text"] for r in again] == [r["text"] for r in rows]
 
 
+def test_a_question_without_an_image_is_asked_as_plain_text(tiny):
+    """A ScienceQA question without an image: [BOS] + the conversation, no image prefix and no leading "\\n"."""
+    vlm, tok = tiny
+    question = {"question_id": "8", "image": None, "text": "Which word is a noun?", "prompt": "", "category": None}
+    got = paper_eval.answer_group(vlm, tok, None, [question], system="", max_new_tokens=4)
+    s = build_sample(tok, [(question["text"], None)], None, system="")
+    assert s.input_ids[0] == tok.bos_id and tok.decode(s.input_ids[1:2]) != "\n"
+    with torch.no_grad():
+        ids = generate(vlm.llm, torch.tensor([s.input_ids]), max_new_tokens=4, eos_id=tok.eos_id)[0]
+    assert got == [tok.decode(ids).strip()]
+
+
 def test_mme_round_trip_two_questions_of_an_image_under_one_id(model_dir, tiny, tmp_path, capsys):
     """llava_mme.jsonl asks an image's two questions under one question_id: both are answered, each written once,
     in question order with its own prompt, which LLaVA's converter maps back to MME's question; then scored."""

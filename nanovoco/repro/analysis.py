@@ -7,8 +7,8 @@ import statistics
 from pathlib import Path
 
 from nanovoco import files
-from nanovoco.repro import synthetic, synthetic_video, vision_pretrain
-from nanovoco.repro.recipe import ORDER, any_k_stage
+from nanovoco.repro import synthetic, synthetic_video
+from nanovoco.repro.recipe import IMAGE_SIZE, ORDER, any_k_stage
 from nanovoco.repro.stats import accuracy_se, paired_se, retention, retention_se
 
 
@@ -25,7 +25,7 @@ def shortcut_answers(scene: list[dict], qtype: str, named: str) -> list[str]:
     colour) and "farthest" (a shape) that attribute of each object other than the one named."""
     if qtype in ("closest", "farthest"):
         return [o["color" if qtype == "closest" else "shape"] for o in scene if o["color"] != named]
-    half = vision_pretrain.TOWER.image_size / 2  # the halves of synthetic.ask
+    half = IMAGE_SIZE / 2  # the halves of synthetic.ask
     values = [o["shape"] if qtype == "shape" else
               ("left" if o["x"] < half else "right") if qtype == "horizontal" else
               ("top" if o["y"] < half else "bottom") for o in scene]
@@ -132,7 +132,7 @@ def read_at_its_place(record: dict, frames: list) -> bool:
     objects = record["scene"][0]
     named = re.search(r"the (\w+) \w+ (?:at|go) ", question)  # "the object" when it is the only one
     k = [o["color"] for o in objects].index(named.group(1)) if len(objects) > 1 else 0
-    size = vision_pretrain.TOWER.image_size
+    size = IMAGE_SIZE
     first, last = (synthetic.quarter(record["scene"][record["image"].index(name)][k], size)
                    for name in (frames[0], frames[-1]))
     if record["type"] != "overall":
@@ -199,8 +199,3 @@ def seed_summary(folder: Path, results: dict) -> dict:
                            "retention": retention(blind["overall"], lower["overall"], upper["overall"]),
                            "retention_se": None}
     return summary
-
-
-def run_ks(summary: dict) -> list[int]:
-    """The K of a seed's VoCo-LLaMA stages, in increasing order."""
-    return sorted(int(m.group(1)) for m in map(re.compile(r"voco_k(\d+)").fullmatch, summary) if m)

@@ -59,8 +59,7 @@ def main(out="runs/demo", max_new_tokens=24, num_voco=2):
 
     # stage 2: every question from the cache alone, never seeing the image again
     for question in QUESTIONS:
-        s = build_sample(tokenizer, [(question, None)], Layout.of(c),
-                         system=VOCO_SYSTEM)
+        s = build_sample(tokenizer, [(question, None)], Layout.of(c), system=VOCO_SYSTEM)
         print(f"Q: {question}\nA: ", end="", flush=True)
         t0, n = time.perf_counter(), 0
         tokens = stream_from_cache(vlm, cache, torch.tensor([s.text_ids()]), max_new_tokens=max_new_tokens,

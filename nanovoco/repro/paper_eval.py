@@ -19,7 +19,7 @@ answer_id, model_id, metadata} in question order, with LLaVA's prompt field (Sci
 "<image>\\n"), and resumes an interrupted run. A question is its (question_id, prompt): MME's two questions of an image
 share one question_id.
 
-`score` computes what LLaVA's scripts compute from that file, rule for rule (see each score_* function), in their
+`score` computes what LLaVA's scripts compute from that file, rule for rule (paper_scores.py's score_*), in their
 units: GQA, ScienceQA and SEED-Bench in percent, POPE as fractions, MME as its scores. Where an official script stops
 on a well-formed file, nanovoco prints null for a 0 / 0 (POPE's precision with no "yes" answer, IMG accuracy with no
 image question answered) and the plain value otherwise (0 for a SEED-Bench question type with every answer wrong,
@@ -98,11 +98,11 @@ def answer_group(vlm, tokenizer, image_path, group, system, max_new_tokens) -> l
     """The greedy answers to the questions of one image (or of none): the image compressed once into its VoCo cache,
     the questions batched over it; without VoCo tokens, the image in every prompt."""
     c, device = vlm.config, next(vlm.parameters()).device
-    frames = 1 if image_path else 0
-    voco = c.num_voco if frames else 0
-    samples = [build_sample(tokenizer, [(q["text"], None)], Layout.of(c, voco),
-                            num_frames=frames, max_len=sys.maxsize, system=system) for q in group]
-    pixels = preprocess(load_image(image_path), c.vision.image_size)[None].to(device) if frames else None
+    layout = Layout.of(c) if image_path else None  # a question without an image is plain text
+    voco = layout.num_voco if layout else 0
+    samples = [build_sample(tokenizer, [(q["text"], None)], layout, max_len=sys.maxsize, system=system)
+               for q in group]
+    pixels = preprocess(load_image(image_path), c.vision.image_size)[None].to(device) if image_path else None
     if voco:  # stage 1 once, stage 2 for every question: the text after the VoCo tokens, left-padded
         prefix = torch.tensor(compress_prefix(tokenizer, Layout.of(c)), device=device)
         cache = compress(vlm, pixels.to(next(vlm.parameters()).dtype), prefix)
@@ -113,7 +113,7 @@ def answer_group(vlm, tokenizer, image_path, group, system, max_new_tokens) -> l
         ids = generate_from_cache(vlm, cache, text, real, max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
     else:
         b = {k: v.to(device) for k, v in pad_samples(samples, left=True).items()}
-        images = pixels.expand(len(samples), -1, -1, -1) if frames else None
+        images = None if pixels is None else pixels.expand(len(samples), -1, -1, -1)
         embeds = vlm.embed(b["input_ids"], None if images is None else images.to(next(vlm.parameters()).dtype))
         ids = generate(vlm.llm, inputs_embeds=embeds, segments=b["segments"], groups=b["groups"],
                        position_ids=b["positions"], max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)

@@ -71,9 +71,6 @@ def text_lines(path) -> list[str]:
         raise ValueError(f"{path} is not UTF-8 text: pass the benchmark's own file") from None
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Scores
-
 def read_answers(path, fields=("question_id", "text")) -> list[dict]:
     """A LLaVA answer file's records in file order, as LLaVA's scripts read it (one JSON object a line)."""
     path = Path(path)
@@ -97,6 +94,9 @@ def read_answers(path, fields=("question_id", "text")) -> list[dict]:
         raise ValueError(f"{path} holds no answers: run `python -m nanovoco.repro.paper_eval answer` first")
     return rows
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Scores
 
 def ratio(part, whole):
     """part / whole, or None where the official script divides by zero (and stops)."""

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanovoco import cli, files
-from nanovoco.repro import synthetic, vision_pretrain
 from nanovoco.image import preprocess
 from nanovoco.model import CLIPVisionTower
+from nanovoco.repro import synthetic, vision_pretrain
 
 PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1)  # L2 weights tried on the validation split
 

@@ -33,15 +33,15 @@ LLMS = ("tiny", "smollm2")
 SMOLLM2_STEPS, SMOLLM2_BATCH, SMOLLM2_HELD_OUT, SMOLLM2_LR = (100, 50), 16, 250, "1e-4"
 
 
-
 def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool = False,
            questions: str = "layout", llm: str = "tiny") -> dict:
     """Stage name -> the command that makes it (run from the repository root; {out} is the seed's folder, {run} the
     run's). The step counts are the default's time budget on a 2-core CPU; the choices behind them are measured in
     docs/results.md. any_k adds `voco_any_<ks>`: one VoCo-LLaMA model for every K of ks (train.py --voco_ks),
-    trained as long as two per-K stages. video adds `video`: the K = 1 VoCo-LLaMA model trained on moving-shapes
-    videos, a VoCo token per frame. questions is the images' question set (synthetic.QUESTION_SETS). llm "smollm2"
-    starts the full stage from SmolLM2 ({run}/smollm2) and adds `zero_shot`, its answers to scenes as text."""
+    trained as long as two per-K stages. video adds `video_data` and `video`: the K = 1 VoCo-LLaMA model trained
+    on moving-shapes videos, a VoCo token per frame. questions is the images' question set
+    (synthetic.QUESTION_SETS). llm "smollm2" starts the full stage from SmolLM2 ({run}/smollm2) and adds
+    `zero_shot`, its answers to scenes as text."""
     steps = lambda n: str(max(1, round(n * scale)))  # noqa: E731
     runs = {"vision": ["-m", "nanovoco.repro.vision_pretrain", "--out", "{out}/vision", "--steps", steps(300),
                        "--images", steps(4000), "--seed", str(seed)]}

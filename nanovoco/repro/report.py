@@ -1,8 +1,9 @@
 """The reproduction's report: markdown tables and plots from the per-seed summaries (analysis.py)."""
+import re
 import statistics
 from pathlib import Path
 
-from nanovoco.repro.analysis import KINDS, SHORTCUTS, VIEWS, run_ks
+from nanovoco.repro.analysis import KINDS, SHORTCUTS, VIEWS
 from nanovoco.repro.recipe import COMPRESSED_STEPS, TABLE1, VIDEO_OBJECTS, VIDEO_STEPS, VISION_TOKENS
 from nanovoco.repro.stats import accuracy_se, mean_sd
 
@@ -186,9 +187,9 @@ def video_table(per_seed: dict) -> str:
         lines += ["", "Above chance, per seed (points, one seed's standard error about "
                   + ", ".join(f"{pct(accuracy_se(0.5, n_kind[k]))} for {k}" for k in kinds) + "):"]
     for kind in kinds:
-        gaps = {view: ", ".join(f"{100 * (s['views'][view][kind] - s['views']['chance'][kind]):+.1f}"
+        above_chance = {view: ", ".join(f"{100 * (s['views'][view][kind] - s['views']['chance'][kind]):+.1f}"
                                 for s in per_seed.values()) for view in ("in order", "shuffled")}
-        lines.append(f"- {kind}: in order {gaps['in order']}; shuffled {gaps['shuffled']}")
+        lines.append(f"- {kind}: in order {above_chance['in order']}; shuffled {above_chance['shuffled']}")
     return "\n".join(lines) + "\n"
 
 
@@ -265,3 +266,7 @@ def plot(per_seed: dict, path: Path):
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
+
+def run_ks(summary: dict) -> list[int]:
+    """The K of a seed's VoCo-LLaMA stages, in increasing order."""
+    return sorted(int(m.group(1)) for m in map(re.compile(r"voco_k(\d+)").fullmatch, summary) if m)

@@ -14,7 +14,7 @@ quarter is empty, ...), which a tiny LLM trained from scratch masters (the objec
 names, it never learns), and which averaging the image's features keeps only faintly (nanovoco.repro.probe).
 As the paper does (Sec. 4.1), every seed runs these stages, each in its own folder of runs/repro/seed<s>/:
 0. `vision`: a tiny ViT pretrained on synthetic scenes (per-patch colour, shape and grid cell; vision_pretrain.py),
-   then frozen, as CLIP is pretrained and frozen;
+   then frozen, as CLIP is pretrained and frozen; `data`: the synthetic training and held-out sets (synthetic.py);
 1. `full`: a VLM trained without compression on 64 vision tokens per image, each training image seen once: the upper
    bound;
 2. from it, each for the same number of steps: VoCo-LLaMA with K = 1, 4 and 16 VoCo tokens (`voco`; `--ks` sets
@@ -162,11 +162,11 @@ def main(argv=None):
         for name, command in stages(args.scale, seed, args.ks, args.any_k, args.video, args.questions,
                                     args.llm).items():
             run_stage(name, command, args.out / f"seed{seed}")
-    report(args, time.perf_counter() - t0)
+    write_report(args, time.perf_counter() - t0)
     print(infer_command(args.out / f"seed{args.seeds[0]}"))
 
 
-def report(args, seconds: float):
+def write_report(args, seconds: float):
     """results.md, results.json and the plots, from every seed's finished stages."""
     out, seeds, ks = args.out, args.seeds, args.ks
     models = [n for n in stages(args.scale, ks=ks, any_k=args.any_k, llm=args.llm) if n not in ("vision", "data")]

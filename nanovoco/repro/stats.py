@@ -5,7 +5,6 @@ import statistics
 BOOTSTRAP = 1000
 
 
-
 def retention(result: float, lower: float, upper: float) -> float | None:
     """The paper's compression retention rate: how much of the gap between the lower and upper bound is kept; None
     when there is no gap (a run too short for the full model to beat the lower bound)."""

@@ -16,7 +16,8 @@ of it: here, a few VoCo tokens.
 
     python -m nanovoco.repro.synthetic --out data/sort_of_clevr --n_images 10000 --seed 0 [--questions objects]
 
-writes out/images/000000.png, ... and out/data.json, one LLaVA record per question:
+writes out/images/000000.png, ... and out/data.json, one LLaVA record per question (with --held_out N, the set goes
+to out/train/ and N held-out images, of another seed, to out/eval/):
     {"id": "000000_0", "image": "images/000000.png", "type": "count_left",
      "conversations": [{"from": "human", "value": "<image>\\nHow many objects are in the left half?"},
                        {"from": "gpt", "value": "two"}],
@@ -232,7 +233,7 @@ def main(argv=None):
     p.add_argument("--questions", default="layout", choices=QUESTION_SETS, help="where things are (layout) or the "
                    "object named by its colour (objects)")
     p.add_argument("--held_out", type=int, default=0, help="> 0: the set above goes to OUT/train, and this many "
-                   "held-out images (seed + 10000, 4 questions each, one per record) to OUT/eval")
+                   f"held-out images (seed + {HELD_OUT_SEED}, 4 questions each, one per record) to OUT/eval")
     a = p.parse_args(argv)
     options = dict(image_size=a.image_size, n_objects=a.n_objects, question_set=a.questions)
     try:  # the arguments are checked before anything is written

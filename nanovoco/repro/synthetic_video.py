@@ -14,8 +14,7 @@ reading one frame by its place in time (in which quarter of the image an object 
 "shape" has the same answer in every frame, a control. A video of one object is asked in the layout vocabulary of
 nanovoco.repro.synthetic's default questions: the object is "the object" (nothing to tell it from, so no question
 hinges on finding an object by its colour, which the models of nanovoco.repro do not learn; docs/results.md), and the
-control
-is "frames_left", in how many frames the object is in the left half, which no reordering changes.
+control is "frames_left", in how many frames the object is in the left half, which no reordering changes.
 
     python -m nanovoco.repro.synthetic_video --out data/moving_shapes --n_videos 10000 --seed 0
 
@@ -218,7 +217,7 @@ def main(argv=None):
     p.add_argument("--n_objects", type=int, default=3)
     p.add_argument("--multi_turn", action="store_true", help="one record per video, its questions as turns")
     p.add_argument("--held_out", type=int, default=0, help="> 0: the set above goes to OUT/train, and this many "
-                   "held-out videos (seed + 10000, 4 questions each, one per record) to OUT/eval")
+                   f"held-out videos (seed + {HELD_OUT_SEED}, 4 questions each, one per record) to OUT/eval")
     a = p.parse_args(argv)
     options = dict(image_size=a.image_size, n_frames=a.n_frames, n_objects=a.n_objects)
     try:  # the arguments are checked before anything is written

@@ -26,11 +26,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from nanovoco import checkpoint, cli, files, formats
-from nanovoco.repro import synthetic
 from nanovoco.config import CLIPVisionConfig
 from nanovoco.image import preprocess
 from nanovoco.init import init_weights
 from nanovoco.model import CLIPVisionTower
+from nanovoco.repro import synthetic
 
 # 64 x 64 images in 8 x 8 patches: 64 vision tokens, so that K = 1..16 VoCo tokens is 64x..4x compression.
 # Every object sits in a 16 x 16 grid cell (synthetic.GRID = 4), 2 x 2 patches.
