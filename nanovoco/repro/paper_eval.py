@@ -104,7 +104,7 @@ def answer_group(vlm, tokenizer, image_path, group, system, max_new_tokens) -> l
                for q in group]
     pixels = preprocess(load_image(image_path), c.vision.image_size)[None].to(device) if image_path else None
     if voco:  # stage 1 once, stage 2 for every question: the text after the VoCo tokens, left-padded
-        prefix = torch.tensor(compress_prefix(tokenizer, Layout.of(c)), device=device)
+        prefix = torch.tensor(compress_prefix(tokenizer, layout), device=device)
         cache = compress(vlm, pixels.to(next(vlm.parameters()).dtype), prefix)
         T = max(len(s.text_ids()) for s in samples)
         text = torch.tensor([[0] * (T - len(s.text_ids())) + s.text_ids() for s in samples], device=device)

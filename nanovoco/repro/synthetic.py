@@ -237,15 +237,25 @@ def main(argv=None):
     a = p.parse_args(argv)
     options = dict(image_size=a.image_size, n_objects=a.n_objects, question_set=a.questions)
     try:  # the arguments are checked before anything is written
-        if a.held_out < 0:
-            raise ValueError(f"--held_out {a.held_out}: give 0 (no held-out set) or more")
-        train = a.out / "train" if a.held_out else a.out
-        paths = [generate(train, a.n_images, a.questions_per_image, a.seed, multi_turn=a.multi_turn, **options)]
-        if a.held_out:  # other images: one question per record, as evaluation reads them
-            paths.append(generate(a.out / "eval", a.held_out, seed=a.seed + HELD_OUT_SEED, **options))
+        paths = write_sets(generate, a.out, a.n_images, a.questions_per_image, a.seed, a.multi_turn, a.held_out,
+                           **options)
     except ValueError as e:
         p.exit(2, f"{e}\n")
     print("wrote " + ", ".join(map(str, paths)))
+
+
+def write_sets(generate, out: Path, n: int, questions_per_item: int, seed: int, multi_turn: bool, held_out: int,
+               **options) -> list[Path]:
+    """The command line's sets, from `generate` (this module's, or synthetic_video's): n items into out, or with
+    held_out > 0 into out/train, and held_out other items (seed + HELD_OUT_SEED, one question per record, as
+    evaluation reads them) into out/eval. Returns the JSON files' paths."""
+    if held_out < 0:
+        raise ValueError(f"--held_out {held_out}: give 0 (no held-out set) or more")
+    paths = [generate(out / "train" if held_out else out, n, questions_per_item, seed, multi_turn=multi_turn,
+                      **options)]
+    if held_out:
+        paths.append(generate(out / "eval", held_out, seed=seed + HELD_OUT_SEED, **options))
+    return paths
 
 
 if __name__ == "__main__":

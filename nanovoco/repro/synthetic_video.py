@@ -35,7 +35,7 @@ from tqdm import tqdm
 from nanovoco import cli
 from nanovoco.files import atomic_write
 from nanovoco.repro.synthetic import (GRID, HELD_OUT_SEED, NUMBERS, PALETTE, QUARTERS, SHAPES, draw,
-                                      llava_records, make_scene, quarter, write_json)
+                                      llava_records, make_scene, quarter, write_json, write_sets)
 
 MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
@@ -221,12 +221,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     options = dict(image_size=a.image_size, n_frames=a.n_frames, n_objects=a.n_objects)
     try:  # the arguments are checked before anything is written
-        if a.held_out < 0:
-            raise ValueError(f"--held_out {a.held_out}: give 0 (no held-out set) or more")
-        train = a.out / "train" if a.held_out else a.out
-        paths = [generate(train, a.n_videos, a.questions_per_video, a.seed, multi_turn=a.multi_turn, **options)]
-        if a.held_out:  # other videos: one question per record, as evaluation reads them
-            paths.append(generate(a.out / "eval", a.held_out, seed=a.seed + HELD_OUT_SEED, **options))
+        paths = write_sets(generate, a.out, a.n_videos, a.questions_per_video, a.seed, a.multi_turn, a.held_out,
+                           **options)
     except ValueError as e:
         p.exit(2, f"{e}\n")
     print("wrote " + ", ".join(map(str, paths)))
