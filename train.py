@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from nanovoco import cli, files, init
 from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate, user_text
-from nanovoco.evaluate import blind_baseline, vqa_accuracy
+from nanovoco.evaluate import answer_kl, answer_log_probs, blind_baseline, vqa_accuracy
 from nanovoco.model import VoCoLlama
 from nanovoco.parallel import all_sum, barrier, place, setup_distributed
 from nanovoco.tokenizer import VOCO_SYSTEM, BPETokenizer, Tokenizer, load_tokenizer, train_tiny_tokenizer
@@ -99,6 +99,11 @@ class TrainConfig:
     save_every: int = 200  # steps between checkpoints (also saved at the end and on Ctrl-C)
     eval_every: int = 0  # steps between VQA evaluations (0: at the end only)
     eval_limit: int = 500  # held-out questions per evaluation
+    teacher: str = ""  # the uncompressed model (the upper bound's checkpoint): eval.json then holds the KL from its
+    # answer distributions to this model's on the held-out answers (evaluate.answer_kl), the distillation measured
+    kl_every: int = 0  # with --teacher: steps between KLs on the first kl_limit held-out questions, in log.jsonl
+    # (from step 0 on): the distillation's curve
+    kl_limit: int = 200  # held-out questions of that curve (a fixed subset, so that its points compare)
     resume: bool = False  # continue out_dir's checkpoint
     stop_after: int = 0  # > 0: checkpoint and stop after this many steps of this invocation (time-limited jobs)
     seed: int = 0  # the data order and the new weights
@@ -130,6 +135,12 @@ def parse_args(argv) -> TrainConfig:
         if cfg.num_voco not in ks:
             raise ValueError(f"--num_voco={cfg.num_voco} must be one of --voco_ks={cfg.voco_ks}: it is the K used "
                              f"when none is asked")
+    if cfg.teacher and not cfg.eval_data:
+        raise ValueError("--teacher measures the KL on the held-out answers: give --eval_data too")
+    if cfg.kl_every and not cfg.teacher:
+        raise ValueError("--kl_every needs --teacher=<the uncompressed model's checkpoint>, which the KL is from")
+    if cfg.kl_every < 0 or cfg.kl_limit < 1:
+        raise ValueError(f"--kl_every={cfg.kl_every}, --kl_limit={cfg.kl_limit}: give kl_every >= 0 and kl_limit >= 1")
     return cfg
 
 
@@ -206,17 +217,42 @@ def sample_order(n: int, total_steps: int, batch_size: int, seed: int) -> list[i
     return order
 
 
-def evaluate(vlm, eval_set, compressed: bool, limit: int, progress=False) -> dict:
-    """VQA accuracy in the middle of training. Every process evaluates the same questions, so that FSDP's
+def evaluate(vlm, eval_set, compressed: bool, limit: int, progress=False, teacher=None) -> dict:
+    """VQA accuracy in the middle of training, and with the teacher's answer distributions (teacher_log_probs) the
+    KL from them to this model's on the same questions. Every process evaluates the same questions, so that FSDP's
     collectives line up; the root's own parameters (embeddings, projector, head) are gathered by hand because
     generation calls vlm.embed and vlm.llm rather than vlm.forward, which is what triggers FSDP's gathering."""
     if hasattr(vlm, "unshard"):
         vlm.unshard()
     result = vqa_accuracy(vlm, eval_set, compressed, limit=limit, progress=progress)
+    if teacher is not None:
+        result["kl"] = distillation_kl(vlm, eval_set, compressed, teacher[:result["n"]])
     if hasattr(vlm, "reshard"):
         vlm.reshard()
     vlm.train()
     return result
+
+
+def distillation_kl(vlm, eval_set, compressed: bool, teacher: list) -> dict:
+    """evaluate.answer_kl from the teacher's answer distributions (on the first len(teacher) held-out questions) to
+    the model's."""
+    student = answer_log_probs(vlm, eval_set, compressed, limit=len(teacher))
+    return answer_kl(teacher, student, [eval_set.records[i].get("type") for i in range(len(teacher))])
+
+
+def teacher_log_probs(cfg, eval_json: Path, folder: Path, device, limit: int) -> list:
+    """The teacher's (--teacher, an uncompressed model) answer distributions on the first `limit` held-out
+    questions (all when 0), read once: the teacher reads every vision token, under the causal mask. Only these
+    stay in memory, not the teacher."""
+    path = Path(cfg.teacher)
+    if not (path / "config.json").is_file():
+        raise ValueError(f"--teacher={cfg.teacher}: not a checkpoint directory (no config.json); give the upper "
+                         f"bound's, e.g. runs/full/checkpoint/model")
+    teacher = VoCoLlama.from_pretrained(path, device=device)
+    tokenizer = load_tokenizer(path)
+    held_out = LlavaDataset(eval_json, folder, tokenizer, teacher.config, num_voco=0, max_len=cfg.max_len,
+                            system=cfg.system_prompt)
+    return answer_log_probs(teacher, held_out, compressed=False, limit=limit)
 
 
 @dataclass
@@ -232,6 +268,7 @@ class Run:
     params: list
     train_set: LlavaDataset
     eval_set: LlavaDataset | None
+    teacher: list | None  # the teacher's answer distributions on the held-out questions (--teacher), or None
     tokenizer: Tokenizer | BPETokenizer
     total_steps: int
     step: int
@@ -285,6 +322,7 @@ def prepare(cfg: TrainConfig) -> Run:
     eval_set = LlavaDataset(eval_json, folder(eval_json), tokenizer, config, **data_args) if eval_json else None
     if eval_set is not None and cfg.voco_ks:
         eval_set = eval_set.with_num_voco(cfg.num_voco)  # every question at the default K; the end: at each K
+    teacher = teacher_log_probs(cfg, eval_json, folder(eval_json), device, cfg.eval_limit) if cfg.teacher else None
 
     # model
     vlm = place(lambda: init.build_model(build, tokenizer, source), device, rank, world,
@@ -298,8 +336,8 @@ def prepare(cfg: TrainConfig) -> Run:
         dcp.load(state, checkpoint_id=str(resume_from / "optimizer"))
         set_optimizer_state_dict(vlm, optim, state["optimizer"])
         step = saved["step"]
-    return Run(cfg, rank, world, device, out, vlm, optim, params, train_set, eval_set, tokenizer, total_steps,
-               step)
+    return Run(cfg, rank, world, device, out, vlm, optim, params, train_set, eval_set, teacher, tokenizer,
+               total_steps, step)
 
 
 def train_step(run: Run, micro: list[dict], train_mask, autocast, step: int) -> tuple[float, float]:
@@ -350,6 +388,12 @@ def fit(run: Run):
               f"{cfg.micro_batch_size}) on {device}")
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=cfg.mode)
     first_step = step
+    curve = run.teacher[:cfg.kl_limit] if cfg.kl_every else None  # the distillation's curve: a fixed subset
+    if curve is not None and step == 0 and rank == 0:  # where the curve starts, before any update ("step" -1)
+        kl = distillation_kl(run.vlm, run.eval_set, eval_compressed, curve)["overall"]
+        run.vlm.train()
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": -1, "kl": kl}) + "\n")
     while step < total_steps:
         t0 = time.perf_counter()
         lr = schedule(step, total_steps, cfg)
@@ -365,8 +409,11 @@ def fit(run: Run):
         record = {"step": step - 1, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens / dt}
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps and run.eval_set is not None:
             record["eval"] = evaluate(run.vlm, run.eval_set, eval_compressed, cfg.eval_limit)
+        if curve is not None and (step % cfg.kl_every == 0 or step == total_steps):
+            record["kl"] = distillation_kl(run.vlm, run.eval_set, eval_compressed, curve)["overall"]
+            run.vlm.train()
         if rank == 0:
-            if step % cfg.log_every == 0 or "eval" in record:
+            if step % cfg.log_every == 0 or "eval" in record or "kl" in record:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
             bar.update(1)
@@ -415,15 +462,17 @@ def final_evaluation(run: Run, compressed: bool):
     """VQA accuracy on the held-out set into eval.json, with the best score without the image beside it; an any-K
     model is scored at each of its K."""
     cfg, rank = run.cfg, run.rank
-    result = evaluate(run.vlm, run.eval_set, compressed, cfg.eval_limit, progress=rank == 0)
+    result = evaluate(run.vlm, run.eval_set, compressed, cfg.eval_limit, progress=rank == 0, teacher=run.teacher)
     if cfg.voco_ks:  # the one any-K checkpoint, at each of its K (the default K's is the result above)
         result["by_num_voco"] = {k: dict(result) if k == cfg.num_voco else
-                                 evaluate(run.vlm, run.eval_set.with_num_voco(k), compressed, cfg.eval_limit)
+                                 evaluate(run.vlm, run.eval_set.with_num_voco(k), compressed, cfg.eval_limit,
+                                          teacher=run.teacher)
                                  for k in voco_ks(cfg)}
     result["blind"] = blind_baseline(run.eval_set, cfg.eval_limit)  # chance: the best answers without the image
     if rank == 0:
+        kl = f", KL from the teacher {result['kl']['overall']:.4f} nats per answer token" if "kl" in result else ""
         print(f"VQA accuracy {result['overall']:.3f} on {result['n']} held-out questions (without the image at "
-              f"best {result['blind']['overall']:.3f}): {result['by_type']}")
+              f"best {result['blind']['overall']:.3f}{kl}): {result['by_type']}")
         (run.out / "eval.json").write_text(json.dumps(result, indent=2))
 
 

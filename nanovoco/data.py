@@ -275,6 +275,12 @@ class LlavaDataset(torch.utils.data.Dataset):
         question, answer = (turn["value"] for turn in self.records[i]["conversations"][:2])
         return {**self._item(i, [(question, None)]), "answer": answer}
 
+    def first_turn(self, i):
+        """The record's first question and its reference answer alone, laid out as for training (labels on the
+        answer): what evaluate.answer_log_probs reads."""
+        question, answer = (turn["value"] for turn in self.records[i]["conversations"][:2])
+        return self._item(i, [(question, answer)])
+
     def _item(self, i, turns):
         record = self.records[i]
         try:

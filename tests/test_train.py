@@ -137,6 +137,44 @@ def test_one_model_for_every_k(tmp_path, data):
     assert result["by_num_voco"]["2"]["correct"] == result["correct"]  # the headline is the default K's
 
 
+def test_teacher_kl_curve_and_eval(tmp_path, data):
+    """--teacher: the KL from the uncompressed model's answer distributions, in log.jsonl every --kl_every steps
+    (from before the first update) and in eval.json per question. A student that starts as its teacher, read the
+    same way, is at exactly 0; a VoCo student of it, which reads the image through one VoCo token, is not."""
+    train(*args(data, tmp_path / "full", "--mode=full", "--max_steps=2"))
+    teacher = tmp_path / "full" / "checkpoint" / "model"
+    curve = [f"--init={teacher}", f"--teacher={teacher}", "--kl_every=2", "--kl_limit=4", "--max_steps=3"]
+    for name, mode in [("same", "--mode=full"), ("voco", "--mode=voco")]:
+        train(*args(data, tmp_path / name, mode, "--num_voco=1", *curve))
+    same, voco = ([json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+                  for name in ("same", "voco"))
+    assert same[0] == {"step": -1, "kl": 0.0} and voco[0]["step"] == -1 and voco[0]["kl"] > 0.01
+    assert [r["step"] for r in voco if "kl" in r] == [-1, 1, 2]  # every 2 updates, and at the end
+    assert [r["step"] for r in voco if "loss" in r] == [0, 1, 2]
+    result = json.loads((tmp_path / "voco" / "eval.json").read_text())
+    assert len(result["kl"]["per_question"]) == result["n"] == 8 and set(result["kl"]["by_type"]) == \
+        set(result["by_type"])
+    assert abs(result["kl"]["overall"] - sum(result["kl"]["per_question"]) / 8) < 1e-9
+
+
+def test_a_stage_repeats_itself_bit_for_bit(tmp_path, data):
+    """The same command and seed twice on one machine: the same losses, weights, answers, accuracies and KLs, bit
+    for bit (data order, new weights, <voco>'s init and evaluation are seeded; the threads are the machine's)."""
+    train(*args(data, tmp_path / "full", "--mode=full", "--max_steps=2"))
+    teacher = tmp_path / "full" / "checkpoint" / "model"
+    stage = [f"--init={teacher}", f"--teacher={teacher}", "--mode=voco", "--num_voco=1", "--voco_init=newline",
+             "--kl_every=2", "--kl_limit=4", "--max_steps=4", "--seed=3"]
+    for name in ("a", "b"):
+        train(*args(data, tmp_path / name, *stage))
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert (a / "eval.json").read_bytes() == (b / "eval.json").read_bytes()
+    without_speed = lambda out: [{k: v for k, v in json.loads(line).items() if k != "tokens_per_s"}  # noqa: E731
+                                 for line in (out / "log.jsonl").read_text().splitlines()]
+    assert without_speed(a) == without_speed(b)
+    weights = lambda out: (out / "checkpoint" / "model" / "model.safetensors").read_bytes()  # noqa: E731
+    assert weights(a) == weights(b)
+
+
 def test_train_from_llava_style_weights(tmp_path, data):
     """The official recipe's start: a plain LLaMA directory (with its tokenizer.model) + CLIP + mm_projector.bin."""
     records = json.loads((data / "train" / "data.json").read_text())
@@ -191,6 +229,8 @@ def test_llm_from_scratch_on_a_pretrained_tower(tmp_path):
     (["--voco_ks=1,4"], "--num_voco=2 must be one of --voco_ks=1,4"),
     (["--voco_ks=1,2", "--mode=full"], "--voco_ks is for the modes with VoCo tokens (voco, lower_bound), not full"),
     (["--data="], "--data=<LLaVA-format JSON> is required"),
+    (["--kl_every=5"], "--kl_every needs --teacher=<the uncompressed model's checkpoint>"),
+    (["--teacher=nowhere"], "--teacher=nowhere: not a checkpoint directory (no config.json)"),
 ])
 def test_bad_options(tmp_path, data, argv, message):
     result = train(*args(data, tmp_path), *argv, check=False)

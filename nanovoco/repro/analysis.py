@@ -178,16 +178,24 @@ def video_summary(folder: Path) -> dict:
     return {"n": len(records), "counts": counts, "views": views}
 
 
-def seed_summary(folder: Path, results: dict) -> dict:
-    """Every stage's accuracy and retention (each with its standard error) for one seed's folder, from its
-    evaluations (load_results)."""
+def seed_summary(folder: Path, results: dict, stages=()) -> dict:
+    """Every stage's accuracy, retention (each with its standard error) and KL from the upper bound for one seed's
+    folder, from its evaluations (load_results); by content (objects per image), the per-image oracle of K, and the
+    training curves of its stages (the names of its training stages' folders)."""
     upper, lower = results["full"], results["lower_bound_k1"]
     summary = {}
     for name, r in results.items():
         summary[name] = {"overall": r["overall"], "se": accuracy_se(r["overall"], r["n"]), "n": r["n"],
                          "by_type": r["by_type"], "retention": retention(r["overall"], lower["overall"],
                                                                          upper["overall"]),
-                         "retention_se": retention_se(r["correct"], lower["correct"], upper["correct"])}
+                         "retention_se": retention_se(r["correct"], lower["correct"], upper["correct"]),
+                         **kl_summary(r)}
+    summary["full"].update(kl=0.0, kl_se=0.0)  # the teacher, from which every KL is measured
+    records = json.loads((folder / "data" / "eval" / "data.json").read_text())[:upper["n"]]
+    summary["content"] = content_summary(records, results)
+    summary["oracle"] = {family: oracle(records, results, family) for family in ("voco_k", "voco_any_k")
+                         if len(ks_of(results, family)) > 1}
+    summary["curves"] = curves(folder, stages)
     # Table 1's ordering, method by method, on the same questions
     summary["gaps"] = {f"{a} - {b}": {"gap": results[a]["overall"] - results[b]["overall"],
                                       "se": paired_se(results[a]["correct"], results[b]["correct"])}
@@ -199,3 +207,78 @@ def seed_summary(folder: Path, results: dict) -> dict:
                            "retention": retention(blind["overall"], lower["overall"], upper["overall"]),
                            "retention_se": None}
     return summary
+
+
+def kl_summary(result: dict) -> dict:
+    """An evaluation's KL from the upper bound (train.py --teacher) and its standard error over the questions; None
+    for a stage that was not measured."""
+    if "kl" not in result:
+        return {"kl": None, "kl_se": None}
+    per_question = result["kl"]["per_question"]
+    return {"kl": result["kl"]["overall"], "kl_se": statistics.stdev(per_question) / len(per_question) ** 0.5
+            if len(per_question) > 1 else 0.0, "kl_by_type": result["kl"]["by_type"]}
+
+
+# The content measure: objects per image. CROWDED splits the graded set's images (1 to 8 objects) into the sparse
+# half and the crowded half, the images that may need more than one VoCo token.
+CROWDED = 5
+
+
+def content_summary(records: list[dict], results: dict) -> dict | None:
+    """Each stage's accuracy by objects per image, and its retention on the sparse (< CROWDED objects) and crowded
+    images, with paired-bootstrap standard errors; None when every image holds as many objects."""
+    counts = [len(r["scene"]) for r in records]
+    if len(set(counts)) == 1:
+        return None
+    by_count = {n: [i for i, c in enumerate(counts) if c == n] for n in sorted(set(counts))}
+    split = {"sparse": [i for i, c in enumerate(counts) if c < CROWDED],
+             "crowded": [i for i, c in enumerate(counts) if c >= CROWDED]}
+    upper, lower = results["full"]["correct"], results["lower_bound_k1"]["correct"]
+    out = {"n_by_count": {n: len(rows) for n, rows in by_count.items()}, "crowded": CROWDED,
+           "n_split": {part: len(rows) for part, rows in split.items()}, "stages": {}}
+    for name, r in results.items():
+        pick = lambda xs, rows: [xs[i] for i in rows]  # noqa: E731
+        out["stages"][name] = {
+            "by_count": {n: statistics.mean(pick(r["correct"], rows)) for n, rows in by_count.items()},
+            **{part: {"accuracy": statistics.mean(pick(r["correct"], rows)),
+                      "retention": retention(*(statistics.mean(pick(x, rows)) for x in (r["correct"], lower, upper))),
+                      "retention_se": retention_se(*(pick(x, rows) for x in (r["correct"], lower, upper)))}
+               for part, rows in split.items() if rows}}
+    return out
+
+
+def ks_of(results: dict, family: str) -> list[int]:
+    """The K at which a family of evaluations ("voco_k": the per-K models, "voco_any_k": the any-K model) ran."""
+    return sorted(int(m.group(1)) for m in map(re.compile(re.escape(family) + r"(\d+)").fullmatch, results) if m)
+
+
+def oracle(records: list[dict], results: dict, family: str) -> dict:
+    """The per-image oracle of K: for each held-out image, the fewest tokens k whose answers to all of its questions
+    are the largest K's answers (so it scores what the largest K scores). Returns the mean k, the histogram, and the
+    mean k by objects per image."""
+    ks = ks_of(results, family)
+    images = {}
+    for i, r in enumerate(records):
+        images.setdefault(r["image"] if isinstance(r["image"], str) else tuple(r["image"]), []).append(i)
+    answers = {k: results[f"{family}{k}"]["answers"] for k in ks}
+    chosen, by_count = [], {}
+    for rows in images.values():
+        k = next(k for k in ks if all(answers[k][i] == answers[ks[-1]][i] for i in rows))
+        chosen.append(k)
+        by_count.setdefault(len(records[rows[0]]["scene"]), []).append(k)
+    return {"ks": ks, "images": len(chosen), "mean_k": statistics.mean(chosen),
+            "histogram": {k: chosen.count(k) for k in ks},
+            "mean_k_by_count": {n: statistics.mean(v) for n, v in sorted(by_count.items())}}
+
+
+def curves(folder: Path, stages) -> dict:
+    """Each training stage's curves from its log.jsonl: the loss at every step, and the KL from the upper bound on
+    the fixed held-out subset as [updates done, KL] pairs (train.py --kl_every; empty for a stage without it)."""
+    out = {}
+    for name in stages:
+        log = folder / name / "log.jsonl"
+        if log.exists():
+            lines = [json.loads(line) for line in log.read_text().splitlines()]
+            out[name] = {"loss": [r["loss"] for r in lines if "loss" in r],
+                         "kl": [[r["step"] + 1, r["kl"]] for r in lines if "kl" in r]}
+    return out

@@ -15,6 +15,14 @@ IMAGE_SIZE = vision_pretrain.TOWER.image_size  # the synthetic images are drawn 
 TABLE1 = (("full (upper bound)", "full"), ("VoCo-LLaMA", "voco_k1"), ("avgpool + linear", "avgpool_k1"),
           ("Q-Former", "qformer_k1"), ("lower bound", "lower_bound_k1"))
 ORDER = ("voco_k1", "avgpool_k1", "qformer_k1", "lower_bound_k1")  # the paper's Table 1, best first
+# The images' question sets (--questions): (synthetic.py's question types, objects per image). "graded" (the
+# default) asks the layout questions of scenes whose content grows, from 1 to 8 objects: the measure of content by
+# which the report splits retention; "layout" is the earlier headline, 3 objects per image; "objects" the questions
+# about an object named by its colour (docs/results.md).
+QUESTIONS = {"graded": ("layout", "1-8"), "layout": ("layout", "3"), "objects": ("objects", "3")}
+# Every compressed stage measures the distillation (train.py --teacher, the full stage's model): the KL on all the
+# held-out answers at the end, and its curve every KL_EVERY steps on the first KL_SUBSET held-out questions
+KL_EVERY, KL_SUBSET = 25, 200
 # 750 held-out images x 4 questions: 3,000 questions, so that one standard error of a retention is ~2-3 points
 HELD_OUT_IMAGES = 750
 BATCH = 32  # images per step (train.py's tiny-cpu preset)
@@ -34,13 +42,13 @@ SMOLLM2_STEPS, SMOLLM2_BATCH, SMOLLM2_HELD_OUT, SMOLLM2_LR = (100, 50), 16, 250,
 
 
 def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool = False,
-           questions: str = "layout", llm: str = "tiny") -> dict:
+           questions: str = "graded", llm: str = "tiny") -> dict:
     """Stage name -> the command that makes it (run from the repository root; {out} is the seed's folder, {run} the
     run's). The step counts are the default's time budget on a 2-core CPU; the choices behind them are measured in
     docs/results.md. any_k adds `voco_any_<ks>`: one VoCo-LLaMA model for every K of ks (train.py --voco_ks),
     trained as long as two per-K stages. video adds `video_data` and `video`: the K = 1 VoCo-LLaMA model trained
-    on moving-shapes videos, a VoCo token per frame. questions is the images' question set
-    (synthetic.QUESTION_SETS). llm "smollm2" starts the full stage from SmolLM2 ({run}/smollm2) and adds
+    on moving-shapes videos, a VoCo token per frame. questions is the images' question set (QUESTIONS). llm
+    "smollm2" starts the full stage from SmolLM2 ({run}/smollm2) and adds
     `zero_shot`, its answers to scenes as text."""
     steps = lambda n: str(max(1, round(n * scale)))  # noqa: E731
     runs = {"vision": ["-m", "nanovoco.repro.vision_pretrain", "--out", "{out}/vision", "--steps", steps(300),
@@ -51,9 +59,10 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
     held_out = max(1, round(held_out * min(scale, 1)))  # a larger run is not scored on more questions
     # as many training images as the full stage reads, so that it never sees one twice (read many times, they are
     # memorised: docs/results.md, "How the recipe was chosen")
+    question_set, n_objects = QUESTIONS[questions]
     runs["data"] = ["-m", "nanovoco.repro.synthetic", "--out", "{out}/data", "--n_images", steps(full_steps * batch),
-                    "--questions_per_image", "8", "--multi_turn", "--held_out", str(held_out), "--n_objects", "3",
-                    "--questions", questions, "--image_size", str(IMAGE_SIZE), "--seed", str(seed)]
+                    "--questions_per_image", "8", "--multi_turn", "--held_out", str(held_out), "--n_objects",
+                    n_objects, "--questions", question_set, "--image_size", str(IMAGE_SIZE), "--seed", str(seed)]
     common = ["train.py", "--preset=tiny-cpu", "--data={out}/data/train/data.json",
               "--eval_data={out}/data/eval/data.json", "--eval_every=0", "--eval_limit=0", f"--seed={seed}"]
     if llm == "tiny":
@@ -66,6 +75,7 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
         runs["zero_shot"] = ["-m", "nanovoco.repro.scene_text", "--llm", "{run}/smollm2", "--data",
                              "{out}/data/eval/data.json", "--out", "{out}/zero_shot",
                              "--image_size", str(IMAGE_SIZE)]
+    distill = ["--teacher={out}/full/checkpoint/model", f"--kl_every={KL_EVERY}", f"--kl_limit={KL_SUBSET}"]
     compressed = [("voco", k) for k in ks] + [(mode, 1) for mode in BASELINES]
     for mode, k in compressed:
         # <voco> starts as a copy of the "\n" that precedes it (train.py --voco_init), for VoCo-LLaMA and its lower
@@ -73,11 +83,11 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
         voco_init = ["--voco_init=newline"] if mode in ("voco", "lower_bound") else []
         runs[f"{mode}_k{k}"] = [*common, f"--mode={mode}", f"--num_voco={k}", *voco_init,
                                 f"--max_steps={steps(compressed_steps)}", "--warmup_ratio=0.03",
-                                "--init={out}/full/checkpoint/model"]
+                                "--init={out}/full/checkpoint/model", *distill]
     if any_k:
         runs[any_k_stage(ks)] = [*common, "--mode=voco", "--num_voco=1", "--voco_init=newline",
                             f"--voco_ks={','.join(map(str, ks))}", f"--max_steps={steps(2 * compressed_steps)}",
-                            "--warmup_ratio=0.03", "--init={out}/full/checkpoint/model"]
+                            "--warmup_ratio=0.03", "--init={out}/full/checkpoint/model", *distill]
     if video:
         videos = max(1, round(HELD_OUT_VIDEOS * min(scale, 1)))
         runs["video_data"] = ["-m", "nanovoco.repro.synthetic_video", "--out", "{out}/video_data", "--n_videos",

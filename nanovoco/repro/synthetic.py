@@ -80,6 +80,8 @@ def extreme(scene: list[dict], i: int, qtype: str, image_size: int):
     runner-up is about as close (as far): on a grid distances often tie, e.g. one neighbour left and one above."""
     others = sorted((math.dist((scene[i]["x"], scene[i]["y"]), (o["x"], o["y"])), j)
                     for j, o in enumerate(scene) if j != i)
+    if not others:  # a scene of one object
+        return None
     if qtype == "farthest":
         others.reverse()
     if len(others) > 1 and abs(others[0][0] - others[1][0]) <= 0.1 * image_size / GRID:
@@ -171,17 +173,33 @@ def questions(rng: random.Random, scene: list[dict], n: int, image_size: int,
 HELD_OUT_SEED = 10_000  # a held-out set's seed is the training set's + this: other images, never the same
 
 
+def object_counts(n_objects) -> tuple[int, int]:
+    """n_objects as (fewest, most) objects per image: an int N is (N, N), a pair is itself, and so is the command
+    line's "LO-HI" (e.g. "1-8": each image draws its count uniformly from 1 to 8)."""
+    if isinstance(n_objects, str):
+        lo, _, hi = n_objects.partition("-")
+        try:
+            n_objects = (int(lo), int(hi or lo))
+        except ValueError:
+            raise ValueError(f"n_objects={n_objects!r}: give a number of objects, or a range like 1-8") from None
+    lo, hi = (n_objects, n_objects) if isinstance(n_objects, int) else n_objects
+    if not 1 <= lo <= hi <= len(PALETTE):
+        raise ValueError(f"n_objects={lo if lo == hi else f'{lo}-{hi}'}: use 1..{len(PALETTE)} (one colour per "
+                         f"object), a range from low to high")
+    return lo, hi
+
+
 def generate(out_dir, n_images: int = 1000, questions_per_image: int = 4, seed: int = 0, image_size: int = 112,
-             n_objects: int = 6, multi_turn: bool = False, question_set: str = "layout") -> Path:
+             n_objects: int | tuple[int, int] = 6, multi_turn: bool = False, question_set: str = "layout") -> Path:
     """Write n_images PNGs to out_dir/images/ and one LLaVA record per question to out_dir/data.json; return the
     JSON's path. multi_turn=True writes one record per image instead, its questions as the turns of one
     conversation (as most of LLaVA's data is): one forward pass then trains on every question of the image.
-    question_set names the questions' set (QUESTION_SETS). The same arguments give byte-identical files; image i
-    depends only on (seed, i)."""
+    question_set names the questions' set (QUESTION_SETS); n_objects is the objects per image, or a (fewest, most)
+    range that each image draws its count from uniformly (object_counts). The same arguments give byte-identical
+    files; image i depends only on (seed, i)."""
     if question_set not in QUESTION_SETS:
         raise ValueError(f"question set {question_set!r}: use one of {', '.join(QUESTION_SETS)}")
-    if not 2 <= n_objects <= min(len(PALETTE), GRID * GRID):
-        raise ValueError(f"n_objects={n_objects}: use 2..{len(PALETTE)} (one colour per object)")
+    lo, hi = object_counts(n_objects)
     if image_size < 8 * GRID:
         raise ValueError(f"image_size={image_size} is too small for a {GRID}x{GRID} grid: use at least {8 * GRID}")
     if n_images < 1 or questions_per_image < 1:
@@ -191,7 +209,8 @@ def generate(out_dir, n_images: int = 1000, questions_per_image: int = 4, seed: 
     records = []
     for i in tqdm(range(n_images), desc="sort-of-clevr", unit="image"):
         rng = random.Random(f"{seed}/{i}")  # a string seed hashes (sha512) to the same state on every platform
-        scene = make_scene(rng, image_size, n_objects)
+        # a fixed count draws nothing, so that such sets stay byte-identical to those made before ranges existed
+        scene = make_scene(rng, image_size, lo if lo == hi else rng.randint(lo, hi))
         image = f"images/{i:06d}.png"
         img = draw(scene, image_size)
         # PIL picks the format from the name's suffix, and the temporary name has none
@@ -228,7 +247,8 @@ def main(argv=None):
     p.add_argument("--questions_per_image", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image_size", type=int, default=112)
-    p.add_argument("--n_objects", type=int, default=6)
+    p.add_argument("--n_objects", default="6", help="objects per image, or a range LO-HI (e.g. 1-8) that each "
+                   "image draws its count from")
     p.add_argument("--multi_turn", action="store_true", help="one record per image, its questions as turns")
     p.add_argument("--questions", default="layout", choices=QUESTION_SETS, help="where things are (layout) or the "
                    "object named by its colour (objects)")
