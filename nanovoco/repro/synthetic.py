@@ -7,6 +7,10 @@ distinct colours on a white canvas, and short questions about them, in one of tw
   empty. The mean of the image's patch features keeps these answers only as a faint direction (nanovoco.repro.probe),
   while attention over the patches reads them plainly: this is the set on which the reproduction compares
   VoCo-LLaMA with average pooling.
+- "graded": the layout questions and two more about the quarters (which one holds the most objects, how many are
+  empty), asked of scenes of 1 to 8 objects (`--n_objects 1-8`) in the reproduction: their answers need more of the
+  image as it fills, and the number of objects is the content measure by which the reproduction asks how much one
+  VoCo token keeps.
 - "objects": Sort-of-CLEVR's own. Non-relational questions ask about the object of a given colour (its shape, which
   half of the image it is in) or count a shape; relational ones ask about an object through another (the closest,
   the farthest, how many share its shape). The tiny LLMs of the reproduction never learn to find the object that a
@@ -15,6 +19,7 @@ The answers depend on the image only, so a model that learns them must read the 
 of it: here, a few VoCo tokens.
 
     python -m nanovoco.repro.synthetic --out data/sort_of_clevr --n_images 10000 --seed 0 [--questions objects]
+        [--n_objects 1-8]
 
 writes out/images/000000.png, ... and out/data.json, one LLaVA record per question (with --held_out N, the set goes
 to out/train/ and N held-out images, of another seed, to out/eval/):
@@ -43,10 +48,13 @@ GRID = 4  # objects sit at the centres of a GRID x GRID grid of cells, at most o
 QUARTERS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_SETS = {
     "layout": ("left_right", "top_bottom", "count_left", "count_top", "centre", "empty_quarter"),
+    # the layout's questions and two more about the four quarters, for scenes of 1 to 8 objects (the graded set)
+    "graded": ("left_right", "top_bottom", "count_left", "count_top", "centre", "empty_quarter", "busiest_quarter",
+               "empty_quarters"),
     "objects": ("shape", "horizontal", "vertical", "count",  # non-relational
                 "closest", "farthest", "same_shape_count"),  # relational
 }
-QUESTION_TYPES = tuple(t for types in QUESTION_SETS.values() for t in types)
+QUESTION_TYPES = tuple(dict.fromkeys(t for types in QUESTION_SETS.values() for t in types))
 ANSWERS = SHAPES + ("left", "right", "top", "bottom", "yes", "no") + tuple(PALETTE) + NUMBERS + QUARTERS
 
 
@@ -116,16 +124,22 @@ def ask_layout(scene: list[dict], qtype: str, image_size: int):
         inner = range(GRID // 4, GRID - GRID // 4)
         occupied = any(int(o["x"] // cell) in inner and int(o["y"] // cell) in inner for o in scene)
         return "Is there an object in the centre?", "yes" if occupied else "no"
+    in_quarter = {q: sum(quarter(o, image_size) == q for o in scene) for q in QUARTERS}
     if qtype == "empty_quarter":
-        empty = [q for q in QUARTERS if all(quarter(o, image_size) != q for o in scene)]
+        empty = [q for q, n in in_quarter.items() if n == 0]
         return ("Which quarter of the image is empty?", empty[0]) if len(empty) == 1 else None
+    if qtype == "busiest_quarter":
+        busiest = [q for q, n in in_quarter.items() if n == max(in_quarter.values())]
+        return ("Which quarter of the image holds the most objects?", busiest[0]) if len(busiest) == 1 else None
+    if qtype == "empty_quarters":
+        return "How many quarters of the image are empty?", NUMBERS[sum(n == 0 for n in in_quarter.values())]
     raise ValueError(f"unknown question type {qtype!r}: use one of {QUESTION_TYPES}")
 
 
 def ask(rng: random.Random, scene: list[dict], qtype: str, image_size: int):
     """(question, answer) of type qtype (about a uniformly drawn target for the objects set), or None if this scene
     has no fair one."""
-    if qtype in QUESTION_SETS["layout"]:
+    if qtype in QUESTION_SETS["graded"]:
         return ask_layout(scene, qtype, image_size)
     if qtype == "count":
         shape = rng.choice(SHAPES)
