@@ -388,13 +388,7 @@ def fit(run: Run):
               f"{cfg.micro_batch_size}) on {device}")
     bar = tqdm(total=total_steps, initial=step, disable=rank != 0, desc=cfg.mode)
     first_step = step
-    curve = run.teacher[:cfg.kl_limit] if cfg.kl_every else None  # the distillation's curve: a fixed subset
-    if curve is not None and step == 0:  # where the curve starts, before any update ("step" -1); every process
-        kl = distillation_kl(run.vlm, run.eval_set, eval_compressed, curve)["overall"]  # joins FSDP's gathers
-        run.vlm.train()
-        if rank == 0:
-            with open(log_path, "a") as f:
-                f.write(json.dumps({"step": -1, "kl": kl}) + "\n")
+    curve = start_curve(run, log_path, eval_compressed)
     while step < total_steps:
         t0 = time.perf_counter()
         lr = schedule(step, total_steps, cfg)
@@ -443,6 +437,22 @@ def start_log(log_path: Path, step: int, rank: int) -> Path:
         kept = [line for line in lines if line.endswith("}") and json.loads(line)["step"] < step]  # "}": whole
         log_path.write_text("".join(line + "\n" for line in kept))
     return log_path
+
+
+def start_curve(run: Run, log_path: Path, compressed: bool) -> list | None:
+    """The distillation's curve (--kl_every): the teacher's answer distributions on its fixed subset of the
+    held-out questions, or None without it. A run at its start logs the KL before any update first ("step": -1);
+    every process computes it, joining FSDP's gathers, and rank 0 writes it."""
+    if not run.cfg.kl_every:
+        return None
+    curve = run.teacher[:run.cfg.kl_limit]
+    if run.step == 0:
+        kl = distillation_kl(run.vlm, run.eval_set, compressed, curve)["overall"]
+        run.vlm.train()
+        if run.rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps({"step": -1, "kl": kl}) + "\n")
+    return curve
 
 
 def stop_on_signals() -> list:

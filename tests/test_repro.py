@@ -257,12 +257,12 @@ def test_the_gpu_recipe_runs_at_a_tiny_scale_and_infer_answers_with_its_model(tm
 def test_oracle_content_and_curves_on_hand_made_results(tmp_path):
     """The per-image oracle (the fewest tokens that answer all of an image's questions as the largest K does), the
     split by objects per image, and the curves read from log.jsonl, on results made by hand."""
-    scene = lambda n: [{"color": c, "shape": "circle", "x": 8, "y": 8} for c in ("red", "blue", "green", "gray",  # noqa: E731
-                                                                                 "cyan", "orange", "yellow")[:n]]
+    colours = ("red", "blue", "green", "gray", "cyan", "orange", "yellow")
+    scene = lambda n: [{"color": c, "shape": "circle", "x": 8, "y": 8} for c in colours[:n]]  # noqa: E731
     records = [{"image": f"images/{i}.png", "scene": scene(n)} for i, n in enumerate((1, 2, 6, 7)) for _ in (0, 1)]
     answers = {1: ["a", "b", "x", "d", "x", "x", "g", "h"], 4: ["a", "b", "c", "d", "e", "x", "g", "h"],
                16: ["a", "b", "c", "d", "e", "f", "g", "h"]}
-    truth = ["a", "b", "c", "d", "e", "f", "g", "x"]  # K = 16 misses the last question: the oracle follows it, not truth
+    truth = ["a", "b", "c", "d", "e", "f", "g", "x"]  # K = 16 misses the last one: the oracle follows it, not truth
     results = {f"voco_k{k}": {"answers": a, "correct": [int(x == t) for x, t in zip(a, truth)]}
                for k, a in answers.items()}
     found = oracle(records, results, "voco_k")

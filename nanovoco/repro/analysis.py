@@ -225,8 +225,9 @@ CROWDED = 5
 
 
 def content_summary(records: list[dict], results: dict) -> dict | None:
-    """Each stage's accuracy by objects per image, and its retention on the sparse (< CROWDED objects) and crowded
-    images, with paired-bootstrap standard errors; None when every image holds as many objects."""
+    """Each stage's accuracy (and KL from the upper bound) by objects per image, and its retention on the sparse
+    (< CROWDED objects) and crowded images, with paired-bootstrap standard errors; None when every image holds as
+    many objects."""
     counts = [len(r["scene"]) for r in records]
     if len(set(counts)) == 1:
         return None
@@ -238,8 +239,10 @@ def content_summary(records: list[dict], results: dict) -> dict | None:
            "n_split": {part: len(rows) for part, rows in split.items()}, "stages": {}}
     for name, r in results.items():
         pick = lambda xs, rows: [xs[i] for i in rows]  # noqa: E731
+        kl = r["kl"]["per_question"] if "kl" in r else None
         out["stages"][name] = {
             "by_count": {n: statistics.mean(pick(r["correct"], rows)) for n, rows in by_count.items()},
+            "kl_by_count": {n: statistics.mean(pick(kl, rows)) for n, rows in by_count.items()} if kl else None,
             **{part: {"accuracy": statistics.mean(pick(r["correct"], rows)),
                       "retention": retention(*(statistics.mean(pick(x, rows)) for x in (r["correct"], lower, upper))),
                       "retention_se": retention_se(*(pick(x, rows) for x in (r["correct"], lower, upper)))}

@@ -96,17 +96,23 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
     if any_k:
         runs[any_k_stage(ks)] = [*compressed("voco", 1, 2 * compressed_steps), f"--voco_ks={','.join(map(str, ks))}"]
     if video:
-        videos = max(1, round(HELD_OUT_VIDEOS * min(scale, 1)))
-        runs["video_data"] = ["-m", "nanovoco.repro.synthetic_video", "--out", "{out}/video_data", "--n_videos",
-                              steps(VIDEO_STEPS * BATCH), "--questions_per_video", "8", "--multi_turn",
-                              "--held_out", str(videos), "--n_objects", str(VIDEO_OBJECTS), "--image_size",
-                              str(IMAGE_SIZE), "--seed", str(seed)]
-        runs["video"] = ["train.py", "--preset=tiny-cpu", "--data={out}/video_data/train/data.json",
-                         "--eval_data={out}/video_data/eval/data.json", "--eval_every=0", "--eval_limit=0",
-                         f"--seed={seed}", "--mode=voco", "--num_voco=1", "--max_len=512",
-                         f"--max_steps={steps(VIDEO_STEPS)}", "--warmup_ratio=0.03",
-                         "--init={out}/voco_k1/checkpoint/model"]
+        runs.update(video_stages(scale, seed))
     return runs
+
+
+def video_stages(scale: float, seed: int) -> dict:
+    """--video's stages: the moving-shapes data, and the K = 1 VoCo-LLaMA model trained on it."""
+    steps = lambda n: str(max(1, round(n * scale)))  # noqa: E731
+    videos = max(1, round(HELD_OUT_VIDEOS * min(scale, 1)))
+    return {"video_data": ["-m", "nanovoco.repro.synthetic_video", "--out", "{out}/video_data", "--n_videos",
+                           steps(VIDEO_STEPS * BATCH), "--questions_per_video", "8", "--multi_turn", "--held_out",
+                           str(videos), "--n_objects", str(VIDEO_OBJECTS), "--image_size", str(IMAGE_SIZE),
+                           "--seed", str(seed)],
+            "video": ["train.py", "--preset=tiny-cpu", "--data={out}/video_data/train/data.json",
+                      "--eval_data={out}/video_data/eval/data.json", "--eval_every=0", "--eval_limit=0",
+                      f"--seed={seed}", "--mode=voco", "--num_voco=1", "--max_len=512",
+                      f"--max_steps={steps(VIDEO_STEPS)}", "--warmup_ratio=0.03",
+                      "--init={out}/voco_k1/checkpoint/model"]}
 
 
 def finished(name: str, folder: Path) -> Path:

@@ -120,8 +120,20 @@ def table2(per_seed: dict) -> list[str]:
         lines.append(f"| {k} | {VISION_TOKENS // k}x | {over_seeds(per_seed, f'voco_k{k}', 'overall')} | "
                      f"{over_seeds(per_seed, f'voco_k{k}', 'retention')} | {kl_over_seeds(per_seed, f'voco_k{k}')} |"
                      + extra)
-    return (lines + k_steps(per_seed, ks) + longer_table(per_seed, ks) + oracle_lines(per_seed)
-            + content_table(per_seed, ks))
+    return (lines + table2_by_type(per_seed, ks) + k_steps(per_seed, ks) + longer_table(per_seed, ks)
+            + oracle_lines(per_seed) + content_table(per_seed, ks))
+
+
+def table2_by_type(per_seed: dict, ks) -> list[str]:
+    """Table 2 per question type: where each K loses (accuracy, mean over seeds), beside the upper bound."""
+    first = next(iter(per_seed.values()))
+    types = sorted(first["full"]["by_type"])
+    lines = ["", "By question type (accuracy, %, mean over seeds):", "",
+             "| K | " + " | ".join(types) + " |", "|---:|" + "---:|" * len(types)]
+    for label, name in [*((str(k), f"voco_k{k}") for k in ks), ("64 (upper bound)", "full")]:
+        lines.append(f"| {label} | " + " | ".join(
+            f"{100 * statistics.mean(s[name]['by_type'][t] for s in per_seed.values()):.1f}" for t in types) + " |")
+    return lines
 
 
 def longer_table(per_seed: dict, ks) -> list[str]:
@@ -212,6 +224,13 @@ def content_table(per_seed: dict, ks) -> list[str]:
             ms = mean_sd(st.get(part, {}).get("retention") for st in stage)  # a toy run may lack a part
             cells.append("n/a" if ms is None else f"{pct(ms[0])} ± {pct(ms[1])}")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "The KL from the upper bound (nats per answer token) by objects per image, mean over seeds:", "",
+              "| method | " + " | ".join(f"{n}" for n in counts) + " |", "|---|" + "---:|" * len(counts)]
+    for label, name in rows[1:]:
+        stage = [s["content"]["stages"][name] for s in per_seed.values()]
+        if all(st["kl_by_count"] for st in stage):
+            lines.append(f"| {label} | " + " | ".join(
+                f"{statistics.mean(st['kl_by_count'][n] for st in stage):.3f}" for n in counts) + " |")
     lines += ["", f"What one token loses on the crowded images: VoCo-LLaMA K = 1's retention on the sparse minus the "
               "crowded images, per seed (± the combined bootstrap standard error; * beyond twice it): "]
     cells = []
