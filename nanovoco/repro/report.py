@@ -190,12 +190,15 @@ def oracle_lines(per_seed: dict) -> list[str]:
             continue
         ks = first["oracle"][family]["ks"]
         means = [s["oracle"][family]["mean_k"] for s in per_seed.values()]
+        by_count = lambda n: statistics.mean(s["oracle"][family]["mean_k_by_count"][n]  # noqa: E731
+                                             for s in per_seed.values())
         hist = {k: sum(s["oracle"][family]["histogram"][k] for s in per_seed.values()) for k in ks}
         total = sum(hist.values())
         lines += ["", f"Per-image oracle of {label}: the fewest tokens that answer all of an image's questions as "
                   f"K = {ks[-1]} does needs {statistics.mean(means):.2f} tokens per image on average (per seed: "
                   + ", ".join(f"{m:.2f}" for m in means) + "); images needing k: "
-                  + ", ".join(f"{k}: {100 * hist[k] / total:.1f}%" for k in ks) + "."]
+                  + ", ".join(f"{k}: {100 * hist[k] / total:.1f}%" for k in ks) + "; mean k by objects per image: "
+                  + ", ".join(f"{n}: {by_count(n):.1f}" for n in first["oracle"][family]["mean_k_by_count"]) + "."]
     return lines
 
 
@@ -377,7 +380,8 @@ def plot(per_seed: dict, path: Path):
         return 100 * statistics.mean(values), 100 * statistics.stdev(values)
 
     ks = run_ks(next(iter(per_seed.values())))
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, (ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 3.8))
+    kl_plot(per_seed, ks, kl_ax)
     y, err = zip(*(point(f"voco_k{k}") for k in ks))
     ax.errorbar(ks, y, yerr=err, fmt="o-", capsize=3, label="VoCo-LLaMA, one model per K")
     if f"voco_any_k{ks[0]}" in next(iter(per_seed.values())):
@@ -399,6 +403,30 @@ def plot(per_seed: dict, path: Path):
     ax.legend()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def kl_plot(per_seed: dict, ks, ax):
+    """The KL from the upper bound against K (mean ± sd over seeds), the one-token baselines at K = 1."""
+    def point(name):
+        values = [s[name]["kl"] for s in per_seed.values()]
+        if any(v is None for v in values):
+            return float("nan"), 0.0
+        return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+    rows = [("VoCo-LLaMA, one model per K", "voco_k", "o-"), ("one model for every K", "voco_any_k", "D--")]
+    for label, family, style in rows:
+        if f"{family}{ks[0]}" in next(iter(per_seed.values())):
+            y, err = zip(*(point(f"{family}{k}") for k in ks))
+            ax.errorbar(ks, y, yerr=err, fmt=style, capsize=3, label=label)
+    for label, name, marker in (("avgpool", "avgpool_k1", "s"), ("qformer", "qformer_k1", "^"),
+                                ("lower bound", "lower_bound_k1", "x")):
+        y, err = point(name)
+        ax.errorbar([1], [y], yerr=[err], fmt=marker, capsize=3, label=label)
+    ax.set(xscale="log", yscale="log", xlabel="compressed tokens per image (K)",
+           ylabel="KL from the upper bound (nats per answer token)", title="The distillation: how far from the teacher")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.legend(fontsize=7)
 
 
 def run_ks(summary: dict) -> list[int]:
