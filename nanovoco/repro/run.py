@@ -1,17 +1,20 @@
 """The paper's tables in miniature, on synthetic visual QA, from scratch, on a CPU: the main job.
 
-    python -m nanovoco.repro                          # one seed, ~15 minutes on a 2-core CPU; writes runs/repro/
+    python -m nanovoco.repro                          # one seed, ~13 minutes on a 2-core CPU; writes runs/repro/
     python -m nanovoco.repro --seeds 0,1,2            # three seeds: tables as mean +- sd, error bars in the plot
-    python -m nanovoco.repro --ks 1,2,4,8,16          # Table 2 at more K (each K a stage of ~2 CPU minutes)
-    python -m nanovoco.repro --any_k                  # + one model for every K, and Table 4 (~4 CPU minutes)
+    python -m nanovoco.repro --ks 1,2,4,8,16          # Table 2 at more K (each K a stage of ~1.5 CPU minutes)
+    python -m nanovoco.repro --any_k                  # + one model for every K, and Table 4 (~3 CPU minutes)
+    python -m nanovoco.repro --longer 2,4             # + every K trained 2x and 4x as long: capacity or speed?
     python -m nanovoco.repro --video                  # + video: do the per-frame caches carry time? (~9 CPU minutes)
+    python -m nanovoco.repro --questions layout       # the earlier headline: the layout of 3 objects per image
     python -m nanovoco.repro --questions objects      # the objects named by their colour (docs/results.md)
     python -m nanovoco.repro --scale 8                # a larger run (8x the data and steps), for a GPU
     python -m nanovoco.repro --llm smollm2 --ks 1 --scale 0.6   # from SmolLM2-135M (~1 CPU hour a seed)
 
-The questions are synthetic.py's layout set by default: where things are (how many objects in the left half, which
-quarter is empty, ...), which a tiny LLM trained from scratch masters (the objects set, about the object a colour
-names, it never learns), and which averaging the image's features keeps only faintly (nanovoco.repro.probe).
+The questions are synthetic.py's graded set by default: where things are (how many objects in the left half, which
+quarter is empty, which holds the most, ...) in scenes of 1 to 8 objects, which a tiny LLM trained from scratch
+masters (the objects set, about the object a colour names, it never learns), and which averaging the image's
+features keeps only faintly (nanovoco.repro.probe).
 As the paper does (Sec. 4.1), every seed runs these stages, each in its own folder of runs/repro/seed<s>/:
 0. `vision`: a tiny ViT pretrained on synthetic scenes (per-patch colour, shape and grid cell; vision_pretrain.py),
    then frozen, as CLIP is pretrained and frozen; `data`: the synthetic training and held-out sets (synthetic.py);
@@ -20,13 +23,18 @@ As the paper does (Sec. 4.1), every seed runs these stages, each in its own fold
 2. from it, each for the same number of steps: VoCo-LLaMA with K = 1, 4 and 16 VoCo tokens (`voco`; `--ks` sets
    others), the same K = 1 tokens trained without the VoCo mask and tested with it (`lower_bound`), and the external
    compressors average pooling + linear (`avgpool`, as in LLaMA-VID) and a Q-Former (`qformer`, as in BLIP-2) to
-   K = 1 token, both on the vision tower's features.
+   K = 1 token, both on the vision tower's features. Each is measured against the upper bound it distils
+   (train.py --teacher): the KL from the upper bound's answer distribution to its own, on every held-out answer at
+   the end, and on a fixed subset every recipe.KL_EVERY steps (its curve).
 A stage that finished (its eval.json, or its data, exists) is not run again, and an interrupted one resumes from its
 checkpoint, so the same command picks up where it stopped. Then it writes, into the run folder:
 
-- Table 1: held-out accuracy per question type for each method at K = 1, and the compression retention rate
-  (result - lower bound) / (upper bound - lower bound), per seed with its standard error, and over seeds;
-- Table 2: VoCo-LLaMA's accuracy and retention for each K (K = 1, 4, 16: 64x, 16x and 4x compression);
+- Table 1: held-out accuracy per question type for each method at K = 1, the compression retention rate
+  (result - lower bound) / (upper bound - lower bound) and the KL, per seed with its standard error, and over seeds;
+- Table 2: VoCo-LLaMA's accuracy, retention and KL for each K (K = 1, 4, 16: 64x, 16x and 4x compression), by
+  question type, each step of the curve against its standard error, the per-image oracle of K, and by objects per
+  image (accuracy, KL, retention of the sparse and the crowded scenes);
+- with --longer, the same per-K stages trained longer: whether Table 2's gaps stay (capacity) or close (speed);
 - with --any_k, Table 2's column for one model trained for every K (`voco_any_<ks>`), and Table 4: each model run at
   every K;
 - with --video, the K = 1 model trained on moving-shapes videos (`video`, a VoCo token per frame), asked about the
@@ -37,7 +45,9 @@ checkpoint, so the same command picks up where it stopped. Then it writes, into 
   default, plus `zero_shot`: the untrained SmolLM2 answering each held-out question from its scene written as text
   (nanovoco.repro.scene_text);
 - Table 7: the inference-efficiency report of nanovoco.repro.bench on the tiny shape;
-- results.md (the tables), results.json (every number, per seed) and retention.png (retention against K).
+- results.md (the tables), results.json (every number, per seed), retention.png (retention and KL against K),
+  content.png (accuracy by objects per image) and curves_seed<s>.png (each stage's loss and KL per step: the
+  reference curves to lay a run beside).
 
 Standard errors: an accuracy's is sqrt(p (1 - p) / n) over the n held-out questions; a retention's comes from a
 paired bootstrap over the questions (every method answers the same ones), so it includes the bounds' noise.
