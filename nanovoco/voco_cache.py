@@ -37,6 +37,7 @@ class VoCoCache:
         exactly what a k-token compression does: the layout is nested, and one stage-1 pass at the largest K
         serves every smaller budget (tests/test_two_stage.py). Images only: a video's frames sit K positions
         apart, and would have to be moved."""
+        check_count("first(k)", k)
         if not 1 <= k <= self.num_voco:
             raise ValueError(f"this cache holds {self.num_voco} VoCo tokens per image: it can give the first 1 to "
                              f"{self.num_voco}, not {k}")
@@ -48,6 +49,15 @@ class VoCoCache:
 
 
 @torch.no_grad()
+def check_count(argument: str, value) -> int:
+    """A number of VoCo tokens as an API argument: an int (not a bool, a float or a string, which would otherwise
+    fail deep inside or be taken for 1), returned as such."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{argument} takes a number of VoCo tokens, an int >= 1, not {value!r} "
+                        f"({type(value).__name__})")
+    return value
+
+
 def compress(vlm: VoCoLlama, pixel_values, prefix_ids, num_voco: int | None = None) -> VoCoCache:
     """Stage 1. pixel_values (n, 3, H, W), prefix_ids (P,): what one image is in a training sample,
     [BOS] [image x N] [\\n] [<voco> x K] (voco.compress_prefix) -> a VoCoCache with one row per image.
@@ -57,13 +67,18 @@ def compress(vlm: VoCoLlama, pixel_values, prefix_ids, num_voco: int | None = No
     The prefix is one compression group, where the VoCo mask is plain causal attention (a VISION or VOCO token
     sees the earlier tokens of its own group), so no mask is needed. The positions are those of training,
     0..P-1, so the cached keys are rotated (RoPE) exactly as the text saw them in training."""
-    K = vlm.config.num_voco if num_voco is None else num_voco
+    K = vlm.config.num_voco if num_voco is None else check_count("compress(num_voco=...)", num_voco)
     voco = vlm.config.voco_token_id
     if (vlm.config.num_voco == 0 or K < 1 or prefix_ids.ndim != 1 or prefix_ids.shape[0] <= K
             or prefix_ids[-K:].ne(voco).any() or prefix_ids[-K - 1] == voco):
         raise ValueError(f"compress needs a model with VoCo tokens (this one has num_voco="
                          f"{vlm.config.num_voco}) and a prefix that ends with exactly {K} <voco> tokens: build "
                          f"it with voco.compress_prefix(tokenizer, Layout.of(config, {K}))")
+    context = vlm.config.text.max_position_embeddings
+    if prefix_ids.shape[0] >= context:  # the question needs at least one position after the VoCo tokens
+        raise ValueError(f"compress: the prefix holds {prefix_ids.shape[0]} tokens ({K} of them <voco>), and the "
+                         f"model's context is {context} positions, with the question still to come: give num_voco "
+                         f"<= {context - 1 - (prefix_ids.shape[0] - K)}")
     ids = prefix_ids.to(pixel_values.device).expand(pixel_values.shape[0], -1)  # (n, P)
     out = vlm.llm(inputs_embeds=vlm.embed(ids, pixel_values))  # positions 0..P-1, causal
     P = ids.shape[1]

@@ -127,6 +127,17 @@ def test_one_model_at_every_k_equals_single_pass_and_its_first_k_tokens_are_a_k_
         largest.first(9)
     with pytest.raises(ValueError, match="first\\(k\\) takes an image's cache"):
         compress_video(vlm, images(2), prefix(tok, vlm)).first(1)
+    # what a user may type instead of an int is refused at the call, naming the argument
+    for bad in (2.5, "3", True, None):
+        with pytest.raises(TypeError, match=r"first\(k\) takes a number of VoCo tokens, an int >= 1, not "):
+            largest.first(bad)
+        with pytest.raises(TypeError, match=r"compress\(num_voco=...\) takes a number of VoCo tokens"):
+            compress(vlm, pixels, prefix(tok, vlm, 2), num_voco=bad if bad is not None else 2.0)
+    # a K whose prefix leaves no room for the question in the context: refused at stage 1, not at stage 2
+    too_many = vlm.config.text.max_position_embeddings
+    with pytest.raises(ValueError, match=r"and the model's context is 512 positions, with the question still to "
+                                         r"come: give num_voco <= "):
+        compress(vlm, pixels, prefix(tok, vlm, too_many), num_voco=too_many)
 
 
 def test_text_positions_continue_after_the_voco_tokens(tok):
