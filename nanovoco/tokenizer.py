@@ -101,6 +101,7 @@ class Tokenizer:
 
     def encode(self, text, bos=True, eos=False):
         """Ids of `text`: special strings as their ids, each text chunk between them encoded on its own."""
+        encodable(text)
         ids = list(self.bos_ids) if bos else []
         # re.split with one group alternates text chunk, special, text chunk, ...
         for i, chunk in enumerate(self._split.split(text)):
@@ -183,6 +184,7 @@ class BPETokenizer:
 
     def encode(self, text, bos=True, eos=False):
         """Ids of `text`: special strings as their ids, the rest byte-level BPE."""
+        encodable(text)
         ids = self.hf.encode(text, add_special_tokens=False).ids
         return (self.bos_ids if bos else []) + ids + ([self.eos_id] if eos else [])
 
@@ -202,6 +204,21 @@ class BPETokenizer:
         atomic_write(Path(directory) / "tokenizer.json", lambda tmp: self.hf.save(tmp))
         text = json.dumps(self.config, indent=2, ensure_ascii=False)
         atomic_write(Path(directory) / "tokenizer_config.json", lambda tmp: Path(tmp).write_text(text))
+
+
+def encodable(text: str):
+    """Refuse, in words about the text, what no tokenizer can encode: a str that is not Unicode text, such as a lone
+    surrogate (which Python lets a string hold, e.g. from a bad JSON escape or a mis-decoded file). Without this,
+    sentencepiece and tokenizers fail with errors about their C++ bindings."""
+    if not isinstance(text, str):
+        raise TypeError(f"the tokenizer encodes text (a str), not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        around = text[max(0, e.start - 20):e.end + 20]
+        raise ValueError(f"the text {around!r} holds {text[e.start:e.end]!r} at character {e.start}, which is not "
+                         f"valid Unicode (a lone surrogate): remove it, or read the text with its right "
+                         f"encoding") from None
 
 
 def encode_with_images(tokenizer, text, image_token_id, num_image_tokens, bos=True):

@@ -123,6 +123,9 @@ def test_full_mode_answers_from_the_whole_image(setup, capsys):
     (["--video", "{root}/frame1.png", "{root}/frame2.png", "--fps", "2", "--question", "x"],
      "--fps needs an animated file"),
     (["--video", "{root}/empty", "--question", "x"], "folder {root}/empty holds no frames"),
+    # a byte that is not UTF-8 in the shell's argument reaches Python as a lone surrogate
+    (["--image", "{root}/frame1.png", "--question", "red\udcff?"], "holds '\\udcff' at character 3, which is not "
+     "valid Unicode (a lone surrogate): remove it"),
 ])
 def test_bad_input_is_one_clear_line(setup, capsys, argv, message):
     root, _, models = setup

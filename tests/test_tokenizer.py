@@ -5,7 +5,8 @@ import os
 import pytest
 import sentencepiece as spm
 
-from nanovoco.tokenizer import VICUNA_SYSTEM, Tokenizer, render_vicuna, train_tiny_tokenizer
+from nanovoco.tokenizer import VICUNA_SYSTEM, Tokenizer, load_tokenizer, render_vicuna, train_tiny_tokenizer
+from tiny import bpe_tokenizer
 
 CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant.",
@@ -116,6 +117,18 @@ def test_appended_specials_follow_the_vocab(plain_path):
 def test_decode_inverts_encode(tok, text):
     assert tok.decode(tok.encode(text, bos=False)) == text
     assert tok.decode(tok.encode(text)) == "<s>" + text
+
+
+def test_text_that_is_not_unicode_is_refused_in_words_about_the_text(tok, tmp_path):
+    """A lone surrogate (a bad JSON escape, a mis-decoded file) is named with its place, by both kinds of
+    tokenizer, not left to their C++ bindings' errors."""
+    bpe = load_tokenizer(bpe_tokenizer(tmp_path))
+    for t in (tok, bpe):
+        with pytest.raises(ValueError, match=r"the text 'What \\ud800 is it\?' holds '\\ud800' at character 5, "
+                                             r"which is not valid Unicode \(a lone surrogate\)"):
+            t.encode("What \ud800 is it?")
+        with pytest.raises(TypeError, match="encodes text \\(a str\\), not bytes"):
+            t.encode(b"What")
 
 
 def test_decode_rejects_unknown_ids(tok):
