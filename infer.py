@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from nanovoco import cli, voco_cache
+from nanovoco import cli, files, voco_cache
 from nanovoco.cache_file import load_cache, save_cache
 from nanovoco.data import build_sample
 from nanovoco.generate import stream
@@ -84,6 +84,8 @@ def run(args):
 
 def load(args):
     """The model (in --dtype on --device), its tokenizer, and the mode: "voco" (two stages) or "full"."""
+    if args.save_cache:  # checked, and its folder made, before the model is loaded
+        args.save_cache = files.output_file(args.save_cache, "--save_cache")
     if args.num_voco is not None and args.num_voco < 1:
         raise ValueError(f"--num_voco {args.num_voco}: give the number of VoCo tokens per image, at least 1")
     device = torch.device(args.device)

@@ -289,8 +289,7 @@ def prepare(cfg: TrainConfig) -> Run:
     """Options, data (validated whole, images included) and only then the model, sharded, with its optimizer."""
     train_json, eval_json = data_files(cfg)
     rank, world, device = setup_distributed()
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = files.output_dir(cfg.out_dir, "--out_dir")
     if cfg.batch_size % (world * cfg.micro_batch_size):
         raise ValueError(f"batch_size={cfg.batch_size} must be a multiple of processes x micro_batch_size = "
                          f"{world} x {cfg.micro_batch_size}")

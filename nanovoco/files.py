@@ -1,4 +1,5 @@
-"""Small file utilities every layer uses: JSON read with an error that names the file, and atomic writes."""
+"""Small file utilities every layer uses: JSON read with an error that names the file, atomic writes, and the
+folders and files that options name for writing, checked before any work."""
 import json
 import os
 from pathlib import Path
@@ -21,3 +22,36 @@ def atomic_write(path: Path, write):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def output_dir(path, option: str) -> Path:
+    """The folder an option names for writing, as the user meant it (~ expanded, a trailing / ignored), created
+    if need be. One clear error naming the option, before any work, when nothing can be written there: the path
+    is a file, a file sits above it, or the nearest existing folder above it is not writable."""
+    out = Path(path).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{option} {path}: {out} is a file, not a folder: choose another {option}")
+    writable_above(out, path, option)
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def output_file(path, option: str) -> Path:
+    """The file an option names for writing (~ expanded), its folder checked and created as output_dir does."""
+    out = Path(path).expanduser()
+    if out.is_dir() or str(path).endswith(("/", os.sep)):
+        raise ValueError(f"{option} {path} is a folder: give a file name, e.g. {Path(path) / 'image.voco'}")
+    writable_above(out.parent, path, option)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def writable_above(out: Path, path, option: str):
+    """The nearest existing folder at or above out must be a writable folder (not a file)."""
+    above = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not above.is_dir():
+        raise ValueError(f"{option} {path}: {above} is a file, so nothing can be written below it: choose another "
+                         f"{option}")
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise ValueError(f"{option} {path}: cannot write in {above} (permission denied): choose a folder you can "
+                         f"write to")

@@ -123,6 +123,9 @@ def test_full_mode_answers_from_the_whole_image(setup, capsys):
     (["--video", "{root}/frame1.png", "{root}/frame2.png", "--fps", "2", "--question", "x"],
      "--fps needs an animated file"),
     (["--video", "{root}/empty", "--question", "x"], "folder {root}/empty holds no frames"),
+    (["--image", "{root}/frame1.png", "--save_cache", "{root}/frame2.png/x.voco"],
+     "frame2.png is a file, so nothing can be written below it"),
+    (["--image", "{root}/frame1.png", "--save_cache", "{root}/"], "is a folder: give a file name"),
     # a byte that is not UTF-8 in the shell's argument reaches Python as a lone surrogate
     (["--image", "{root}/frame1.png", "--question", "red\udcff?"], "holds '\\udcff' at character 3, which is not "
      "valid Unicode (a lone surrogate): remove it"),

@@ -85,6 +85,15 @@ def test_bad_options_exit_2_before_any_work(tmp_path, capsys, args, said):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("where, said", [("a_file", "a_file is a file, not a folder: choose another --out"),
+                                         ("a_file/run", "a_file is a file, so nothing can be written below it")])
+def test_an_output_folder_that_cannot_be_is_one_line(tmp_path, capsys, where, said):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        main(["--out", str(tmp_path / where)])
+    assert e.value.code == 2 and said in capsys.readouterr().err and (tmp_path / "a_file").read_text() == "x"
+
+
 def test_retention():
     assert retention(0.5, 0.4, 0.6) == pytest.approx(0.5) and retention(0.4, 0.4, 0.6) == 0
     assert retention(0.5, 0.4, 0.4) is None  # no gap between the bounds: undefined, not a division by zero

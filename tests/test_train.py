@@ -183,6 +183,19 @@ def test_a_stage_repeats_itself_bit_for_bit(tmp_path, data):
     assert weights(a) == weights(b)
 
 
+def test_output_folders_as_users_type_them(tmp_path, data):
+    """--out_dir=~/run is the home's run (the shell leaves a ~ after = alone); a file, or a folder below one, is one
+    line and exit code 2 before anything is built."""
+    (tmp_path / "a_file").write_text("x")
+    for where, said in [("a_file", "is a file, not a folder: choose another --out_dir"),
+                        ("a_file/run", "a_file is a file, so nothing can be written below it")]:
+        result = train(*args(data, tmp_path / where), check=False)
+        assert result.returncode == 2 and said in one_line(result.stderr), result.stderr
+    home = subprocess.run([sys.executable, str(ROOT / "train.py"), *args(data, "~/run", "--max_steps=1")],
+                          env={**ENV, "HOME": str(tmp_path)}, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert home.returncode == 0 and (tmp_path / "run" / "checkpoint").is_dir() and not (ROOT / "~").exists()
+
+
 def test_train_from_llava_style_weights(tmp_path, data):
     """The official recipe's start: a plain LLaMA directory (with its tokenizer.model) + CLIP + mm_projector.bin."""
     records = json.loads((data / "train" / "data.json").read_text())

@@ -61,7 +61,7 @@ from pathlib import Path
 
 import torch
 
-from nanovoco import cli, from_gguf
+from nanovoco import cli, files, from_gguf
 from nanovoco.repro import bench
 from nanovoco.repro.analysis import load_results, seed_summary, video_summary
 from nanovoco.repro.recipe import KS, LLMS, QUESTIONS, ROOT, VISION_TOKENS, finished, stages
@@ -152,8 +152,7 @@ def parse_args(argv):
 def start(args):
     """The run folder, checked to hold the same recipe as this invocation's (its finished stages are kept, so they
     must come from it; any --ks is fine: a K is a stage of its own), with SmolLM2 converted into it if asked."""
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    out = args.out = files.output_dir(args.out, "--out")
     made = out / "repro.json"
     recipe = {"scale": args.scale, "questions": args.questions, "llm": args.llm, "llm_layers": args.llm_layers,
               "stages": stages(args.scale, ks=KS, questions=args.questions, llm=args.llm)}
