@@ -108,10 +108,14 @@ def kl_divergence(p_log: torch.Tensor, q_log: torch.Tensor) -> torch.Tensor:
 def answer_kl(teacher: list[torch.Tensor], student: list[torch.Tensor], types: list) -> dict:
     """The KL from the teacher's answer distributions to the student's (answer_log_probs of each, on the same
     records): per record the mean over its answer's tokens, then {"overall": mean over records, "by_type",
-    "per_question": the records' KLs, in order}. The two must have read the same answer tokens from the same
-    vocabulary (the same tokenizer)."""
+    "per_question": the records' KLs, in order}. The two must have read the same answer tokens with the same
+    tokenizer; a student whose vocabulary has one more token at its end (its <voco>) is compared on the teacher's."""
     per_question = []
     for i, (t, s) in enumerate(zip(teacher, student, strict=True)):
+        if s.shape[-1] == t.shape[-1] + 1 and s.shape[:-1] == t.shape[:-1]:
+            # the student's <voco>, appended after the teacher's vocabulary (a plain LLM's upper bound, e.g.
+            # SmolLM2's, has none): both compared on the teacher's vocabulary, the student's renormalised on it
+            s = s[..., :t.shape[-1]] - s[..., :t.shape[-1]].logsumexp(-1, keepdim=True)
         if t.shape != s.shape:
             raise ValueError(f"record {i}: the teacher's answer distributions have shape {tuple(t.shape)}, the "
                              f"student's {tuple(s.shape)}: they need the same tokenizer (the student trained from "

@@ -46,3 +46,10 @@ def test_kl_of_equal_distributions_is_zero_and_of_a_known_pair_its_closed_form()
     json.dumps(result)  # goes into eval.json
     with pytest.raises(ValueError, match="record 0: the teacher's answer distributions have shape"):
         answer_kl([p], [q[:1]], [None])
+    # a student with <voco> appended to the teacher's vocabulary (SmolLM2's upper bound has none): compared on the
+    # teacher's vocabulary, its distribution renormalised there
+    with_voco = torch.log_softmax(torch.cat([q, torch.full((2, 1), -3.0)], -1), -1)
+    assert answer_kl([p], [with_voco], [None])["per_question"] == pytest.approx(answer_kl([p], [q], [None])
+                                                                               ["per_question"], abs=1e-6)
+    with pytest.raises(ValueError, match="have shape"):
+        answer_kl([p], [torch.log_softmax(torch.zeros(2, 4), -1)], [None])  # two more: another tokenizer
