@@ -48,7 +48,6 @@ class VoCoCache:
                          num_voco=k)
 
 
-@torch.no_grad()
 def check_count(argument: str, value) -> int:
     """A number of VoCo tokens as an API argument: an int (not a bool, a float or a string, which would otherwise
     fail deep inside or be taken for 1), returned as such."""
@@ -58,6 +57,7 @@ def check_count(argument: str, value) -> int:
     return value
 
 
+@torch.no_grad()
 def compress(vlm: VoCoLlama, pixel_values, prefix_ids, num_voco: int | None = None) -> VoCoCache:
     """Stage 1. pixel_values (n, 3, H, W), prefix_ids (P,): what one image is in a training sample,
     [BOS] [image x N] [\\n] [<voco> x K] (voco.compress_prefix) -> a VoCoCache with one row per image.

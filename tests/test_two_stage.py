@@ -105,6 +105,7 @@ def test_one_model_at_every_k_equals_single_pass_and_its_first_k_tokens_are_a_k_
     vlm = model(tok, 4)  # its config's K, the default; asked for others
     pixels = images(1, seed=2)
     largest = compress(vlm, pixels, prefix(tok, vlm, 8), num_voco=8)
+    assert not any(t.requires_grad for kv in largest.kv for t in kv)  # stage 1 keeps no autograd graph
     for k in (1, 2, 4, 8):
         P = len(prefix(tok, vlm, k))
         cache = compress(vlm, pixels, prefix(tok, vlm, k), num_voco=k)
