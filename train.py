@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 from tqdm import tqdm
 
 from nanovoco import cli, files, init
-from nanovoco.data import IGNORE_INDEX, LlavaDataset, collate, user_text
+from nanovoco.data import LlavaDataset, answer_positions, collate, user_text
 from nanovoco.evaluate import answer_kl, answer_log_probs, blind_baseline, vqa_accuracy
 from nanovoco.model import VoCoLlama
 from nanovoco.parallel import all_sum, barrier, place, setup_distributed
@@ -235,8 +235,10 @@ def evaluate(vlm, eval_set, compressed: bool, limit: int, progress=False, teache
 
 def distillation_kl(vlm, eval_set, compressed: bool, teacher: list) -> dict:
     """evaluate.answer_kl from the teacher's answer distributions (on the first len(teacher) held-out questions) to
-    the model's."""
+    the model's, which is left in the mode (train or eval) it was in."""
+    was_training = vlm.training
     student = answer_log_probs(vlm, eval_set, compressed, limit=len(teacher))
+    vlm.train(was_training)
     return answer_kl(teacher, student, [eval_set.records[i].get("type") for i in range(len(teacher))])
 
 
@@ -344,8 +346,8 @@ def train_step(run: Run, micro: list[dict], train_mask, autocast, step: int) -> 
     backward of each, the loss normalised by the answer tokens of the whole batch, gradient clipping, and the update
     unless the loss or the gradient is not finite. Returns (loss, gradient norm)."""
     device, world = run.device, run.world
-    # position t predicts token t + 1: the loss (and the head) only where that token is an answer's
-    answers = [F.pad(b["labels"][:, 1:] != IGNORE_INDEX, (0, 1)) for b in micro]
+    # the loss (and the head) only where the next token is an answer's
+    answers = [answer_positions(b["labels"]) for b in micro]
     # normalise by the answer tokens of the whole global batch, so that any split over processes and
     # micro-batches gives the same gradient; FSDP averages over processes, hence the factor `world`
     n_tokens = all_sum(torch.tensor(sum(int(a.sum()) for a in answers), dtype=torch.float64, device=device)).item()
@@ -405,7 +407,6 @@ def fit(run: Run):
             record["eval"] = evaluate(run.vlm, run.eval_set, eval_compressed, cfg.eval_limit)
         if curve is not None and (step % cfg.kl_every == 0 or step == total_steps):
             record["kl"] = distillation_kl(run.vlm, run.eval_set, eval_compressed, curve)["overall"]
-            run.vlm.train()
         if rank == 0:
             if step % cfg.log_every == 0 or "eval" in record or "kl" in record:
                 with open(log_path, "a") as f:
@@ -447,7 +448,6 @@ def start_curve(run: Run, log_path: Path, compressed: bool) -> list | None:
     curve = run.teacher[:run.cfg.kl_limit]
     if run.step == 0:
         kl = distillation_kl(run.vlm, run.eval_set, compressed, curve)["overall"]
-        run.vlm.train()
         if run.rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps({"step": -1, "kl": kl}) + "\n")

@@ -302,6 +302,12 @@ def frames(record) -> list[str]:
     return [image] if isinstance(image, str) else image
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, L) labels -> (B, L) bool: the positions whose next token is an answer's (position t predicts token
+    t + 1), where the loss is taken and where evaluate.answer_log_probs reads the model's distribution."""
+    return torch.nn.functional.pad(labels[:, 1:] != IGNORE_INDEX, (0, 1))
+
+
 def pad_samples(samples, pad_id: int = 0, left: bool = False) -> dict:
     """Samples -> (B, L) tensors input_ids (pad_id), labels (IGNORE_INDEX), segments (PAD), groups (-1 on pad) and
     positions (0 on pad).

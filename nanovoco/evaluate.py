@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nanovoco.data import IGNORE_INDEX, collate, pad_samples
+from nanovoco.data import answer_positions, collate, pad_samples
 from nanovoco.generate import generate
 from nanovoco.voco import causal_pad_mask, voco_mask, without_compression
 
@@ -89,7 +89,7 @@ def answer_log_probs(vlm, dataset, compressed: bool, limit: int = 0, batch_size:
         batch = collate([dataset.first_turn(i) for i in range(start, min(n, start + batch_size))])
         segments, groups = batch["segments"], batch["groups"]
         mask = voco_mask(segments, groups) if compressed else causal_pad_mask(segments)
-        answered = F.pad(batch["labels"][:, 1:] != IGNORE_INDEX, (0, 1))  # position t predicts token t + 1
+        answered = answer_positions(batch["labels"])
         pixels = None if batch["pixel_values"] is None else batch["pixel_values"].to(device)
         logits = vlm(batch["input_ids"].to(device), pixels, attn_mask=mask.to(device),
                      position_ids=batch["positions"].to(device), use_cache=False,

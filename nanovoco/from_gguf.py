@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 
 import torch
 
-from nanovoco import cli
+from nanovoco import cli, files
 
 # {HF key: GGUF key}, templated per layer; output.weight is absent when the head is tied to the embeddings
 GGUF_KEYS = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
@@ -220,11 +219,7 @@ def writable_dir(out_dir) -> Path:
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists and is not an empty directory: remove it or choose another")
-    above = next(p for p in out.parents if p.exists())
-    if not above.is_dir():
-        raise ValueError(f"{out} would be inside {above}, which is a file, not a folder: choose another output")
-    if not os.access(above, os.W_OK | os.X_OK):
-        raise ValueError(f"{out}: cannot write in {above} (permission denied): choose a folder you can write to")
+    files.writable_above(out, out_dir, "output")
     return out
 
 

@@ -172,7 +172,8 @@ def test_output_paths_as_users_type_them(tmp_path, monkeypatch):
     assert convert(good, "~/home_out") == tmp_path / "home_out" and (tmp_path / "home_out").is_dir()
     (tmp_path / "a_file").write_text("x")
     r = run_cli(tmp_path / "a_file" / "out", "--gguf", good)
-    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "which is a file, not a folder" in r.stderr
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "a_file is a file, so nothing can be written below" \
+        in r.stderr
     r = run_cli(tmp_path / "a_file", "--gguf", good)
     assert r.returncode == 2 and "already exists and is not an empty directory" in r.stderr
 

@@ -54,7 +54,7 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
     `zero_shot`, its answers to scenes as text. longer (factors, e.g. (2, 4)) adds `voco_k<K>_x<f>`: VoCo-LLaMA at
     each K trained f times as long, which tells whether Table 2's curve is what K tokens can hold (its gaps stay) or
     how fast they learn it (its gaps close)."""
-    steps = lambda n: str(max(1, round(n * scale)))  # noqa: E731
+    steps = lambda n: scaled(n, scale)  # noqa: E731
     runs = {"vision": ["-m", "nanovoco.repro.vision_pretrain", "--out", "{out}/vision", "--steps", steps(300),
                        "--images", steps(4000), "--seed", str(seed)]}
     full_steps, compressed_steps, batch, held_out = (
@@ -102,7 +102,7 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
 
 def video_stages(scale: float, seed: int) -> dict:
     """--video's stages: the moving-shapes data, and the K = 1 VoCo-LLaMA model trained on it."""
-    steps = lambda n: str(max(1, round(n * scale)))  # noqa: E731
+    steps = lambda n: scaled(n, scale)  # noqa: E731
     videos = max(1, round(HELD_OUT_VIDEOS * min(scale, 1)))
     return {"video_data": ["-m", "nanovoco.repro.synthetic_video", "--out", "{out}/video_data", "--n_videos",
                            steps(VIDEO_STEPS * BATCH), "--questions_per_video", "8", "--multi_turn", "--held_out",
@@ -113,6 +113,11 @@ def video_stages(scale: float, seed: int) -> dict:
                       f"--seed={seed}", "--mode=voco", "--num_voco=1", "--max_len=512",
                       f"--max_steps={steps(VIDEO_STEPS)}", "--warmup_ratio=0.03",
                       "--init={out}/voco_k1/checkpoint/model"]}
+
+
+def scaled(n: int, scale: float) -> str:
+    """A step or item count of the recipe at --scale, as a command-line value (at least 1)."""
+    return str(max(1, round(n * scale)))
 
 
 def finished(name: str, folder: Path) -> Path:

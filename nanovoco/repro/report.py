@@ -3,7 +3,7 @@ import re
 import statistics
 from pathlib import Path
 
-from nanovoco.repro.analysis import KINDS, SHORTCUTS, VIEWS
+from nanovoco.repro.analysis import KINDS, SHORTCUTS, VIEWS, ks_of
 from nanovoco.repro.recipe import COMPRESSED_STEPS, TABLE1, VIDEO_OBJECTS, VIDEO_STEPS, VISION_TOKENS
 from nanovoco.repro.stats import accuracy_se, mean_sd
 
@@ -16,9 +16,14 @@ def with_se(x, se) -> str:
     return f"{pct(x)} ± {pct(se)}" if x is not None and se is not None else pct(x)
 
 
-def over_seeds(per_seed: dict, name: str, key: str) -> str:
-    ms = mean_sd(s[name][key] for s in per_seed.values())
-    return "n/a" if ms is None else f"{pct(ms[0])} ± {pct(ms[1])}"
+def over_seeds(per_seed: dict, name: str, key: str, fmt=pct) -> str:
+    """A stage's number, mean ± sd over seeds (n/a where it was not measured); fmt writes each (default: %)."""
+    ms = mean_sd(s[name].get(key) for s in per_seed.values())
+    return "n/a" if ms is None else f"{fmt(ms[0])} ± {fmt(ms[1])}"
+
+
+def nats(x) -> str:
+    return f"{x:.3f}"
 
 
 def tables(per_seed: dict) -> str:
@@ -48,14 +53,8 @@ def table1(per_seed: dict, rows) -> list[str]:
         cells = [f"{100 * statistics.mean(s[name]['by_type'][t] for s in per_seed.values()):.1f}" for t in types]
         lines.append(f"| {label} | {tokens.get(name, 1)} | " + " | ".join(cells)
                      + f" | {over_seeds(per_seed, name, 'overall')} | {over_seeds(per_seed, name, 'retention')} | "
-                     f"{kl_over_seeds(per_seed, name)} |")
+                     f"{over_seeds(per_seed, name, 'kl', nats)} |")
     return lines
-
-
-def kl_over_seeds(per_seed: dict, name: str) -> str:
-    """A stage's KL from the upper bound, mean ± sd over seeds (n/a where it was not measured)."""
-    ms = mean_sd(s[name].get("kl") for s in per_seed.values())
-    return "n/a" if ms is None else f"{ms[0]:.3f} ± {ms[1]:.3f}"
 
 
 def gaps(per_seed: dict) -> list[str]:
@@ -113,13 +112,13 @@ def table2(per_seed: dict) -> list[str]:
                   "one model: retention | one model: KL |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     else:
         lines += ["| K | compression | accuracy | retention | KL |", "|---:|---:|---:|---:|---:|"]
+    def columns(name):  # accuracy, retention and KL of one model
+        return (f"{over_seeds(per_seed, name, 'overall')} | {over_seeds(per_seed, name, 'retention')} | "
+                f"{over_seeds(per_seed, name, 'kl', nats)} |")
+
     for k in ks:
-        extra = (f" {over_seeds(per_seed, f'voco_any_k{k}', 'overall')} | "
-                 f"{over_seeds(per_seed, f'voco_any_k{k}', 'retention')} | "
-                 f"{kl_over_seeds(per_seed, f'voco_any_k{k}')} |" if any_k else "")
-        lines.append(f"| {k} | {VISION_TOKENS // k}x | {over_seeds(per_seed, f'voco_k{k}', 'overall')} | "
-                     f"{over_seeds(per_seed, f'voco_k{k}', 'retention')} | {kl_over_seeds(per_seed, f'voco_k{k}')} |"
-                     + extra)
+        lines.append(f"| {k} | {VISION_TOKENS // k}x | {columns(f'voco_k{k}')}"
+                     + (f" {columns(f'voco_any_k{k}')}" if any_k else ""))
     return (lines + table2_by_type(per_seed, ks) + k_steps(per_seed, ks) + longer_table(per_seed, ks)
             + oracle_lines(per_seed) + content_table(per_seed, ks))
 
@@ -168,16 +167,19 @@ def k_steps(per_seed: dict, ks) -> list[str]:
     lines = ["", "Each step of the curve, per seed (retention points gained, ± the combined standard error; * beyond "
              "twice it):", ""]
     for a, b in zip(ks, ks[1:]):
-        cells = []
-        for seed, s in per_seed.items():
-            ra, rb = s[f"voco_k{a}"], s[f"voco_k{b}"]
-            if None in (ra["retention"], rb["retention"], ra["retention_se"], rb["retention_se"]):
-                cells.append(f"seed {seed} n/a")
-                continue
-            gain, se = rb["retention"] - ra["retention"], (ra["retention_se"] ** 2 + rb["retention_se"] ** 2) ** 0.5
-            cells.append(f"seed {seed} {100 * gain:+.1f} ± {100 * se:.1f}" + ("*" if gain > 2 * se else ""))
+        cells = [retention_gain(seed, s[f"voco_k{a}"], s[f"voco_k{b}"]) for seed, s in per_seed.items()]
         lines.append(f"- K = {a} -> {b}: " + "; ".join(cells))
     return lines
+
+
+def retention_gain(seed, low: dict, high: dict) -> str:
+    """One seed's retention of `high` minus that of `low` (points), ± the two bootstrap standard errors combined,
+    starred when beyond twice that; n/a where either is undefined."""
+    values = [part.get(key) for part in (low, high) for key in ("retention", "retention_se")]
+    if None in values:
+        return f"seed {seed} n/a"
+    gain, se = high["retention"] - low["retention"], (low["retention_se"] ** 2 + high["retention_se"] ** 2) ** 0.5
+    return f"seed {seed} {100 * gain:+.1f} ± {100 * se:.1f}" + ("*" if gain > 2 * se else "")
 
 
 def oracle_lines(per_seed: dict) -> list[str]:
@@ -236,17 +238,9 @@ def content_table(per_seed: dict, ks) -> list[str]:
                 f"{statistics.mean(st['kl_by_count'][n] for st in stage):.3f}" for n in counts) + " |")
     lines += ["", f"What one token loses on the crowded images: VoCo-LLaMA K = 1's retention on the sparse minus the "
               "crowded images, per seed (± the combined bootstrap standard error; * beyond twice it): "]
-    cells = []
-    for seed, s in per_seed.items():
-        st = s["content"]["stages"]["voco_k1"]
-        sparse, dense = st.get("sparse", {}), st.get("crowded", {})
-        if None in (sparse.get("retention"), dense.get("retention"), sparse.get("retention_se"),
-                    dense.get("retention_se")):
-            cells.append(f"seed {seed} n/a")
-            continue
-        gap = sparse["retention"] - dense["retention"]
-        se = (sparse["retention_se"] ** 2 + dense["retention_se"] ** 2) ** 0.5
-        cells.append(f"seed {seed} {100 * gap:+.1f} ± {100 * se:.1f}" + ("*" if gap > 2 * se else ""))
+    stage = lambda s: s["content"]["stages"]["voco_k1"]  # noqa: E731
+    cells = [retention_gain(seed, stage(s).get("crowded", {}), stage(s).get("sparse", {}))
+             for seed, s in per_seed.items()]
     return lines + ["; ".join(cells) + "."]
 
 
@@ -431,7 +425,7 @@ def kl_plot(per_seed: dict, ks, ax):
 
 def run_ks(summary: dict) -> list[int]:
     """The K of a seed's VoCo-LLaMA stages, in increasing order."""
-    return sorted(int(m.group(1)) for m in map(re.compile(r"voco_k(\d+)").fullmatch, summary) if m)
+    return ks_of(summary, "voco_k")
 
 
 def curves_plot(summary: dict, seed: int, path: Path):

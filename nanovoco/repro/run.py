@@ -187,8 +187,7 @@ def write_report(args, seconds: float):
     """results.md, results.json and the plots, from every seed's finished stages."""
     out, seeds, ks = args.out, args.seeds, args.ks
     everything = stages(args.scale, ks=ks, any_k=args.any_k, video=args.video, llm=args.llm, longer=args.longer)
-    models = [n for n in stages(args.scale, ks=ks, any_k=args.any_k, llm=args.llm, longer=args.longer)
-              if n not in ("vision", "data")]
+    models = [n for n in everything if n not in ("vision", "data", "video_data", "video")]  # the video: its own table
     per_seed = {seed: seed_summary(out / f"seed{seed}", load_results(out / f"seed{seed}", models, ks), models)
                 for seed in seeds}
     device = "cuda" if torch.cuda.is_available() else "cpu"
