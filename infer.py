@@ -10,8 +10,9 @@ stage 1 compresses the image once into the VoCo tokens' KV cache, stage 2 answer
 
 --model is a checkpoint directory (train.py's OUT/checkpoint/model, a LLaVA-1.5 directory + --vision, or a
 Vicuna directory + --vision + --projector) with its tokenizer (tokenizer.model or tokenizer.json); the system prompt
-it was trained with is read from its prompt.json (train.py writes it), else VoCo-LLaMA's. Answers are printed as
-they are generated.
+it was trained with is read from its prompt.json (train.py writes it), else its template's default (VoCo-LLaMA's for
+a Vicuna model, the default system turn of its chat template for a ChatML one such as SmolLM2). Answers are printed
+as they are generated.
 A video is compressed frame by frame into one cache (voco_cache.compress_video): its frames cost K positions each.
 """
 import argparse
@@ -37,7 +38,8 @@ def parse_args(argv):
     p.add_argument("--vision", help="CLIP directory, for a LLaVA or LLaMA checkpoint that lacks its vision tower")
     p.add_argument("--projector", help="LLaVA's mm_projector.bin, for a plain LLaMA/Vicuna checkpoint")
     p.add_argument("--tokenizer", help="tokenizer.model or tokenizer.json (default: the one in --model)")
-    p.add_argument("--system", help="system prompt (default: the model's prompt.json, else VoCo-LLaMA's)")
+    p.add_argument("--system", help="system prompt (default: the model's prompt.json, else its template's "
+                                     "default; '' for none)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="an image file")
     source.add_argument("--video", nargs="+", help="an animated GIF/WebP/PNG, a folder of frames, or frame files")

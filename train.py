@@ -43,7 +43,8 @@ from nanovoco.data import LlavaDataset, answer_positions, collate, user_text
 from nanovoco.evaluate import answer_kl, answer_log_probs, blind_baseline, vqa_accuracy
 from nanovoco.model import VoCoLlama
 from nanovoco.parallel import all_sum, barrier, place, setup_distributed
-from nanovoco.tokenizer import VOCO_SYSTEM, BPETokenizer, Tokenizer, load_tokenizer, train_tiny_tokenizer
+from nanovoco.tokenizer import (VOCO_SYSTEM, BPETokenizer, Tokenizer, load_tokenizer, train_tiny_tokenizer,
+                               trained_system_prompt)
 from nanovoco.train_checkpoint import check_resumable, find_checkpoint, save_checkpoint
 from nanovoco.voco import PAD, causal_pad_mask, voco_mask
 
@@ -80,7 +81,8 @@ class TrainConfig:
     image_folder: str = ""  # default: the JSON's directory
     eval_data: str = ""  # held-out LLaVA-format JSON for VQA accuracy (one question per record)
     max_len: int = 2048  # tokens per sample; a longer sample loses the tail of its text
-    system_prompt: str = VOCO_SYSTEM  # VoCo-LLaMA's Vicuna system prompt; a tiny model from scratch does without
+    system_prompt: str = "default"  # "default": the template's own (VoCo-LLaMA's Vicuna sentence, a ChatML model's
+    # default system turn); '' for none (a tiny model from scratch does without)
 
     # optimisation (official recipe: AdamW, lr 2e-5, cosine, 3% warmup, no weight decay, global batch 128)
     batch_size: int = 128  # samples per optimizer step, over all processes
@@ -165,6 +167,11 @@ def data_files(cfg) -> tuple[Path, Path | None]:
         if path and not Path(path).is_file():
             raise ValueError(f"{path} does not exist: --data and --eval_data take LLaVA-format JSON files")
     return Path(cfg.data), Path(cfg.eval_data) if cfg.eval_data else None
+
+
+def system_prompt(cfg: TrainConfig, tokenizer) -> str:
+    """--system_prompt as the text it stands for: "default" is the template's own (tokenizer.ChatTemplate)."""
+    return tokenizer.template.default_system if cfg.system_prompt == "default" else cfg.system_prompt
 
 
 def tiny_tokenizer(train_json: Path, out: Path, rank: int) -> Path:
@@ -253,7 +260,7 @@ def teacher_log_probs(cfg, eval_json: Path, folder: Path, device, limit: int) ->
     teacher = VoCoLlama.from_pretrained(path, device=device)
     tokenizer = load_tokenizer(path)
     held_out = LlavaDataset(eval_json, folder, tokenizer, teacher.config, num_voco=0, max_len=cfg.max_len,
-                            system=cfg.system_prompt)
+                            system=trained_system_prompt(path))  # the prompt it was trained with
     return answer_log_probs(teacher, held_out, compressed=False, limit=limit)
 
 
@@ -318,7 +325,7 @@ def prepare(cfg: TrainConfig) -> Run:
                                tiny_tokenizer(train_json, out, rank) if cfg.init in FROM_SCRATCH else cfg.init)
     num_voco = (voco_ks(cfg) if cfg.voco_ks else cfg.num_voco) if cfg.mode in ("voco", "lower_bound") else 0
     folder = lambda j: Path(cfg.image_folder) if cfg.image_folder else j.parent  # noqa: E731
-    data_args = dict(num_voco=num_voco, max_len=cfg.max_len, system=cfg.system_prompt)
+    data_args = dict(num_voco=num_voco, max_len=cfg.max_len, system=system_prompt(cfg, tokenizer))
     train_set = LlavaDataset(train_json, folder(train_json), tokenizer, config, **data_args)
     eval_set = LlavaDataset(eval_json, folder(eval_json), tokenizer, config, **data_args) if eval_json else None
     if eval_set is not None and cfg.voco_ks:
@@ -416,8 +423,8 @@ def fit(run: Run):
         interrupted = all_sum(torch.tensor(float(bool(stop)), device=device)).item() > 0 \
             or step - first_step == cfg.stop_after
         if step % cfg.save_every == 0 or step == total_steps or interrupted:
-            save_checkpoint(out, run.vlm, run.optim, step, dataclasses.asdict(cfg), run.tokenizer, cfg.system_prompt,
-                            rank)
+            save_checkpoint(out, run.vlm, run.optim, step, dataclasses.asdict(cfg), run.tokenizer,
+                            system_prompt(cfg, run.tokenizer), rank)
         if interrupted:
             if rank == 0:
                 print(f"\nstopped: saved step {step} to {out / 'checkpoint'}; continue with --resume=true")

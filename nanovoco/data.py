@@ -38,7 +38,6 @@ import torch
 from tqdm import tqdm
 
 from nanovoco.image import convertible, load_image, open_image, preprocess
-from nanovoco.tokenizer import VOCO_SYSTEM
 from nanovoco.voco import PAD, TEXT, VISION, VOCO, Layout, compress_prefix
 
 IGNORE_INDEX = -100  # label of tokens without loss (PyTorch cross_entropy's default ignore_index)
@@ -68,15 +67,20 @@ class Sample:
 
 
 def build_sample(tokenizer, turns, layout: Layout | None, *, num_frames: int = 1, max_len: int = 2048,
-                 system: str = VOCO_SYSTEM) -> Sample:
+                 system: str | None = None) -> Sample:
     """One training sample (or, when the last turn's answer is None, an inference prompt) from turns, a list of
     (user_text, assistant_text) pairs. See the module docstring for the layout. layout: the ids of the image and its
     VoCo tokens (voco.Layout), None for a text-only sample; num_frames: 1 for an image, F > 1 for a video of F frames.
+    system: the system prompt; None is the template's default (VoCo-LLaMA's sentence for Vicuna, the model's own
+    default system turn for ChatML: tokenizer.ChatTemplate), '' writes no system turn.
 
     layout.num_voco=0 keeps the image but no VoCo tokens: the uncompressed `full` mode, where voco_mask lets the text
     see the image (voco.uncompressed_as_text). "<image>" is removed from user texts, as the official code does; any
     other special token written in a text ("<voco>", "<s>", "</s>", "<image>" in an answer) is a ValueError rather
-    than silently stripped: it would otherwise be encoded as the control token itself.
+    than silently stripped: it would otherwise be encoded as the control token itself. The Vicuna template follows
+    VoCo-LLaMA (every newline removed, each chunk encoded on its own); ChatML keeps the texts as written, and the
+    text after the image is then the tokenizer's encoding of what the model's chat template renders (without the
+    "\\n" that the template writes after the last <|im_end|>, which nothing is trained on).
     A training sample longer than max_len loses the tail of its text; the image/VoCo prefix is never cut.
     """
     if not turns:
@@ -97,21 +101,27 @@ def build_sample(tokenizer, turns, layout: Layout | None, *, num_frames: int = 1
                          f"raise max_len")
     forbidden = {tokenizer.bos_id, tokenizer.eos_id, voco_id, *tokenizer.special_ids.values()}
     template = tokenizer.template  # Vicuna's for LLaMA's tokenizer, ChatML for SmolLM2's (tokenizer.ChatTemplate)
+    system = template.default_system if system is None else system
+    end_of_turn = tokenizer.decode([tokenizer.eos_id])  # "</s>", "<|im_end|>": encoded back to eos_id
+    chunks = []  # (text, trained on): the conversation after the image, for tokenizer.encode_chunks
     for k, (user, assistant) in enumerate(turns):
         head = lead + (template.system.format(system) if system else "") if k == 0 else template.between
-        question = template.user.format(checked(tokenizer, user_text(user), forbidden, f"turn {k}'s user text"))
-        s.add(tokenizer.encode(head + question, bos=False), TEXT)
+        question = checked(tokenizer, user_text(user, template.newlines), forbidden, f"turn {k}'s user text")
+        chunks.append((head + template.user.format(question), False))
         if assistant is None:
             if k != len(turns) - 1:
                 raise ValueError(f"turn {k} has no answer but is not the last turn: only the last turn can be open")
-            if len(s.input_ids) > max_len:  # cutting a prompt would cut the question or " ASSISTANT:"
-                raise ValueError(f"the prompt is {len(s.input_ids)} tokens, more than max_len={max_len}; prompts "
-                                 f"are not truncated: shorten the conversation or raise max_len")
-            return s
+            break
         if "<image>" in assistant:
             raise ValueError(f"turn {k}'s assistant text contains '<image>': the tag belongs in a user text")
-        answer = checked(tokenizer, assistant.replace("\n", ""), forbidden, f"turn {k}'s assistant text")
-        s.add(tokenizer.encode(answer, bos=False) + [tokenizer.eos_id], TEXT, loss=True)
+        answer = assistant if template.newlines else assistant.replace("\n", "")
+        chunks += [(checked(tokenizer, answer, forbidden, f"turn {k}'s assistant text"), True), (end_of_turn, True)]
+    ids, trained = tokenizer.encode_chunks(chunks)
+    for i, loss in zip(ids, trained):
+        s.add([i], TEXT, loss=loss)
+    if turns[-1][1] is None and len(s.input_ids) > max_len:  # cutting a prompt would cut the question or its end
+        raise ValueError(f"the prompt is {len(s.input_ids)} tokens, more than max_len={max_len}; prompts are not "
+                         f"truncated: shorten the conversation or raise max_len")
     for field in (s.input_ids, s.labels, s.segments, s.groups, s.positions):  # LLaVA's model_max_length: cut the tail
         del field[max_len:]
     return s
@@ -139,12 +149,13 @@ def checked(tokenizer, text: str, forbidden: set, where: str) -> str:
     return text
 
 
-def user_text(text: str) -> str:
+def user_text(text: str, newlines: bool = False) -> str:
     """A user turn as the official code feeds it: LLaVA's preprocess_multimodal strips the turn that held
-    "<image>" once the tag is out ("What is this? <image>" -> "What is this?"), and VoCo-LLaMA removes every "\n"."""
+    "<image>" once the tag is out ("What is this? <image>" -> "What is this?"), and VoCo-LLaMA removes every "\n"
+    (newlines=False, its Vicuna layout; a ChatML template keeps them)."""
     if "<image>" in text:
         text = text.replace("<image>", "").strip()
-    return text.replace("\n", "")
+    return text if newlines else text.replace("\n", "")
 
 
 class LlavaDataset(torch.utils.data.Dataset):
@@ -161,7 +172,7 @@ class LlavaDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, json_path, image_folder, tokenizer, config, *, num_voco: int | tuple[int, ...] = 2,
-                 max_len: int = 2048, system: str = VOCO_SYSTEM):
+                 max_len: int = 2048, system: str | None = None):
         self.json_path, self.image_folder = Path(json_path), Path(image_folder)
         self.tokenizer, self.num_voco, self.max_len, self.system = tokenizer, num_voco, max_len, system
         # the VoCo id is the tokenizer's: a model that is not trained for VoCo yet has none in its config

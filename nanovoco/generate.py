@@ -14,7 +14,7 @@ import functools
 
 import torch
 
-from nanovoco.model import KVCache, Llama, Output, StaticKV, check_length
+from nanovoco.model import KVCache, Llama, Output, StaticKV, check_length, check_token_ids
 from nanovoco.voco import PAD, TEXT, VOCO, uncompressed_as_text, voco_mask
 
 
@@ -53,6 +53,9 @@ def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups
     row keeps yielding eos_id). segments/groups: (B, L) labels of the prompt (voco.py), default all TEXT;
     position_ids: see prefill. sampling: decode's options (temperature, top_p, eos_id, generator, fast), passed on
     as they are, as gpt-fast passes its sampling_kwargs."""
+    check_sampling(llm.config.vocab_size, max_new_tokens, **sampling)
+    if inputs_embeds is None:
+        check_token_ids(input_ids, llm.config.vocab_size, "input_ids")
     x = input_ids if inputs_embeds is None else inputs_embeds
     B, L = x.shape[:2]
     if segments is None:
@@ -68,6 +71,27 @@ def stream(llm: Llama, input_ids=None, inputs_embeds=None, segments=None, groups
     yield from decode(llm, out, position_ids[:, -1], visible, max_new_tokens=max_new_tokens, **sampling)
 
 
+def check_sampling(vocab_size: int, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None, generator=None,
+                   fast=False):
+    """decode's options, checked where a user passes them (stream, voco_cache.stream_from_cache) before any work:
+    an unknown name is a TypeError naming the known ones (Python's own), a wrong type or range one line naming the
+    option and what it takes."""
+    number = lambda x: isinstance(x, (int, float)) and not isinstance(x, bool)  # noqa: E731
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens takes an int >= 1, not {max_new_tokens!r}")
+    if not number(temperature) or not 0 <= temperature < float("inf"):
+        raise ValueError(f"temperature takes a number >= 0 (0: greedy), not {temperature!r}")
+    if not number(top_p) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p takes a number in (0, 1] (1: the whole distribution), not {top_p!r}")
+    if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, int)
+                               or not 0 <= eos_id < vocab_size):
+        raise ValueError(f"eos_id takes a token id in 0..{vocab_size - 1} (tokenizer.eos_id) or None, not {eos_id!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator takes a torch.Generator or None, not a {type(generator).__name__}")
+    if not isinstance(fast, bool):
+        raise TypeError(f"fast takes True or False, not {fast!r}")
+
+
 def decode(llm: Llama, out: Output, position, visible, *, max_new_tokens, temperature=0.0, top_p=1.0, eos_id=None,
            generator=None, fast=False):
     """The decode loop after a prefill, and the one place that defines the sampling options: out holds the prompt's
@@ -75,8 +99,6 @@ def decode(llm: Llama, out: Output, position, visible, *, max_new_tokens, temper
     generated tokens may see. temperature 0 is greedy; top_p: nucleus sampling; eos_id ends a row; generator: the
     sampling's random numbers; fast: decode through static_decoder (compiled; the same tokens, tested against this
     loop; the first call per shape compiles)."""
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     B = visible.shape[0]
     done = torch.zeros(B, dtype=torch.bool, device=visible.device)
     step_fast = static_decoder(llm, out.cache, visible, max_new_tokens) if fast else None

@@ -45,6 +45,29 @@ class StaticKV:
     slots: torch.Tensor
 
 
+def check_token_ids(ids, vocab_size: int, argument: str, ndim: int = 2, allowed=()):
+    """Token ids as a public API's argument: an integer tensor of ndim dimensions ((batch, length) by default), every
+    id in the vocabulary or one of `allowed` (the image placeholder). Without this, a list, a float tensor or an
+    id past the vocabulary fails deep inside the embedding, in words about its C++ arguments."""
+    shape = "(batch, length)" if ndim == 2 else "(length,)"
+    if not isinstance(ids, torch.Tensor):
+        raise TypeError(f"{argument} takes a tensor of token ids {shape}, not a {type(ids).__name__}: e.g. "
+                        f"torch.tensor({'[ids]' if ndim == 2 else 'ids'})")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise TypeError(f"{argument} takes integer token ids, not {ids.dtype}: e.g. ids.long()")
+    if ids.ndim != ndim:
+        raise ValueError(f"{argument} must be {shape}, got shape {tuple(ids.shape)}"
+                         + (": one question is ids[None]" if ndim == 2 and ids.ndim == 1 else ""))
+    if ids.numel() == 0:
+        raise ValueError(f"{argument} holds no tokens (shape {tuple(ids.shape)}): there is nothing to go on from")
+    bad = (ids < 0) | (ids >= vocab_size)
+    for i in allowed:
+        bad &= ids != i
+    if bad.any():
+        raise ValueError(f"{argument} holds the id {int(ids[bad][0])}, outside the model's vocabulary "
+                         f"(0..{vocab_size - 1}): encode the text with the model's own tokenizer")
+
+
 def check_length(last_position: int, max_new_tokens: int, limit: int):
     """A prompt whose last position is last_position, + max_new_tokens, must fit in the model's context."""
     if last_position + 1 + max_new_tokens > limit:
@@ -336,8 +359,13 @@ class VoCoLlama(nn.Module):
         input_ids already (not by the model), so every token has its final position before the forward pass, which
         is what an explicit attention mask and explicit position ids need.
         """
+        if pixel_values is not None and not (isinstance(pixel_values, torch.Tensor)
+                                             and pixel_values.dtype.is_floating_point):
+            raise TypeError(f"pixel_values must be a float tensor (n_images, 3, H, W), as image.preprocess makes it, "
+                            f"not {getattr(pixel_values, 'dtype', type(pixel_values).__name__)}")
         if pixel_values is not None and pixel_values.ndim != 4:
             raise ValueError(f"pixel_values must be (n_images, 3, H, W), got {tuple(pixel_values.shape)}")
+        check_token_ids(input_ids, self.config.text.vocab_size, "input_ids", allowed=(self.config.image_token_id,))
         is_image = input_ids == self.config.image_token_id
         x = self.llm.embed_tokens(input_ids.masked_fill(is_image, 0))
         n_images = 0 if pixel_values is None else pixel_values.shape[0]

@@ -14,7 +14,7 @@ import json
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import sentencepiece as spm
@@ -33,18 +33,40 @@ VOCO_SYSTEM = ("A chat between a curious user and an artificial intelligence ass
 class ChatTemplate:
     """How data.build_sample writes a conversation around its turns: `system` and `user` are formats of the system
     prompt and of a user text (ending where the answer starts); after each answer comes the tokenizer's eos_id (the
-    end of a turn, trained on with the answer), then `between` before the next user turn."""
+    end of a turn, trained on with the answer), then `between` before the next user turn. `default_system` is the
+    system prompt of a conversation that names none ('' writes no system turn); `newlines` says whether the
+    newlines inside the user's and the assistant's texts are kept."""
     name: str
     system: str
     user: str
     between: str
+    default_system: str
+    newlines: bool
 
 
-# LLaVA's conv_vicuna_v1 (SeparatorStyle.TWO, sep=" ", sep2="</s>"): "S USER: u ASSISTANT: a</s>USER: ..."
-VICUNA = ChatTemplate("vicuna", system="{} ", user="USER: {} ASSISTANT:", between="")
-# ChatML, SmolLM2-Instruct's template: eos_id is <|im_end|>
+# LLaVA's conv_vicuna_v1 (SeparatorStyle.TWO, sep=" ", sep2="</s>"): "S USER: u ASSISTANT: a</s>USER: ...", with
+# VoCo-LLaMA's rules: its own system sentence, and every newline removed from the conversation
+VICUNA = ChatTemplate("vicuna", system="{} ", user="USER: {} ASSISTANT:", between="", default_system=VOCO_SYSTEM,
+                      newlines=False)
+# ChatML, SmolLM2-Instruct's template: eos_id is <|im_end|>; texts as written. Its default system prompt is the
+# model's own (chat_template_system): BPETokenizer fills it in from the checkpoint's chat template
 CHATML = ChatTemplate("chatml", system="<|im_start|>system\n{}<|im_end|>\n",
-                      user="<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", between="\n")
+                      user="<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n", between="\n",
+                      default_system="", newlines=True)
+
+
+def chat_template_system(chat_template) -> str:
+    """The system prompt that a ChatML chat template (Jinja, tokenizer_config.json's "chat_template") writes into a
+    conversation that has none, '' when it writes none. SmolLM2-Instruct's writes "<|im_start|>system\nYou are a
+    helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n" before the first turn; Qwen2's writes
+    "You are a helpful assistant." the same way. Read from the template's text, without running Jinja: the first
+    system turn written as a literal (one that pastes in a message's content is the caller's own system prompt)."""
+    if not isinstance(chat_template, str):
+        return ""
+    for m in re.finditer(r"<\|im_start\|>system(?:\n|\\n)(.*?)<\|im_end\|>", chat_template, re.S):
+        if not re.search(r"['\"{}+]", m.group(1)):
+            return m.group(1)
+    return ""
 
 
 def load_tokenizer(path):
@@ -119,6 +141,16 @@ class Tokenizer:
     def encode_with_images(self, text, image_token_id, num_image_tokens, bos=True):
         return encode_with_images(self, text, image_token_id, num_image_tokens, bos)
 
+    def encode_chunks(self, chunks):
+        """Ids of a conversation given as (text, loss) chunks, and whether each id is trained on: each chunk encoded
+        on its own, as VoCo-LLaMA and LLaVA encode the rounds of a Vicuna conversation (preprocess_v1)."""
+        ids, loss = [], []
+        for chunk, trained in chunks:
+            chunk_ids = self.encode(chunk, bos=False)
+            ids += chunk_ids
+            loss += [trained] * len(chunk_ids)
+        return ids, loss
+
     def decode(self, ids):
         """Text of `ids` for display: special ids as their strings, runs of other ids through sentencepiece."""
         out, run = [], []
@@ -180,13 +212,32 @@ class BPETokenizer:
         # what a sequence starts with: nothing where the tokenizer adds no BOS (SmolLM2's add_bos_token is false,
         # its bos_token <|im_start|> opens each ChatML turn instead)
         self.bos_ids = [self.bos_id] if config.get("add_bos_token") else []
-        self.template = CHATML if {"<|im_start|>", "<|im_end|>"} <= self.special_ids.keys() else VICUNA
+        chatml = {"<|im_start|>", "<|im_end|>"} <= self.special_ids.keys()
+        self.template = replace(CHATML, default_system=chat_template_system(config.get("chat_template"))) \
+            if chatml else VICUNA
 
     def encode(self, text, bos=True, eos=False):
         """Ids of `text`: special strings as their ids, the rest byte-level BPE."""
         encodable(text)
         ids = self.hf.encode(text, add_special_tokens=False).ids
         return (self.bos_ids if bos else []) + ids + ([self.eos_id] if eos else [])
+
+    def encode_chunks(self, chunks):
+        """Ids of a conversation given as (text, loss) chunks, and whether each id is trained on: the joined text
+        encoded in one pass, so that the ids are the tokenizer's encoding of the rendered conversation (HF's
+        apply_chat_template then encode), whatever the texts hold. Where BPE merges across two chunks (the "\\n"
+        ending "<|im_start|>assistant\\n" with the spaces that begin an answer), the token is trained on if any of
+        its characters is."""
+        text = "".join(chunk for chunk, _ in chunks)
+        encodable(text)
+        spans, start = [], 0
+        for chunk, loss in chunks:
+            if loss:
+                spans.append((start, start + len(chunk)))
+            start += len(chunk)
+        encoding = self.hf.encode(text, add_special_tokens=False)
+        loss = [any(a < end and b > begin for begin, end in spans) for a, b in encoding.offsets]
+        return encoding.ids, loss
 
     def encode_with_images(self, text, image_token_id, num_image_tokens, bos=True):
         return encode_with_images(self, text, image_token_id, num_image_tokens, bos)
@@ -252,11 +303,11 @@ def stream_text(tokens, tokenizer, eos_id=None):
         yield piece + text[len(shown):]
 
 
-def trained_system_prompt(model_dir) -> str:
+def trained_system_prompt(model_dir) -> str | None:
     """The system prompt a checkpoint was trained with: its prompt.json, {"system": ...}, which train.py writes
-    beside the weights; VoCo-LLaMA's for a checkpoint without one."""
+    beside the weights; None (its template's default: data.build_sample) for a checkpoint without one."""
     path = Path(model_dir) / "prompt.json"
-    return read_json(path, "the system prompt")["system"] if path.is_file() else VOCO_SYSTEM
+    return read_json(path, "the system prompt")["system"] if path.is_file() else None
 
 
 def render_vicuna(turns, system=VICUNA_SYSTEM):

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from einops import rearrange
 
-from nanovoco.generate import decode, until_eos
-from nanovoco.model import KVCache, Output, VoCoLlama, apply_rope, check_length, rope_cos_sin
+from nanovoco.generate import check_sampling, decode, until_eos
+from nanovoco.model import KVCache, Output, VoCoLlama, apply_rope, check_length, check_token_ids, rope_cos_sin
 
 
 @dataclass
@@ -48,6 +48,16 @@ class VoCoCache:
                          num_voco=k)
 
 
+def check_images(pixel_values, argument: str):
+    """Images as an API argument: a float tensor (n, 3, H, W), at least one image."""
+    if not (isinstance(pixel_values, torch.Tensor) and pixel_values.dtype.is_floating_point):
+        raise TypeError(f"{argument} takes a float tensor (n, 3, H, W), as image.preprocess makes it, not "
+                        f"{getattr(pixel_values, 'dtype', type(pixel_values).__name__)}")
+    if pixel_values.ndim != 4 or pixel_values.shape[0] == 0:
+        raise ValueError(f"{argument} must be (n, 3, H, W) with n >= 1, got {tuple(pixel_values.shape)}"
+                         + (": a single one is x[None]" if pixel_values.ndim == 3 else ""))
+
+
 def check_count(argument: str, value) -> int:
     """A number of VoCo tokens as an API argument: an int (not a bool, a float or a string, which would otherwise
     fail deep inside or be taken for 1), returned as such."""
@@ -68,6 +78,9 @@ def compress(vlm: VoCoLlama, pixel_values, prefix_ids, num_voco: int | None = No
     sees the earlier tokens of its own group), so no mask is needed. The positions are those of training,
     0..P-1, so the cached keys are rotated (RoPE) exactly as the text saw them in training."""
     K = vlm.config.num_voco if num_voco is None else check_count("compress(num_voco=...)", num_voco)
+    check_images(pixel_values, "compress(pixel_values)")
+    check_token_ids(prefix_ids, vlm.config.text.vocab_size, "compress(prefix_ids)", ndim=1,
+                    allowed=(vlm.config.image_token_id,))
     voco = vlm.config.voco_token_id
     if (vlm.config.num_voco == 0 or K < 1 or prefix_ids.ndim != 1 or prefix_ids.shape[0] <= K
             or prefix_ids[-K:].ne(voco).any() or prefix_ids[-K - 1] == voco):
@@ -97,12 +110,21 @@ def compress_video(vlm: VoCoLlama, frames, prefix_ids, batch_size: int = 16,
     more gives the key made at p + d, R(d) R(p) = R(p + d), and the values do not depend on absolute positions
     when a frame sees nothing outside itself (the VoCo mask's groups). frames are compressed batch_size at a
     time, so a long video needs the memory of batch_size frames, and its cache F*K tokens."""
+    check_images(frames, "compress_video(frames)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"compress_video(batch_size) takes the frames compressed at once, an int >= 1, not "
+                         f"{batch_size!r}")
+    K = vlm.config.num_voco if num_voco is None else check_count("compress_video(num_voco=...)", num_voco)
+    F, P, context = frames.shape[0], getattr(prefix_ids, "shape", (0,))[0], vlm.config.text.max_position_embeddings
+    if P + (F - 1) * K >= context:  # the text goes on after the last frame's VoCo tokens
+        raise ValueError(f"compress_video: {F} frames of {K} VoCo tokens take positions up to {P + (F - 1) * K - 1},"
+                         f" and the model's context is {context} positions, with the question still to come: give "
+                         f"at most {max(0, (context - 1 - P) // K + 1)} frames (sample the video more sparsely) or "
+                         f"fewer VoCo tokens")
     parts = [compress(vlm, frames[i:i + batch_size], prefix_ids, num_voco)
-             for i in range(0, frames.shape[0], batch_size)]
-    K = parts[0].num_voco
+             for i in range(0, F, batch_size)]
     kv = [(torch.cat([c.kv[i][0] for c in parts]), torch.cat([c.kv[i][1] for c in parts]))
           for i in range(len(parts[0].kv))]  # per layer (F, n_kv_heads, K, head_dim)
-    F = kv[0][0].shape[0]
     shift = torch.arange(F, device=frames.device)[:, None].expand(F, K) * K  # (F, K): frame f moves by f*K
     cos, sin = rope_cos_sin(shift, vlm.config.text, torch.float32)  # rotate in fp32, even for bf16 keys
     kv = [(apply_rope(k.float(), cos, sin).to(k.dtype), v) for k, v in kv]
@@ -121,9 +143,16 @@ def answer(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, last_only
     after the cache's length, which would close the gap left by the dropped vision tokens and shift every
     relative distance the model learned. Every text token sees all cached VoCo tokens and the real text before
     it. A cache of one row serves a batch of questions; a cache of B rows, one question each."""
-    B, T = text_ids.shape
-    if (text_ids == vlm.config.image_token_id).any():
+    if not isinstance(cache, VoCoCache):
+        raise TypeError(f"answer takes a VoCoCache (stage 1's: compress, compress_video or cache_file.load), not a "
+                        f"{type(cache).__name__}")
+    if isinstance(text_ids, torch.Tensor) and (text_ids == vlm.config.image_token_id).any():
         raise ValueError("text_ids hold image placeholders: the image is in the cache, pass only the text")
+    check_token_ids(text_ids, vlm.config.text.vocab_size, "text_ids")
+    B, T = text_ids.shape
+    if text_mask is not None and getattr(text_mask, "shape", None) != text_ids.shape:
+        raise ValueError(f"text_mask must have text_ids' shape {tuple(text_ids.shape)}, got "
+                         f"{tuple(getattr(text_mask, 'shape', ())) or type(text_mask).__name__}")
     rows = cache.kv[0][0].shape[0]
     if rows not in (1, B):
         raise ValueError(f"a cache of {rows} rows cannot answer {B} questions: use a cache of one row (one image, "
@@ -143,6 +172,8 @@ def stream_from_cache(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None
     """Stage 2 generation: the questions text_ids (B, T) answered from a VoCo cache (compress), yielding the next
     token of every row, (B,), as `generate.stream` does. Batched questions must be left-padded (text_mask False on
     the padding), so that every row goes on from its last column. sampling: generate.decode's options."""
+    check_sampling(vlm.config.text.vocab_size, max_new_tokens, **sampling)
+    check_token_ids(text_ids, vlm.config.text.vocab_size, "text_ids")
     B, T = text_ids.shape
     check_length(cache.next_position + T - 1, max_new_tokens, vlm.config.text.max_position_embeddings)
     real = torch.ones_like(text_ids, dtype=torch.bool) if text_mask is None else text_mask.bool()

@@ -525,7 +525,7 @@ def test_generate_beyond_context(tmp_path):
 def test_generate_zero_new_tokens(tmp_path):
     hf_llama(tmp_path)
     llm = Llama.from_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+    with pytest.raises(ValueError, match="max_new_tokens takes an int >= 1, not 0"):
         generate(llm, torch.randint(3, 160, (1, 5)), max_new_tokens=0)
 
 

@@ -15,6 +15,7 @@ import torch
 import transformers
 
 from nanovoco.from_gguf import convert, smollm2_path
+from nanovoco.data import IGNORE_INDEX, build_sample
 from nanovoco.generate import generate
 from nanovoco.model import Llama
 from nanovoco.tokenizer import CHATML, load_tokenizer
@@ -286,4 +287,83 @@ def test_smollm2_tokenizer_matches_transformers_on_varied_strings(smollm2_dir, r
     # where no number character follows whitespace, transformers' own GGUF tokenizer agrees as it is
     assert ours.encode("Hello world 2024, 12 cats\n", bos=False) == ref("Hello world 2024, 12 cats\n",
                                                                         add_special_tokens=False)["input_ids"]
-    assert (ours.bos_id, ours.eos_id, ours.template, ours.special_ids["<voco>"]) == (1, 2, CHATML, 49152)
+    assert (ours.bos_id, ours.eos_id, ours.template.name, ours.special_ids["<voco>"]) == (1, 2, "chatml", 49152)
+
+
+def awkward_strings(n, seed=0):
+    """Strings a user may type, generated: characters of every Unicode general category (bar the surrogates,
+    which are not text: test_smollm2_tokenizer_refuses_surrogates), runs of whitespace and newlines, and long
+    inputs."""
+    rng = random.Random(seed)
+    by_category = {}
+    for code in range(0x110000):
+        by_category.setdefault(unicodedata.category(chr(code)), []).append(chr(code))
+    del by_category["Cs"]
+    blanks = [" ", "  ", "\n", "\n\n", " \n ", "\t", "\r\n", "\u3000", "\u2028", " " * 17]
+    out = ["".join(rng.choice(by_category[c]) + rng.choice(["", *blanks]) for c in sorted(by_category))
+           for _ in range(n)]
+    out += ["".join(rng.choice(blanks) + rng.choice(varied_strings(20, seed)) for _ in range(rng.randint(1, 6)))
+            for _ in range(n)]
+    return out + ["".join(rng.choice(varied_strings(50, seed)) for _ in range(400))]  # ~10,000 characters
+
+
+@smollm2
+def test_smollm2_tokenizer_matches_transformers_on_awkward_strings(smollm2_dir, reference):
+    _, ref = reference
+    ours = load_tokenizer(smollm2_dir)
+    strings = awkward_strings(100)
+    assert len(strings[-1]) > 5000 and all(len({unicodedata.category(c) for c in s}) >= 29 for s in strings[:100])
+    for text in strings:
+        want = [i for piece in numeral_split(text) for i in ref(piece, add_special_tokens=False)["input_ids"]]
+        assert ours.encode(text, bos=False) == want, repr(text[:80])
+        # not always the text itself: SmolLM2's vocabulary lacks a few bytes (0xF2, which opens the characters of
+        # planes 10 and 11), which BPE then drops, as the reference does
+        assert ours.decode(want) == ref.decode(want), repr(text[:80])
+
+
+@smollm2
+def test_smollm2_tokenizer_refuses_surrogates(smollm2_dir):
+    ours = load_tokenizer(smollm2_dir)
+    for text in ["\ud800", "a\udfffb", "x" * 3000 + "\udc00"]:
+        with pytest.raises(ValueError, match="not valid Unicode \\(a lone surrogate\\)"):
+            ours.encode(text)
+    assert ours.decode(ours.encode("\U0001F600", bos=False)) == "\U0001F600"  # a pair in UTF-16, one character here
+
+
+@smollm2
+def test_chatml_samples_are_the_chat_templates_rendering(smollm2_dir, reference):
+    """A SmolLM2 sample's ids are the tokenizer's encoding of what SmolLM2's own chat template renders (its
+    default system turn when none is given, newlines and leading spaces as written), and the loss covers each
+    answer and its <|im_end|>, at most the "\\n" before it besides (where BPE merges it with leading spaces)."""
+    _, ref = reference
+    ours = load_tokenizer(smollm2_dir)
+    assert ours.template.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    rng = random.Random(1)
+    texts = [t for t in awkward_strings(30, seed=1)[:-1] + varied_strings(60, seed=1)
+             if not any(s in t for s in ("<|im_start|>", "<|im_end|>", "<image>"))]
+    for _ in range(150):
+        turns = [(rng.choice(texts), rng.choice(texts)) for _ in range(rng.randint(1, 3))]
+        system, open_end = rng.choice([None, "", "Be brief.\n  Really."]), rng.random() < 0.5
+        if open_end:
+            turns[-1] = (turns[-1][0], None)
+        messages = [{"role": "system", "content": system}] if system is not None else []
+        for user, answer in turns:
+            messages += [{"role": "user", "content": user}] + ([{"role": "assistant", "content": answer}] * bool(answer))
+        rendered = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_end)
+        if system == "":  # nanovoco's one difference, on purpose: an empty system prompt writes no system turn
+            rendered = rendered.replace("<|im_start|>system\n<|im_end|>\n", "", 1)
+        s = build_sample(ours, turns, None, system=system, max_len=10 ** 6)
+        assert s.input_ids == ours.encode(rendered.removesuffix("\n") if not open_end else rendered, bos=False)
+        runs, run = [], []
+        for i, label in zip(s.input_ids, s.labels):
+            if label != IGNORE_INDEX:
+                run.append(i)
+            elif run:
+                runs, run = runs + [run], []
+        runs += [run] if run else []
+        answers = [answer for _, answer in turns if answer is not None]
+        assert len(runs) == len(answers)
+        for run, answer in zip(runs, answers):
+            # as written, bar the few bytes missing from SmolLM2's vocabulary (the test above)
+            written = ours.decode(ours.encode(answer, bos=False)) + "<|im_end|>"
+            assert ours.decode(run) in (written, "\n" + written)

@@ -74,11 +74,19 @@ def test_vqa_accuracy_scores_what_the_model_answers(held_out, monkeypatch, compr
 def sample_with_voco(num_voco=2):
     ids = {"<voco>": 7}
 
-    class Tok:  # build_sample needs encode, bos/eos ids and the special ids: a character-level stand-in
+    class Tok:  # build_sample needs encode(_chunks), decode, bos/eos ids and the special ids: a character-level
+        # stand-in, "</s>" its EOS
         bos_id, bos_ids, eos_id, special_ids, template = 1, [1], 2, ids, VICUNA
 
         def encode(self, text, bos=False):
-            return [10 + ord(c) % 50 for c in text]
+            return [2] if text == "</s>" else [10 + ord(c) % 50 for c in text]
+
+        def encode_chunks(self, chunks):
+            ids = [self.encode(text) for text, _ in chunks]
+            return sum(ids, []), [loss for chunk, (_, loss) in zip(ids, chunks) for _ in chunk]
+
+        def decode(self, ids):
+            return "</s>" if ids == [2] else "".join(chr(i) for i in ids)
 
     return build_sample(Tok(), [("<image>\nWhat?", "Red.")], Layout(-200, 4, 7, num_voco), system="")
 

@@ -1,5 +1,7 @@
 """Two-stage inference (compress once, answer from the VoCo cache) equals single-pass masked inference: the whole
 sequence, vision tokens included, in one forward under the VoCo mask, with the positions of data.build_sample."""
+import re
+
 import pytest
 import torch
 
@@ -197,3 +199,64 @@ def test_stage_errors(tok):
     with pytest.raises(ValueError, match="a prefix that ends with exactly 2 <voco> tokens: build it with "
                                          "voco.compress_prefix"):
         compress(vlm, images(1), prefix(tok, vlm)[:-1])
+
+
+def test_what_a_user_may_pass_instead_is_refused_at_the_call(tok):
+    """The public API's edge (compress, compress_video, answer, generate_from_cache, generate): wrong types,
+    shapes, ids outside the vocabulary, options out of range and a video past the context are refused before any
+    work, each in one message naming the argument and what it takes."""
+    vlm = model(tok, 2)
+    pixels, p = images(1), prefix(tok, vlm)
+    cache = compress(vlm, pixels, p)
+    text = torch.tensor([sample(tok, vlm, QUESTIONS[0]).text_ids()])
+    V = vlm.config.text.vocab_size
+    refused = [
+        (lambda: compress(vlm, pixels[0], p), ValueError, r"compress\(pixel_values\) must be \(n, 3, H, W\) with n >= "
+                                                          r"1, got \(3, 56, 56\): a single one is x\[None\]"),
+        (lambda: compress(vlm, pixels.tolist(), p), TypeError, r"compress\(pixel_values\) takes a float tensor"),
+        (lambda: compress(vlm, pixels.to(torch.uint8), p), TypeError, r"takes a float tensor .* not torch.uint8"),
+        (lambda: compress(vlm, pixels, p.tolist()), TypeError, r"compress\(prefix_ids\) takes a tensor of token ids"),
+        (lambda: compress(vlm, pixels, p[None]), ValueError, r"compress\(prefix_ids\) must be \(length,\)"),
+        (lambda: answer(vlm, cache, text[0]), ValueError, r"text_ids must be \(batch, length\), got shape .*: one "
+                                                          r"question is ids\[None\]"),
+        (lambda: answer(vlm, cache, text.tolist()), TypeError, r"text_ids takes a tensor of token ids"),
+        (lambda: answer(vlm, cache, text.float()), TypeError, r"text_ids takes integer token ids, not torch.float32"),
+        (lambda: answer(vlm, cache, text + V), ValueError, rf"text_ids holds the id {int(text[0, 0]) + V}, outside "
+                                                           rf"the model's vocabulary \(0..{V - 1}\)"),
+        (lambda: answer(vlm, cache, -text), ValueError, r"outside the model's vocabulary"),
+        (lambda: answer(vlm, cache, text[:, :0]), ValueError, r"text_ids holds no tokens"),
+        (lambda: answer(vlm, cache, text, text_mask=torch.ones(1, 2)), ValueError, r"text_mask must have text_ids' "
+                                                                                  r"shape"),
+        (lambda: answer(vlm, {"kv": cache.kv}, text), TypeError, r"answer takes a VoCoCache .* not a dict"),
+        (lambda: compress_video(vlm, images(3), p, batch_size=0), ValueError, r"compress_video\(batch_size\) takes"),
+        (lambda: compress_video(vlm, images(3), p, batch_size=1.5), ValueError, r"compress_video\(batch_size\)"),
+        (lambda: compress_video(vlm, images(1)[:0], p), ValueError, r"compress_video\(frames\) must be \(n, 3, H, "
+                                                                    r"W\) with n >= 1"),
+        (lambda: compress_video(vlm, images(1).expand(300, -1, -1, -1), p), ValueError,
+         r"compress_video: 300 frames of 2 VoCo tokens take positions up to \d+, and the model's context is 512 "
+         r"positions, with the question still to come: give at most \d+ frames"),
+    ]
+    for bad in (0, -1, 2.5, "3", True):
+        refused.append((lambda bad=bad: generate_from_cache(vlm, cache, text, max_new_tokens=bad), ValueError,
+                        rf"max_new_tokens takes an int >= 1, not {bad!r}"))
+        refused.append((lambda bad=bad: generate(vlm.llm, text, max_new_tokens=bad), ValueError,
+                        "max_new_tokens takes"))
+    for option, bad, message in [("temperature", -0.5, r"temperature takes a number >= 0"),
+                                 ("temperature", "0.7", r"temperature takes a number >= 0"),
+                                 ("top_p", 0.0, r"top_p takes a number in \(0, 1\]"),
+                                 ("top_p", 1.5, r"top_p takes a number in \(0, 1\]"),
+                                 ("eos_id", V, rf"eos_id takes a token id in 0..{V - 1}"),
+                                 ("eos_id", "2", r"eos_id takes a token id"),
+                                 ("generator", 0, r"generator takes a torch.Generator or None, not a int")]:
+        refused.append((lambda option=option, bad=bad: generate_from_cache(vlm, cache, text, max_new_tokens=2,
+                                                                           **{option: bad}),
+                        (ValueError, TypeError), message))
+    refused.append((lambda: generate(vlm.llm, [[1, 2]], max_new_tokens=2), TypeError, "input_ids takes a tensor"))
+    for call, error, message in refused:
+        with pytest.raises(error, match=message):
+            call()
+    # the largest video that fits answers, as the message says
+    fits = int(re.search(r"give at most (\d+) frames", str(pytest.raises(
+        ValueError, compress_video, vlm, images(1).expand(300, -1, -1, -1), p).value)).group(1))
+    video = compress_video(vlm, images(1).expand(fits, -1, -1, -1), p)
+    assert answer(vlm, video, text[:, :1]).logits.shape == (1, 1, V)

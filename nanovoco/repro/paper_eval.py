@@ -41,7 +41,7 @@ from nanovoco.generate import generate
 from nanovoco.image import load_image, preprocess
 from nanovoco.model import VoCoLlama
 from nanovoco.repro.paper_scores import BENCHMARKS, read_questions, score, text_lines
-from nanovoco.tokenizer import VOCO_SYSTEM, load_tokenizer, trained_system_prompt
+from nanovoco.tokenizer import load_tokenizer, trained_system_prompt
 from nanovoco.voco import Layout, compress_prefix
 from nanovoco.voco_cache import compress, generate_from_cache
 
@@ -68,7 +68,7 @@ def answered_before(path) -> dict:
 
 @torch.no_grad()
 def answer(vlm: VoCoLlama, tokenizer, questions: list[dict], image_folder, answers_path, *,
-           system=VOCO_SYSTEM, max_new_tokens=128, model_id="nanovoco", progress=True) -> Path:
+           system=None, max_new_tokens=128, model_id="nanovoco", progress=True) -> Path:
     """Answer `questions` (read_questions) into LLaVA's answer file at answers_path, resuming it. A question is its
     (question_id, prompt): MME asks two questions of an image under one question_id."""
     answers_path, image_folder = Path(answers_path), Path(image_folder)

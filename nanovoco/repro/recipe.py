@@ -72,8 +72,10 @@ def stages(scale: float, seed: int = 0, ks=KS, any_k: bool = False, video: bool 
     if llm == "tiny":
         runs["full"] = [*common, "--mode=full", "--init=tiny-mha", "--vision_path={out}/vision",
                         f"--max_steps={steps(full_steps)}", "--lr=1e-3"]
-    else:  # a new projector joins SmolLM2 to the tower (train.py: a plain LLM without --projector_path)
-        common += [f"--batch_size={batch}", f"--micro_batch_size={batch}", f"--lr={SMOLLM2_LR}"]
+    else:  # a new projector joins SmolLM2 to the tower (train.py: a plain LLM without --projector_path); its
+        # conversations keep the default system turn of SmolLM2's chat template, which its instruction tuning saw
+        common += [f"--batch_size={batch}", f"--micro_batch_size={batch}", f"--lr={SMOLLM2_LR}",
+                   "--system_prompt=default"]
         runs["full"] = [*common, "--mode=full", "--init={run}/smollm2", "--vision_path={out}/vision",
                         f"--max_steps={steps(full_steps)}"]
         runs["zero_shot"] = ["-m", "nanovoco.repro.scene_text", "--llm", "{run}/smollm2", "--data",

@@ -62,7 +62,8 @@ def answer(llm: Llama, tokenizer, records: list[dict], image_size: int, batch_si
     samples = []
     for r in records:
         question = f"{describe(r['scene'], image_size)}\n{user_text(r['conversations'][0]['value'])} {ONE_WORD}"
-        s = build_sample(tokenizer, [(question, None)], None, system="")  # text only
+        # text only, with the model's own default system turn: the prompt its instruction tuning saw
+        s = build_sample(tokenizer, [(question, None)], None)
         # the answer's first words written for it: the next token is the answer's own
         s.input_ids += lead
         s.segments += [TEXT] * len(lead)
