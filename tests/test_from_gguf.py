@@ -19,7 +19,7 @@ from nanovoco.data import IGNORE_INDEX, build_sample
 from nanovoco.generate import generate
 from nanovoco.model import Llama
 from nanovoco.tokenizer import CHATML, load_tokenizer
-from tiny import BPE_MERGES, BPE_TOKENS, BPE_TYPES
+from tiny import BPE_MERGES, BPE_TOKENS, BPE_TYPES, awkward_strings
 
 SHAPE = dict(vocab=None, hidden=64, intermediate=128, layers=2, heads=4, kv_heads=2)  # quantized rows: 32-blocks
 
@@ -288,23 +288,6 @@ def test_smollm2_tokenizer_matches_transformers_on_varied_strings(smollm2_dir, r
     assert ours.encode("Hello world 2024, 12 cats\n", bos=False) == ref("Hello world 2024, 12 cats\n",
                                                                         add_special_tokens=False)["input_ids"]
     assert (ours.bos_id, ours.eos_id, ours.template.name, ours.special_ids["<voco>"]) == (1, 2, "chatml", 49152)
-
-
-def awkward_strings(n, seed=0):
-    """Strings a user may type, generated: characters of every Unicode general category (bar the surrogates,
-    which are not text: test_smollm2_tokenizer_refuses_surrogates), runs of whitespace and newlines, and long
-    inputs."""
-    rng = random.Random(seed)
-    by_category = {}
-    for code in range(0x110000):
-        by_category.setdefault(unicodedata.category(chr(code)), []).append(chr(code))
-    del by_category["Cs"]
-    blanks = [" ", "  ", "\n", "\n\n", " \n ", "\t", "\r\n", "\u3000", "\u2028", " " * 17]
-    out = ["".join(rng.choice(by_category[c]) + rng.choice(["", *blanks]) for c in sorted(by_category))
-           for _ in range(n)]
-    out += ["".join(rng.choice(blanks) + rng.choice(varied_strings(20, seed)) for _ in range(rng.randint(1, 6)))
-            for _ in range(n)]
-    return out + ["".join(rng.choice(varied_strings(50, seed)) for _ in range(400))]  # ~10,000 characters
 
 
 @smollm2

@@ -6,7 +6,7 @@ import pytest
 import sentencepiece as spm
 
 from nanovoco.tokenizer import VICUNA_SYSTEM, Tokenizer, load_tokenizer, render_vicuna, train_tiny_tokenizer
-from tiny import bpe_tokenizer
+from tiny import awkward_strings, bpe_tokenizer
 
 CORPUS = [
     "A chat between a curious user and an artificial intelligence assistant.",
@@ -179,3 +179,17 @@ def test_train_tiny_tokenizer_is_deterministic_and_atomic(tmp_path, tiny_path):
     assert os.listdir(tmp_path) == ["tokenizer.model"]  # no temporary file left behind
     with open(out, "rb") as a, open(tiny_path, "rb") as b:
         assert a.read() == b.read()
+
+
+def test_awkward_strings_are_sentencepiece_and_decode_back(tok, sp):
+    """Generated strings (every Unicode category, whitespace and newline runs, a long input) encode as sentencepiece
+    does, byte fallback included, and decode back to themselves; a lone surrogate in any of them is refused in
+    words about the text."""
+    strings = awkward_strings(60)
+    assert len(strings[-1]) > 5000
+    for text in strings:
+        assert tok.encode(text) == [sp.bos_id()] + sp.encode(text), repr(text[:80])
+        assert tok.decode(tok.encode(text, bos=False)) == text, repr(text[:80])
+        broken = text[:len(text) // 2] + "\ud83d" + text[len(text) // 2:]
+        with pytest.raises(ValueError, match=r"not valid Unicode \(a lone surrogate\): remove it"):
+            tok.encode(broken)

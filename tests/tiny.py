@@ -5,6 +5,8 @@ The LLaVA-1.5 original layout and the stage-1 projector file are not written by 
 here by renaming a saved llava-hf checkpoint's tensors, independently of nanovoco's own writer.
 """
 import json
+import random
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -135,3 +137,21 @@ def bpe_tokenizer(path) -> Path:
     (path / "tokenizer.json").write_text(json.dumps(tokenizer))
     (path / "tokenizer_config.json").write_text(json.dumps(config))
     return path
+
+
+def awkward_strings(n, seed=0) -> list[str]:
+    """Strings a user may type, generated for the tokenizer tests: n with a character of every Unicode general
+    category (bar the surrogates, which are not text and are refused), n of words, digits and punctuation between
+    runs of whitespace and newlines, and one long input of ~10,000 characters."""
+    rng = random.Random(seed)
+    by_category = {}
+    for code in range(0x110000):
+        by_category.setdefault(unicodedata.category(chr(code)), []).append(chr(code))
+    del by_category["Cs"]
+    blanks = [" ", "  ", "\n", "\n\n", " \n ", "\t", "\r\n", "\u3000", "\u2028", " " * 17]
+    words = ["Hello", " world", "123", " 42", "3.14", "café", "東京", "👩‍💻", "don't", "Привет", "x²", "{}", "...", "—",
+             "https://x.org/a?b=1", "if (a < b) { return; }", "e\u0301", "\u200b", "\u00a0"]
+    out = ["".join(rng.choice(by_category[c]) + rng.choice(["", *blanks]) for c in sorted(by_category))
+           for _ in range(n)]
+    out += ["".join(rng.choice(blanks) + rng.choice(words) for _ in range(rng.randint(1, 8))) for _ in range(n)]
+    return out + ["".join(rng.choice(blanks + words) for _ in range(2000))]
