@@ -24,7 +24,7 @@ import torch
 from nanovoco import cli, files, voco_cache
 from nanovoco.cache_file import load_cache, save_cache
 from nanovoco.data import build_sample
-from nanovoco.generate import stream
+from nanovoco.generate import check_sampling, stream
 from nanovoco.image import load_image, load_video, preprocess
 from nanovoco.model import VoCoLlama, check_length
 from nanovoco.tokenizer import load_tokenizer, stream_text, trained_system_prompt
@@ -90,6 +90,8 @@ def load(args):
         args.save_cache = files.output_file(args.save_cache, "--save_cache")
     if args.num_voco is not None and args.num_voco < 1:
         raise ValueError(f"--num_voco {args.num_voco}: give the number of VoCo tokens per image, at least 1")
+    # the sampling options, before the model is loaded (eos_id, the tokenizer's, is checked with the model)
+    check_sampling(sys.maxsize, args.max_new_tokens, args.temperature, args.top_p)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     vlm = VoCoLlama.from_pretrained(args.model, vision_path=args.vision, projector_path=args.projector, dtype=dtype,

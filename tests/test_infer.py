@@ -126,6 +126,13 @@ def test_full_mode_answers_from_the_whole_image(setup, capsys):
     (["--image", "{root}/frame1.png", "--save_cache", "{root}/frame2.png/x.voco"],
      "frame2.png is a file, so nothing can be written below it"),
     (["--image", "{root}/frame1.png", "--save_cache", "{root}/"], "is a folder: give a file name"),
+    # sampling options out of range: refused before the model is loaded, as later they were after stage 1
+    (["--image", "{root}/frame1.png", "--question", "x", "--temperature", "-1"], "temperature takes a number >= 0"),
+    (["--image", "{root}/frame1.png", "--question", "x", "--top_p", "0"], "top_p takes a number in (0, 1]"),
+    (["--image", "{root}/frame1.png", "--question", "x", "--top_p", "nan"], "top_p takes a number in (0, 1]"),
+    (["--image", "{root}/frame1.png", "--question", "x", "--max_new_tokens", "0"], "max_new_tokens takes an int >= 1"),
+    (["--image", "{root}/frame1.png", "--question", "x", "--num_voco", "0"], "--num_voco 0: give the number of VoCo"),
+    (["--image", "{root}/frame1.png", "--question", "x", "--num_voco", "600"], "exceeds the model's context of 512"),
     # a byte that is not UTF-8 in the shell's argument reaches Python as a lone surrogate
     (["--image", "{root}/frame1.png", "--question", "red\udcff?"], "holds '\\udcff' at character 3, which is not "
      "valid Unicode (a lone surrogate): remove it"),
@@ -136,8 +143,9 @@ def test_bad_input_is_one_clear_line(setup, capsys, argv, message):
     other = models["other"]
     prefix = torch.tensor([1] + [-200] * 16 + [13] + [other.config.voco_token_id] * 2)
     save_cache(root / "other.voco", compress(other, torch.zeros(1, 3, 56, 56), prefix), other)
-    code, _, err = run(capsys, "--model", root / "voco", *(a.format(root=root) for a in argv))
+    code, out, err = run(capsys, "--model", root / "voco", *(a.format(root=root) for a in argv))
     assert code == 2 and err.startswith("error: ") and message.format(root=root) in err and "Traceback" not in err
+    assert out == ""  # nothing was answered before the error
 
 
 def damaged_copy(root, name, drop=(), extra=None, prompt=None):
