@@ -387,7 +387,8 @@ def test_the_default_system_prompt_is_the_chat_templates():
     assert chat_template_system(SMOLLM2_TEMPLATE) == ("You are a helpful AI assistant named SmolLM, trained by "
                                                       "Hugging Face")
     assert chat_template_system(QWEN2_TEMPLATE) == "You are a helpful assistant."
-    no_default = "{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}{% endfor %}"
+    no_default = ("{% for m in messages %}{{'<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n'}}"
+                  "{% endfor %}")
     assert chat_template_system(no_default) == chat_template_system(None) == ""
 
 

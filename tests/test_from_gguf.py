@@ -331,7 +331,9 @@ def test_chatml_samples_are_the_chat_templates_rendering(smollm2_dir, reference)
             turns[-1] = (turns[-1][0], None)
         messages = [{"role": "system", "content": system}] if system is not None else []
         for user, answer in turns:
-            messages += [{"role": "user", "content": user}] + ([{"role": "assistant", "content": answer}] * bool(answer))
+            messages.append({"role": "user", "content": user})
+            if answer is not None:
+                messages.append({"role": "assistant", "content": answer})
         rendered = ref.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_end)
         if system == "":  # nanovoco's one difference, on purpose: an empty system prompt writes no system turn
             rendered = rendered.replace("<|im_start|>system\n<|im_end|>\n", "", 1)
