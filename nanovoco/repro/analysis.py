@@ -67,19 +67,34 @@ def evaluate_missing(stage: Path, data: Path, variants: dict):
     missing = {path: lay for path, lay in variants.items() if not path.exists()}
     if not missing:
         return
-    from nanovoco.data import LlavaDataset  # the model's modules, only for this (the stages run in subprocesses)
-    from nanovoco.evaluate import vqa_accuracy
+    from nanovoco.evaluate import vqa_accuracy  # the model's modules, only for this (the stages run in subprocesses)
+
+    vlm, dataset = load_stage(stage, data)
+    for path, lay in missing.items():
+        text = json.dumps(vqa_accuracy(vlm, lay(dataset), compressed=compressed(stage)))
+        files.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
+def load_stage(stage: Path, data: Path):
+    """A training stage's model (in eval mode) and the held-out set of data (a generated set's eval folder, or its
+    data.json) laid out as the stage was trained: its tokenizer, its K and its system prompt."""
+    from nanovoco.data import LlavaDataset
     from nanovoco.model import VoCoLlama
     from nanovoco.tokenizer import load_tokenizer, trained_system_prompt
 
     model = stage / "checkpoint" / "model"
     vlm = VoCoLlama.from_pretrained(model, vision_path=model / "vision_tower").eval()
-    dataset = LlavaDataset(data / "data.json", data, load_tokenizer(model), vlm.config,
-                           num_voco=vlm.config.num_voco, max_len=vlm.config.text.max_position_embeddings,
-                           system=trained_system_prompt(model))
-    for path, lay in missing.items():
-        text = json.dumps(vqa_accuracy(vlm, lay(dataset), compressed=True))
-        files.atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    data = data if data.suffix == ".json" else data / "data.json"
+    dataset = LlavaDataset(data, data.parent, load_tokenizer(model), vlm.config, num_voco=vlm.config.num_voco,
+                           max_len=vlm.config.text.max_position_embeddings, system=trained_system_prompt(model))
+    return vlm, dataset
+
+
+def compressed(stage: Path) -> bool:
+    """Whether a stage's model reads its questions under the VoCo mask (train.py's voco and lower_bound modes), as
+    it is evaluated, or with plain causal attention (full, avgpool, qformer)."""
+    mode = json.loads((stage / "checkpoint" / "state.json").read_text())["config"]["mode"]
+    return mode in ("voco", "lower_bound")
 
 
 def other_k(folder: Path, ks) -> dict:
