@@ -82,7 +82,7 @@ def compress(vlm: VoCoLlama, pixel_values, prefix_ids, num_voco: int | None = No
     check_token_ids(prefix_ids, vlm.config.text.vocab_size, "compress(prefix_ids)", ndim=1,
                     allowed=(vlm.config.image_token_id,))
     voco = vlm.config.voco_token_id
-    if (vlm.config.num_voco == 0 or K < 1 or prefix_ids.ndim != 1 or prefix_ids.shape[0] <= K
+    if (vlm.config.num_voco == 0 or K < 1 or prefix_ids.shape[0] <= K
             or prefix_ids[-K:].ne(voco).any() or prefix_ids[-K - 1] == voco):
         raise ValueError(f"compress needs a model with VoCo tokens (this one has num_voco="
                          f"{vlm.config.num_voco}) and a prefix that ends with exactly {K} <voco> tokens: build "
@@ -115,7 +115,9 @@ def compress_video(vlm: VoCoLlama, frames, prefix_ids, batch_size: int = 16,
         raise ValueError(f"compress_video(batch_size) takes the frames compressed at once, an int >= 1, not "
                          f"{batch_size!r}")
     K = vlm.config.num_voco if num_voco is None else check_count("compress_video(num_voco=...)", num_voco)
-    F, P, context = frames.shape[0], getattr(prefix_ids, "shape", (0,))[0], vlm.config.text.max_position_embeddings
+    check_token_ids(prefix_ids, vlm.config.text.vocab_size, "compress_video(prefix_ids)", ndim=1,
+                    allowed=(vlm.config.image_token_id,))
+    F, P, context = frames.shape[0], prefix_ids.shape[0], vlm.config.text.max_position_embeddings
     if P + (F - 1) * K >= context:  # the text goes on after the last frame's VoCo tokens
         raise ValueError(f"compress_video: {F} frames of {K} VoCo tokens take positions up to {P + (F - 1) * K - 1},"
                          f" and the model's context is {context} positions, with the question still to come: give "
@@ -146,9 +148,9 @@ def answer(vlm: VoCoLlama, cache: VoCoCache, text_ids, text_mask=None, last_only
     if not isinstance(cache, VoCoCache):
         raise TypeError(f"answer takes a VoCoCache (stage 1's: compress, compress_video or cache_file.load), not a "
                         f"{type(cache).__name__}")
-    if isinstance(text_ids, torch.Tensor) and (text_ids == vlm.config.image_token_id).any():
+    check_token_ids(text_ids, vlm.config.text.vocab_size, "text_ids", allowed=(vlm.config.image_token_id,))
+    if (text_ids == vlm.config.image_token_id).any():
         raise ValueError("text_ids hold image placeholders: the image is in the cache, pass only the text")
-    check_token_ids(text_ids, vlm.config.text.vocab_size, "text_ids")
     B, T = text_ids.shape
     if text_mask is not None and getattr(text_mask, "shape", None) != text_ids.shape:
         raise ValueError(f"text_mask must have text_ids' shape {tuple(text_ids.shape)}, got "
