@@ -1,6 +1,7 @@
 """The reproduction driver end to end at a toy scale: every stage trains from the `full` model, the tables, the
 plot and the JSON come out, and a second invocation keeps the finished stages instead of retraining them."""
 import importlib.util
+import itertools
 import json
 import random
 import shlex
@@ -13,6 +14,7 @@ import pytest
 from nanovoco.repro.analysis import (VIEWS, content_summary, curves, oracle, read_at_its_place, shortcut_answers,
                                      shortcuts, shuffled)
 from nanovoco.repro.recipe import KS, VIDEO_OBJECTS, stages
+from nanovoco.repro.synthetic import PALETTE
 from nanovoco.repro.run import main, run_stage
 from nanovoco.repro.stats import retention, retention_se
 
@@ -143,6 +145,30 @@ def test_shortcut_answers_on_a_hand_made_scene(tmp_path):
     assert found["horizontal"]["full"] == {"accuracy": 1, "follows": 0}  # it found the green object
     assert found["closest"]["shortcut"] == 0.5 and found["closest"]["full"] == {"accuracy": 0, "follows": 1}
     assert shortcuts(tmp_path, {"full": {"correct": [0, 1, 0, 1]}}) is None  # an eval.json without answers
+
+
+def test_centre_shortcut_is_the_likelier_answer_given_the_count(tmp_path):
+    """centre's shortcut answers from the number of objects alone: recomputed here by counting every placement of n
+    objects on the 4 x 4 grid's cells, and the answer that more placements give (the analysis uses the closed form)."""
+    middle = {5, 6, 9, 10}  # the 2 x 2 cells in the middle of the 4 x 4 grid, numbered row by row
+    for n in range(1, 9):
+        placements = list(itertools.combinations(range(16), n))
+        yes = sum(bool(middle & set(p)) for p in placements)
+        likelier = ["yes"] if 2 * yes > len(placements) else ["no"]
+        scene = [{"color": c, "shape": "circle", "x": 8, "y": 8} for c in list(PALETTE)[:n]]  # places do not count
+        assert shortcut_answers(scene, "centre", None) == likelier
+    assert [shortcut_answers([{}] * n, "centre", None) for n in (2, 3)] == [["no"], ["yes"]]
+
+    records = [{"type": "centre", "scene": [{}] * n, "conversations": [
+        {"from": "human", "value": "<image>\nIs there an object in the centre?"}, {"from": "gpt", "value": a}]}
+        for n, a in ((1, "no"), (1, "yes"), (5, "yes"), (5, "no"))]
+    (tmp_path / "data" / "eval").mkdir(parents=True)
+    (tmp_path / "data" / "eval" / "data.json").write_text(json.dumps(records))
+    found = shortcuts(tmp_path, {"full": {"correct": [1, 1, 1, 1], "answers": ["no", "yes", "yes", "no"]},
+                                 "voco_k1": {"correct": [1, 0, 1, 0], "answers": ["no", "no", "yes", "yes"]}})
+    assert found["centre"]["shortcut"] == 0.5  # right on the two questions whose answer is the likelier one
+    assert found["centre"]["full"] == {"accuracy": 1, "follows": 0.5}
+    assert found["centre"]["voco_k1"] == {"accuracy": 0.5, "follows": 1}  # it answers from the count
 
 
 @pytest.mark.slow

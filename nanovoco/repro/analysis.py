@@ -1,6 +1,7 @@
 """What the reproduction's tables are made of: each seed's evaluations gathered (with Table 4's runs at other K,
 the shortcuts the answers follow, and the video stage seen in several views) into one summary per seed."""
 import json
+import math
 import random
 import re
 import statistics
@@ -16,13 +17,22 @@ from nanovoco.repro.stats import accuracy_se, paired_se, retention, retention_se
 # what such a model answers instead
 SHORTCUTS = {"shape": "the most common shape in the image", "horizontal": "the side where most objects are",
              "vertical": "the side where most objects are", "closest": "the colour of another object",
-             "farthest": "the shape of another object"}
+             "farthest": "the shape of another object",
+             # the graded and layout sets: the object count alone. With n objects in distinct cells of the 4 x 4
+             # grid, the 2 x 2 cells in the middle are all empty with probability C(12, n) / C(16, n): 0.55 for two
+             # objects, 0.39 for three, so the likelier answer is "no" below three objects and "yes" from three on
+             "centre": "yes from three objects on (the likelier answer given the object count alone)"}
 
 
 def shortcut_answers(scene: list[dict], qtype: str, named: str) -> list[str]:
     """The shortcut's answers to one question (several on a tie, one of which it picks at random): for "shape",
     left/right and top/bottom the most common shape or side among all of the scene's objects; for "closest" (a
-    colour) and "farthest" (a shape) that attribute of each object other than the one named."""
+    colour) and "farthest" (a shape) that attribute of each object other than the one named; for "centre" the
+    likelier answer given the number of objects alone (both on an even chance)."""
+    if qtype == "centre":
+        cells, inner = synthetic.GRID ** 2, (synthetic.GRID - 2 * (synthetic.GRID // 4)) ** 2  # synthetic.ask_layout
+        empty = math.comb(cells - inner, len(scene)) / math.comb(cells, len(scene))
+        return ["no", "yes"] if empty == 0.5 else ["no"] if empty > 0.5 else ["yes"]
     if qtype in ("closest", "farthest"):
         return [o["color" if qtype == "closest" else "shape"] for o in scene if o["color"] != named]
     half = IMAGE_SIZE / 2  # the halves of synthetic.ask
@@ -46,7 +56,7 @@ def shortcuts(folder: Path, results: dict) -> dict | None:
         rows, guesses = [], []
         for i, r in enumerate(records):
             if r["type"] == qtype:
-                named = re.search(r"the (\w+) object", r["conversations"][0]["value"]).group(1)
+                named = re.search(r"the (\w+) object|$", r["conversations"][0]["value"]).group(1)  # centre: none
                 rows.append(i)
                 guesses.append(shortcut_answers(r["scene"], qtype, named))
         if not rows:  # a toy run's few questions may lack a type

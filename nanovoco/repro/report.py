@@ -79,11 +79,12 @@ def shortcuts_table(per_seed: dict) -> list[str]:
     if not shortcut_types:
         return []
     lines = ["", "### What the answers are made of", "",
-             "These question types can be scored on without finding the object that the question names. For "
-             "each, \"follows\" is how often a method's answer, right or wrong, is the shortcut's: "
-             + "; ".join(f"{t}: {SHORTCUTS[t]}" for t in shortcut_types) + ". The last row is what the shortcut "
-             "scores on these questions. A method that follows it every time and scores what it scores answers "
-             "from what is in the image as a whole, not from the object asked about. In %, means over seeds.",
+             "These question types can be scored on without finding what the question asks about (the object "
+             "it names, or the middle of the image). For each, \"follows\" is how often a method's answer, right "
+             "or wrong, is the shortcut's: " + "; ".join(f"{t}: {SHORTCUTS[t]}" for t in shortcut_types)
+             + ". The last row is what the shortcut scores on these questions. A method that follows it every "
+             "time and scores what it scores answers from what is in the image as a whole, not from the place "
+             "asked about. In %, means over seeds.",
              "", "| method | " + " | ".join(f"{t} accuracy | {t} follows" for t in shortcut_types) + " |",
              "|---|" + "---:|---:|" * len(shortcut_types)]
 
