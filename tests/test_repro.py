@@ -189,8 +189,8 @@ def test_repro_runs_and_resumes(tmp_path):
         assert seed[name]["kl"] >= 0 and seed["curves"][name]["kl"][0][0] == 0, name
     assert seed["full"]["kl"] == 0 and seed["curves"]["full"]["kl"] == [] and seed["oracle"]["voco_k"]["ks"] == list(KS)
     assert "By content: objects per image" in text and (out / "curves_seed0.png").stat().st_size > 1000
-    # the layout questions name no object: no shortcut to measure (the objects set's, tested above)
-    assert seed["shortcuts"] == {} and "What the answers are made of" not in text
+    # the layout questions name no object: of the shortcuts, only centre's (from the object count) applies
+    assert set(seed["shortcuts"]) == {"centre"} and "centre follows" in text
     bounds = seed["full"]["retention"], seed["lower_bound_k1"]["retention"]
     assert bounds == (1.0, 0.0) or bounds == (None, None)  # None: no gap between the bounds in so short a run
     assert (out / "retention.png").stat().st_size > 1000
