@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from nanovoco.repro import probe, synthetic, vision_pretrain
+from nanovoco.repro import cache_probe, probe, synthetic, vision_pretrain
 from nanovoco.config import CLIPVisionConfig
 from nanovoco.model import CLIPVisionTower
 
@@ -62,3 +62,38 @@ def test_command_writes_json_and_refuses_bad_input(tmp_path, capsys, monkeypatch
         with pytest.raises(SystemExit) as e:
             probe.main(argv)
         assert e.value.code == 2 and said in capsys.readouterr().err
+
+
+def test_cache_probe_reads_a_planted_answer_and_only_that():
+    """The ridge probe on a Gram matrix: an answer that is a direction of the features (plus noise) is read on the
+    held-out images; an answer that is not there (random labels) stays near the most common answer; images without
+    a fair question are left out of every split."""
+    g = torch.Generator().manual_seed(0)
+    n, dim = 1000, 64
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    direction = x @ torch.randn(dim, generator=g, dtype=torch.float64)
+    # yes / no on either side of the direction's median, with a margin (images inside it have no fair question)
+    margin = direction.abs().median().item() / 2
+    planted = ["yes" if v > margin else "no" if v < -margin else None for v in direction.tolist()]
+    rng = random.Random(0)
+    noise = [rng.choice(("a", "b", "c")) for _ in range(n)]
+    kernel = x @ x.T
+    read = cache_probe.ridge_probe(kernel, planted, 600, 200, dim)
+    assert read["n_test"] == sum(a is not None for a in planted[800:]) and read["n_test"] > 120
+    assert read["cache"] > 0.97 and read["penalty"] in cache_probe.PENALTIES
+    unread = cache_probe.ridge_probe(kernel, noise, 600, 200, dim)
+    assert read["n_test"] < unread["n_test"] == 200 and unread["cache"] < 0.45  # three answers: chance is a third
+
+
+def test_cache_probe_command_refuses_a_folder_that_is_not_a_seed(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cache_probe.main([str(tmp_path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(tmp_path) in err and "runs/repro/seed0" in err
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "eval").mkdir()
+    (tmp_path / "data" / "train" / "data.json").write_text("[]")
+    with pytest.raises(SystemExit) as e:  # the data is there, no stage finished
+        cache_probe.main([str(tmp_path)])
+    assert e.value.code == 2 and "no finished VoCo-LLaMA stage" in capsys.readouterr().err

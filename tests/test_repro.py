@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from nanovoco.repro import cache_probe
 from nanovoco.repro.analysis import (VIEWS, content_summary, curves, oracle, read_at_its_place, shortcut_answers,
                                      shortcuts, shuffled)
 from nanovoco.repro.recipe import KS, VIDEO_OBJECTS, stages
@@ -191,6 +192,14 @@ def test_repro_runs_and_resumes(tmp_path):
     assert "By content: objects per image" in text and (out / "curves_seed0.png").stat().st_size > 1000
     # the layout questions name no object: of the shortcuts, only centre's (from the object count) applies
     assert set(seed["shortcuts"]) == {"centre"} and "centre follows" in text
+    # what the caches hold: a probe per VoCo-LLaMA stage and question type, beside the stage's own answers
+    cache_probe.main([str(out / "seed0"), "--out", str(tmp_path / "cache_probe.json")])
+    probed = json.loads((tmp_path / "cache_probe.json").read_text())["seed0"]
+    assert list(probed) == [f"voco_k{k}" for k in KS] + ["lower_bound_k1"]
+    for name, row in probed.items():
+        answered = json.loads((out / "seed0" / name / "eval.json").read_text())["by_type"]
+        assert row["by_type"] and all(0 <= r["cache"] <= 1 and r["answered"] == answered[t]
+                                      for t, r in row["by_type"].items()), name
     bounds = seed["full"]["retention"], seed["lower_bound_k1"]["retention"]
     assert bounds == (1.0, 0.0) or bounds == (None, None)  # None: no gap between the bounds in so short a run
     assert (out / "retention.png").stat().st_size > 1000

@@ -1,0 +1,167 @@
+"""What the VoCo cache holds, and what the model reads from it: linear probes on the K tokens' keys and values.
+
+VoCo-LLaMA's distillation has two halves. Stage 1 writes the image into the keys and values of K VoCo tokens; stage
+2's text reads them. A model that answers a question type badly has lost it in one of the two: either the cache does
+not hold the answer (the compression), or it holds it and the text does not read it (the reading). A linear probe
+tells them apart: for each VoCo-LLaMA stage of a repro seed (each K, the lower bound, and the one model for every K
+at each of its K) it compresses images with the stage's own weights (voco_cache.compress), flattens every layer's
+cached keys and values, and fits a ridge classifier from them to each question type's answer (least squares to the
+one-hot answer, the largest output wins; solved in its dual form, so that the 16 tokens' 16,384 numbers cost what
+one token's 1,024 do). Fitted on N_FIT training images, its penalty chosen on the next N_VAL, refitted on both and
+tested on the held-out images; each type's answer is computed from the scene (synthetic.ask_layout: the layout and
+graded sets, whose answers are functions of the image alone). Beside it: what the stage answers to that type.
+
+    python -m nanovoco.repro.cache_probe runs/repro/seed0 runs/repro/seed1 --out runs/repro/cache_probe.json
+"""
+import json
+import re
+import statistics
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanovoco import cli, files
+from nanovoco.repro import synthetic
+from nanovoco.repro.analysis import load_stage
+from nanovoco.repro.recipe import IMAGE_SIZE
+from nanovoco.voco import Layout, compress_prefix
+from nanovoco.voco_cache import compress
+
+N_FIT, N_VAL = 1500, 500  # training images that fit the probe and choose its penalty (the held-out ones test it)
+PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)  # ridge penalties tried, per feature (the features are standardised)
+
+
+def probed_stages(folder: Path) -> list[tuple[str, str, int]]:
+    """(label, stage, K) for every finished VoCo-LLaMA stage of a seed's folder: the per-K models, the lower bound,
+    and the one model for every K at each of its K."""
+    out = []
+    for stage in sorted((p.name for p in folder.iterdir() if (p / "eval.json").is_file()), key=stage_order):
+        if m := re.fullmatch(r"(voco|lower_bound)_k(\d+)", stage):
+            out.append((stage, stage, int(m.group(2))))
+        elif m := re.fullmatch(r"voco_any_([\d-]+)", stage):
+            out += [(f"voco_any_k{k}", stage, k) for k in map(int, m.group(1).split("-"))]
+    return out
+
+
+def stage_order(name: str) -> tuple:
+    """VoCo-LLaMA by K, then the lower bound, then the model for every K."""
+    k = re.search(r"(\d+)$", name)
+    return (name.startswith("lower_bound"), name.startswith("voco_any"), int(k.group(1)) if k else 0, name)
+
+
+def images(data) -> list[int]:
+    """The index of each image's first record in a LlavaDataset (a held-out image has one record per question)."""
+    first = {}
+    for i, r in enumerate(data.records):
+        first.setdefault(r["image"], i)
+    return list(first.values())
+
+
+def cache_features(vlm, data, index: list[int], k: int, batch: int = 250) -> torch.Tensor:
+    """The K VoCo tokens' cache of each image of index, every layer's keys and values flattened: (images, features)."""
+    prefix = torch.tensor(compress_prefix(data.tokenizer, Layout.of(vlm.config, k)))
+    out = []
+    for start in range(0, len(index), batch):
+        pixels = torch.stack([data[i]["pixel_values"][0] for i in index[start:start + batch]])
+        cache = compress(vlm, pixels, prefix, num_voco=k)
+        out.append(torch.cat([torch.cat([key, value], -1).flatten(1) for key, value in cache.kv], 1))
+    return torch.cat(out)
+
+
+def ridge_probe(kernel: torch.Tensor, answers: list, n_fit: int, n_val: int, n_features: int) -> dict:
+    """Held-out accuracy of a ridge classifier and of the most common answer, for one question type. kernel is the
+    Gram matrix x @ x.T of all images' standardised features (fit, then validation, then test images); answers[i]
+    is image i's answer (None: no fair question). The penalty is chosen on the validation images, then the probe is
+    refitted on fit + validation and tested."""
+    keep = torch.tensor([i for i, a in enumerate(answers) if a is not None])
+    classes = sorted({answers[i] for i in keep.tolist()})
+    y = torch.tensor([classes.index(answers[i]) for i in keep.tolist()])
+    part = torch.bucketize(keep, torch.tensor([n_fit, n_fit + n_val]), right=True)  # 0 fit, 1 validation, 2 test
+    g = kernel[keep][:, keep]
+
+    def predict(train, test, penalty):
+        target = torch.nn.functional.one_hot(y[train], len(classes)).double()
+        mean = target.mean(0)
+        dual = torch.linalg.solve(g[train][:, train] + penalty * n_features * torch.eye(int(train.sum()),
+                                                                                         dtype=g.dtype),
+                                  target - mean)
+        return (g[test][:, train] @ dual + mean).argmax(-1)
+
+    fit, val, test = part == 0, part == 1, part == 2
+    best = max(PENALTIES, key=lambda pen: (predict(fit, val, pen) == y[val]).double().mean().item())
+    majority = torch.bincount(y[fit | val], minlength=len(classes)).argmax()
+    return {"cache": (predict(fit | val, test, best) == y[test]).double().mean().item(),
+            "no_image": (y[test] == majority).double().mean().item(), "n_test": int(test.sum()), "penalty": best}
+
+
+def probe_seed(folder: Path, types=None) -> dict:
+    """Every VoCo-LLaMA stage of one seed's folder: per question type, the probe's held-out accuracy on the cache
+    ("cache"), the most common answer's ("no_image"), and the stage's own accuracy ("answered")."""
+    probed = probed_stages(folder)
+    if not probed:
+        raise ValueError(f"{folder}: no finished VoCo-LLaMA stage (voco_k<K>/eval.json); give a seed's folder of "
+                         f"python -m nanovoco.repro, e.g. runs/repro/seed0")
+    train = load_stage(folder / probed[0][1], folder / "data" / "train")[1]  # its images (one tokenizer per seed)
+    train_index = images(train)[:N_FIT + N_VAL]
+    n_fit = round(len(train_index) * N_FIT / (N_FIT + N_VAL))
+    result = {}
+    for label, stage, k in tqdm(probed, desc=f"cache probe {folder.name}", unit="stage"):
+        vlm, held_out = load_stage(folder / stage, folder / "data" / "eval")
+        test_index = images(held_out)
+        scenes = [train.records[i]["scene"] for i in train_index] + [held_out.records[i]["scene"] for i in test_index]
+        with torch.no_grad():
+            x = torch.cat([cache_features(vlm, train, train_index, k),
+                           cache_features(vlm, held_out, test_index, k)]).double()
+        mean, std = x[:len(train_index)].mean(0), x[:len(train_index)].std(0) + 1e-6  # the training images' only
+        x = (x - mean) / std
+        kernel = x @ x.T
+        evaluation = json.loads((folder / stage / "eval.json").read_text())
+        answered = evaluation["by_num_voco"][str(k)] if stage.startswith("voco_any") else evaluation
+        result[label] = {"k": k, "n_fit": n_fit, "n_val": len(train_index) - n_fit, "by_type": {}}
+        for qtype in types or [t for t in synthetic.QUESTION_SETS["graded"] if t in answered["by_type"]]:
+            answers = [qa[1] if (qa := synthetic.ask_layout(s, qtype, IMAGE_SIZE)) else None for s in scenes]
+            found = ridge_probe(kernel, answers, n_fit, len(train_index) - n_fit, x.shape[1])
+            result[label]["by_type"][qtype] = {**found, "answered": answered["by_type"][qtype]}
+    return result
+
+
+def markdown(per_seed: dict) -> str:
+    """Per stage and question type, means over seeds: the probe on the cache / the stage's answers (%)."""
+    first = next(iter(per_seed.values()))
+    types = list(next(iter(first.values()))["by_type"])
+    lines = ["| stage | K | " + " | ".join(types) + " |", "|---|---:|" + "---:|" * len(types)]
+    for label, row in first.items():
+        def cell(t):
+            mean = lambda key: 100 * statistics.mean(s[label]["by_type"][t][key] for s in per_seed.values())  # noqa
+            return f"{mean('cache'):.1f} / {mean('answered'):.1f}"
+        lines.append(f"| {label} | {row['k']} | " + " | ".join(cell(t) for t in types) + " |")
+    no_image = [f"{100 * statistics.mean(s[label]['by_type'][t]['no_image'] for s in per_seed.values()):.1f}"
+                for t in types]
+    lines.append("| no image (the probe's most common answer) | | " + " | ".join(no_image) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = cli.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("folders", type=Path, nargs="+", help="seed folders of python -m nanovoco.repro (runs/repro/seed0)")
+    p.add_argument("--out", type=Path, help="write the result as JSON here too")
+    a = p.parse_args(argv)
+    for folder in a.folders:  # checked before any model is loaded
+        if not (folder / "data" / "train" / "data.json").is_file() or not (folder / "data" / "eval").is_dir():
+            p.exit(2, f"{folder}: no data/train/data.json and data/eval there; give a seed's folder of "
+                      f"python -m nanovoco.repro, e.g. runs/repro/seed0\n")
+    torch.manual_seed(0)
+    try:
+        per_seed = {folder.name: probe_seed(folder) for folder in a.folders}
+    except ValueError as e:
+        p.exit(2, f"{e}\n")
+    print(markdown(per_seed))
+    if a.out:
+        text = json.dumps(per_seed, indent=1)
+        files.atomic_write(a.out, lambda tmp: Path(tmp).write_text(text))
+        print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
