@@ -83,6 +83,17 @@ def test_cache_probe_reads_a_planted_answer_and_only_that():
     assert read["cache"] > 0.97 and read["penalty"] in cache_probe.PENALTIES
     unread = cache_probe.ridge_probe(kernel, noise, 600, 200, dim)
     assert read["n_test"] < unread["n_test"] == 200 and unread["cache"] < 0.45  # three answers: chance is a third
+    assert cache_probe.ridge_probe(kernel, planted[:800] + [None] * 200, 600, 200, dim) is None  # nothing to test
+
+
+def test_cache_probe_table_averages_the_seeds_that_probed_a_type():
+    row = lambda held, read: {"cache": held, "answered": read, "no_image": 0.5}  # noqa: E731
+    per_seed = {"seed0": {"voco_k1": {"k": 1, "by_type": {"centre": row(0.9, 0.8), "empty_quarter": row(1.0, 0.3)}}},
+                "seed1": {"voco_k1": {"k": 1, "by_type": {"centre": row(0.8, 0.6)}}}}  # too few to probe the other
+    table = cache_probe.markdown(per_seed).splitlines()
+    assert table[0] == "| stage | K | centre | empty_quarter |"
+    assert table[2] == "| voco_k1 | 1 | 85.0 / 70.0 | 100.0 / 30.0 |"
+    assert table[3] == "| no image (the probe's most common answer) | | 50.0 | 50.0 |"
 
 
 def test_cache_probe_command_refuses_a_folder_that_is_not_a_seed(tmp_path, capsys):

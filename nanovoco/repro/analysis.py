@@ -13,8 +13,8 @@ from nanovoco.repro.recipe import IMAGE_SIZE, ORDER, any_k_stage
 from nanovoco.repro.stats import accuracy_se, paired_se, retention, retention_se
 
 
-# Question types that a model can score on without finding the object the question names (synthetic.ask), and
-# what such a model answers instead
+# Question types that a model can score on without finding what the question asks about (synthetic.ask: the object
+# it names, or the middle of the image), and what such a model answers instead
 SHORTCUTS = {"shape": "the most common shape in the image", "horizontal": "the side where most objects are",
              "vertical": "the side where most objects are", "closest": "the colour of another object",
              "farthest": "the shape of another object",
@@ -30,9 +30,10 @@ def shortcut_answers(scene: list[dict], qtype: str, named: str) -> list[str]:
     colour) and "farthest" (a shape) that attribute of each object other than the one named; for "centre" the
     likelier answer given the number of objects alone (both on an even chance)."""
     if qtype == "centre":
-        cells, inner = synthetic.GRID ** 2, (synthetic.GRID - 2 * (synthetic.GRID // 4)) ** 2  # synthetic.ask_layout
-        empty = math.comb(cells - inner, len(scene)) / math.comb(cells, len(scene))
-        return ["no", "yes"] if empty == 0.5 else ["no"] if empty > 0.5 else ["yes"]
+        cells, middle = synthetic.GRID ** 2, len(synthetic.MIDDLE) ** 2
+        # the placements of len(scene) objects that leave the middle empty, against all of them, times two
+        empty, total = 2 * math.comb(cells - middle, len(scene)), math.comb(cells, len(scene))
+        return ["no", "yes"] if empty == total else ["no"] if empty > total else ["yes"]
     if qtype in ("closest", "farthest"):
         return [o["color" if qtype == "closest" else "shape"] for o in scene if o["color"] != named]
     half = IMAGE_SIZE / 2  # the halves of synthetic.ask
@@ -47,7 +48,7 @@ def shortcuts(folder: Path, results: dict) -> dict | None:
     """Per SHORTCUTS type, on a seed's held-out questions: what the shortcut scores ("shortcut": the share of its
     answers that are right, averaged over questions), and for each stage its accuracy and how often its answer is
     one of the shortcut's ("follows"). A stage that follows the shortcut on every question while scoring what it
-    scores has not found the object asked about. None when an eval.json predates the stored answers."""
+    scores has not found what the question asks about. None when an eval.json predates the stored answers."""
     if any("answers" not in r for r in results.values()):
         return None
     records = json.loads((folder / "data" / "eval" / "data.json").read_text())
@@ -56,7 +57,8 @@ def shortcuts(folder: Path, results: dict) -> dict | None:
         rows, guesses = [], []
         for i, r in enumerate(records):
             if r["type"] == qtype:
-                named = re.search(r"the (\w+) object|$", r["conversations"][0]["value"]).group(1)  # centre: none
+                question = r["conversations"][0]["value"]
+                named = None if qtype == "centre" else re.search(r"the (\w+) object", question).group(1)
                 rows.append(i)
                 guesses.append(shortcut_answers(r["scene"], qtype, named))
         if not rows:  # a toy run's few questions may lack a type

@@ -29,18 +29,18 @@ from nanovoco.voco import Layout, compress_prefix
 from nanovoco.voco_cache import compress
 
 N_FIT, N_VAL = 1500, 500  # training images that fit the probe and choose its penalty (the held-out ones test it)
-PENALTIES = (1e-3, 1e-2, 1e-1, 1.0)  # ridge penalties tried, per feature (the features are standardised)
+PENALTIES = (1e-8, 1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)  # ridge penalties tried, per standardised feature
 
 
-def probed_stages(folder: Path) -> list[tuple[str, str, int]]:
-    """(label, stage, K) for every finished VoCo-LLaMA stage of a seed's folder: the per-K models, the lower bound,
-    and the one model for every K at each of its K."""
+def probed_stages(folder: Path) -> list[tuple[str, list[tuple[str, int]]]]:
+    """(stage, [(label, K), ...]) for every finished VoCo-LLaMA stage of a seed's folder: the per-K models and the
+    lower bound at their K, the one model for every K at each of its K."""
     out = []
     for stage in sorted((p.name for p in folder.iterdir() if (p / "eval.json").is_file()), key=stage_order):
         if m := re.fullmatch(r"(voco|lower_bound)_k(\d+)", stage):
-            out.append((stage, stage, int(m.group(2))))
+            out.append((stage, [(stage, int(m.group(2)))]))
         elif m := re.fullmatch(r"voco_any_([\d-]+)", stage):
-            out += [(f"voco_any_k{k}", stage, k) for k in map(int, m.group(1).split("-"))]
+            out.append((stage, [(f"voco_any_k{k}", k) for k in map(int, m.group(1).split("-"))]))
     return out
 
 
@@ -69,26 +69,31 @@ def cache_features(vlm, data, index: list[int], k: int, batch: int = 250) -> tor
     return torch.cat(out)
 
 
-def ridge_probe(kernel: torch.Tensor, answers: list, n_fit: int, n_val: int, n_features: int) -> dict:
+def ridge_probe(kernel: torch.Tensor, answers: list, n_fit: int, n_val: int, n_features: int) -> dict | None:
     """Held-out accuracy of a ridge classifier and of the most common answer, for one question type. kernel is the
     Gram matrix x @ x.T of all images' standardised features (fit, then validation, then test images); answers[i]
     is image i's answer (None: no fair question). The penalty is chosen on the validation images, then the probe is
-    refitted on fit + validation and tested."""
-    keep = torch.tensor([i for i, a in enumerate(answers) if a is not None])
+    refitted on fit + validation and tested. None when a part has no image with a fair question."""
+    keep = torch.tensor([i for i, a in enumerate(answers) if a is not None], dtype=torch.long)
+    part = torch.bucketize(keep, torch.tensor([n_fit, n_fit + n_val]), right=True)  # 0 fit, 1 validation, 2 test
+    fit, val, test = part == 0, part == 1, part == 2
+    if not (fit.any() and val.any() and test.any()):
+        return None
     classes = sorted({answers[i] for i in keep.tolist()})
     y = torch.tensor([classes.index(answers[i]) for i in keep.tolist()])
-    part = torch.bucketize(keep, torch.tensor([n_fit, n_fit + n_val]), right=True)  # 0 fit, 1 validation, 2 test
     g = kernel[keep][:, keep]
 
     def predict(train, test, penalty):
+        # the features centred on the fitted images, in the kernel: (x_i - m) . (x_j - m), m their mean. The
+        # fitted images of a type are a subset of those the features were standardised on (empty_quarter is asked
+        # of a third of the images), so the intercept is fitted here, unpenalised, as the targets' mean
+        centred = g - g[:, train].mean(1, keepdim=True) - g[train].mean(0) + g[train][:, train].mean()
         target = torch.nn.functional.one_hot(y[train], len(classes)).double()
         mean = target.mean(0)
-        dual = torch.linalg.solve(g[train][:, train] + penalty * n_features * torch.eye(int(train.sum()),
-                                                                                         dtype=g.dtype),
-                                  target - mean)
-        return (g[test][:, train] @ dual + mean).argmax(-1)
+        ridge = penalty * n_features * torch.eye(int(train.sum()), dtype=g.dtype)
+        dual = torch.linalg.solve(centred[train][:, train] + ridge, target - mean)
+        return (centred[test][:, train] @ dual + mean).argmax(-1)
 
-    fit, val, test = part == 0, part == 1, part == 2
     best = max(PENALTIES, key=lambda pen: (predict(fit, val, pen) == y[val]).double().mean().item())
     majority = torch.bincount(y[fit | val], minlength=len(classes)).argmax()
     return {"cache": (predict(fit | val, test, best) == y[test]).double().mean().item(),
@@ -97,48 +102,63 @@ def ridge_probe(kernel: torch.Tensor, answers: list, n_fit: int, n_val: int, n_f
 
 def probe_seed(folder: Path, types=None) -> dict:
     """Every VoCo-LLaMA stage of one seed's folder: per question type, the probe's held-out accuracy on the cache
-    ("cache"), the most common answer's ("no_image"), and the stage's own accuracy ("answered")."""
+    ("cache"), the most common answer's ("no_image"), and the stage's own accuracy ("answered"). A type left out
+    of a stage had too few images with a fair question to fit, choose and test a probe."""
     probed = probed_stages(folder)
     if not probed:
         raise ValueError(f"{folder}: no finished VoCo-LLaMA stage (voco_k<K>/eval.json); give a seed's folder of "
                          f"python -m nanovoco.repro, e.g. runs/repro/seed0")
-    train = load_stage(folder / probed[0][1], folder / "data" / "train")[1]  # its images (one tokenizer per seed)
+    train = load_stage(folder / probed[0][0], folder / "data" / "train")[1]  # its images (one tokenizer per seed)
     train_index = images(train)[:N_FIT + N_VAL]
     n_fit = round(len(train_index) * N_FIT / (N_FIT + N_VAL))
+    n_val = len(train_index) - n_fit
     result = {}
-    for label, stage, k in tqdm(probed, desc=f"cache probe {folder.name}", unit="stage"):
+    for stage, labels in tqdm(probed, desc=f"cache probe {folder.name}", unit="stage"):
         vlm, held_out = load_stage(folder / stage, folder / "data" / "eval")
         test_index = images(held_out)
         scenes = [train.records[i]["scene"] for i in train_index] + [held_out.records[i]["scene"] for i in test_index]
-        with torch.no_grad():
-            x = torch.cat([cache_features(vlm, train, train_index, k),
-                           cache_features(vlm, held_out, test_index, k)]).double()
-        mean, std = x[:len(train_index)].mean(0), x[:len(train_index)].std(0) + 1e-6  # the training images' only
-        x = (x - mean) / std
-        kernel = x @ x.T
         evaluation = json.loads((folder / stage / "eval.json").read_text())
-        answered = evaluation["by_num_voco"][str(k)] if stage.startswith("voco_any") else evaluation
-        result[label] = {"k": k, "n_fit": n_fit, "n_val": len(train_index) - n_fit, "by_type": {}}
-        for qtype in types or [t for t in synthetic.QUESTION_SETS["graded"] if t in answered["by_type"]]:
-            answers = [qa[1] if (qa := synthetic.ask_layout(s, qtype, IMAGE_SIZE)) else None for s in scenes]
-            found = ridge_probe(kernel, answers, n_fit, len(train_index) - n_fit, x.shape[1])
-            result[label]["by_type"][qtype] = {**found, "answered": answered["by_type"][qtype]}
+        for label, k in labels:
+            with torch.no_grad():
+                x = torch.cat([cache_features(vlm, train, train_index, k),
+                               cache_features(vlm, held_out, test_index, k)]).double()
+            mean, std = x[:len(train_index)].mean(0), x[:len(train_index)].std(0) + 1e-6  # training images' only
+            x = (x - mean) / std
+            kernel = x @ x.T
+            answered = evaluation["by_num_voco"][str(k)] if stage.startswith("voco_any") else evaluation
+            result[label] = {"k": k, "n_fit": n_fit, "n_val": n_val, "by_type": {}}
+            for qtype in types or [t for t in synthetic.QUESTION_SETS["graded"] if t in answered["by_type"]]:
+                answers = [qa[1] if (qa := synthetic.ask_layout(s, qtype, IMAGE_SIZE)) else None for s in scenes]
+                found = ridge_probe(kernel, answers, n_fit, n_val, x.shape[1])
+                if found is not None:
+                    result[label]["by_type"][qtype] = {**found, "answered": answered["by_type"][qtype]}
     return result
 
 
 def markdown(per_seed: dict) -> str:
-    """Per stage and question type, means over seeds: the probe on the cache / the stage's answers (%)."""
-    first = next(iter(per_seed.values()))
-    types = list(next(iter(first.values()))["by_type"])
+    """Per stage and question type, means over the seeds that probed it: the probe on the cache / the stage's
+    answers (%), and the most common answer's accuracy."""
+    stages = {label: row["k"] for result in per_seed.values() for label, row in result.items()}
+    probed = {t for result in per_seed.values() for row in result.values() for t in row["by_type"]}
+    types = [t for t in synthetic.QUESTION_SETS["graded"] if t in probed]
+
+    def mean(label, qtype, key):
+        values = [r[label]["by_type"][qtype][key] for r in per_seed.values()
+                  if label in r and qtype in r[label]["by_type"]]
+        return 100 * statistics.mean(values) if values else None
+
+    def cell(label, qtype):
+        held, read = mean(label, qtype, "cache"), mean(label, qtype, "answered")
+        return "-" if held is None else f"{held:.1f} / {read:.1f}"
+
     lines = ["| stage | K | " + " | ".join(types) + " |", "|---|---:|" + "---:|" * len(types)]
-    for label, row in first.items():
-        def cell(t):
-            mean = lambda key: 100 * statistics.mean(s[label]["by_type"][t][key] for s in per_seed.values())  # noqa
-            return f"{mean('cache'):.1f} / {mean('answered'):.1f}"
-        lines.append(f"| {label} | {row['k']} | " + " | ".join(cell(t) for t in types) + " |")
-    no_image = [f"{100 * statistics.mean(s[label]['by_type'][t]['no_image'] for s in per_seed.values()):.1f}"
-                for t in types]
-    lines.append("| no image (the probe's most common answer) | | " + " | ".join(no_image) + " |")
+    lines += [f"| {label} | {k} | " + " | ".join(cell(label, t) for t in types) + " |" for label, k in stages.items()]
+    def no_image(qtype):  # a seed's stages share its images: one value per seed
+        values = [next(row["by_type"][qtype]["no_image"] for row in r.values() if qtype in row["by_type"])
+                  for r in per_seed.values() if any(qtype in row["by_type"] for row in r.values())]
+        return f"{100 * statistics.mean(values):.1f}"
+
+    lines.append("| no image (the probe's most common answer) | | " + " | ".join(map(no_image, types)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -151,7 +171,6 @@ def main(argv=None):
         if not (folder / "data" / "train" / "data.json").is_file() or not (folder / "data" / "eval").is_dir():
             p.exit(2, f"{folder}: no data/train/data.json and data/eval there; give a seed's folder of "
                       f"python -m nanovoco.repro, e.g. runs/repro/seed0\n")
-    torch.manual_seed(0)
     try:
         per_seed = {folder.name: probe_seed(folder) for folder in a.folders}
     except ValueError as e:

@@ -45,6 +45,7 @@ PALETTE = {"red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 220), 
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight")  # counts go up to len(PALETTE)
 GRID = 4  # objects sit at the centres of a GRID x GRID grid of cells, at most one per cell: they never overlap
+MIDDLE = range(GRID // 4, GRID - GRID // 4)  # the rows and columns of the cells that `centre` asks about (2 x 2)
 QUARTERS = ("top left", "top right", "bottom left", "bottom right")
 QUESTION_SETS = {
     "layout": ("left_right", "top_bottom", "count_left", "count_top", "centre", "empty_quarter"),
@@ -120,9 +121,8 @@ def ask_layout(scene: list[dict], qtype: str, image_size: int):
         return "How many objects are in the left half?", NUMBERS[left]
     if qtype == "count_top":
         return "How many objects are in the top half?", NUMBERS[top]
-    if qtype == "centre":  # the GRID // 2 x GRID // 2 cells in the middle (2 x 2 of the 4 x 4 grid)
-        inner = range(GRID // 4, GRID - GRID // 4)
-        occupied = any(int(o["x"] // cell) in inner and int(o["y"] // cell) in inner for o in scene)
+    if qtype == "centre":  # the MIDDLE x MIDDLE cells (2 x 2 of the 4 x 4 grid)
+        occupied = any(int(o["x"] // cell) in MIDDLE and int(o["y"] // cell) in MIDDLE for o in scene)
         return "Is there an object in the centre?", "yes" if occupied else "no"
     in_quarter = {q: sum(quarter(o, image_size) == q for o in scene) for q in QUARTERS}
     if qtype == "empty_quarter":
