@@ -100,11 +100,12 @@ def ridge_probe(kernel: torch.Tensor, answers: list, n_fit: int, n_val: int, n_f
             "no_image": (y[test] == majority).double().mean().item(), "n_test": int(test.sum()), "penalty": best}
 
 
-def probe_seed(folder: Path, types=None) -> dict:
-    """Every VoCo-LLaMA stage of one seed's folder: per question type, the probe's held-out accuracy on the cache
-    ("cache"), the most common answer's ("no_image"), and the stage's own accuracy ("answered"). A type left out
-    of a stage had too few images with a fair question to fit, choose and test a probe."""
-    probed = probed_stages(folder)
+def probe_seed(folder: Path, types=None, stages=None) -> dict:
+    """Every VoCo-LLaMA stage of one seed's folder (or those named in stages): per question type, the probe's
+    held-out accuracy on the cache ("cache"), the most common answer's ("no_image"), and the stage's own accuracy
+    ("answered"). A type left out of a stage had too few images with a fair question to fit, choose and test a
+    probe."""
+    probed = [(stage, labels) for stage, labels in probed_stages(folder) if stages is None or stage in stages]
     if not probed:
         raise ValueError(f"{folder}: no finished VoCo-LLaMA stage (voco_k<K>/eval.json); give a seed's folder of "
                          f"python -m nanovoco.repro, e.g. runs/repro/seed0")
