@@ -58,7 +58,8 @@ def test_command_writes_json_and_refuses_bad_input(tmp_path, capsys, monkeypatch
     probe.main(["--vision", str(tmp_path / "vision"), "--images", "100", "--out", str(tmp_path / "probe.json")])
     assert set(json.loads((tmp_path / "probe.json").read_text())) == set(synthetic.QUESTION_SETS["layout"])
     for argv, said in [(["--images", "10"], "--images 10: give at least 100"),
-                       (["--vision", str(tmp_path / "nothing")], "no config.json there")]:
+                       (["--vision", str(tmp_path / "nothing")], "no config.json there"),
+                       (["--vision", str(tmp_path / "vision"), "--out", str(tmp_path)], "is a folder")]:
         with pytest.raises(SystemExit) as e:
             probe.main(argv)
         assert e.value.code == 2 and said in capsys.readouterr().err
@@ -108,3 +109,7 @@ def test_cache_probe_command_refuses_a_folder_that_is_not_a_seed(tmp_path, capsy
     with pytest.raises(SystemExit) as e:  # the data is there, no stage finished
         cache_probe.main([str(tmp_path)])
     assert e.value.code == 2 and "no finished VoCo-LLaMA stage" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as e:  # --out below a file: refused before any model is loaded
+        cache_probe.main([str(tmp_path), "--out", str(tmp_path / "file" / "probe.json")])
+    assert e.value.code == 2 and "--out" in capsys.readouterr().err

@@ -58,13 +58,17 @@ def images(data) -> list[int]:
     return list(first.values())
 
 
-def cache_features(vlm, data, index: list[int], k: int, batch: int = 250) -> torch.Tensor:
-    """The K VoCo tokens' cache of each image of index, every layer's keys and values flattened: (images, features)."""
-    prefix = torch.tensor(compress_prefix(data.tokenizer, Layout.of(vlm.config, k)))
+def pixel_values(data, index: list[int]) -> torch.Tensor:
+    """The images of index in a LlavaDataset, preprocessed: (images, 3, H, W)."""
+    return torch.stack([data[i]["pixel_values"][0] for i in index])
+
+
+def cache_features(vlm, tokenizer, pixels: torch.Tensor, k: int, batch: int = 250) -> torch.Tensor:
+    """The K VoCo tokens' cache of each image, every layer's keys and values flattened: (images, features)."""
+    prefix = torch.tensor(compress_prefix(tokenizer, Layout.of(vlm.config, k)))
     out = []
-    for start in range(0, len(index), batch):
-        pixels = torch.stack([data[i]["pixel_values"][0] for i in index[start:start + batch]])
-        cache = compress(vlm, pixels, prefix, num_voco=k)
+    for start in range(0, len(pixels), batch):
+        cache = compress(vlm, pixels[start:start + batch], prefix, num_voco=k)
         out.append(torch.cat([torch.cat([key, value], -1).flatten(1) for key, value in cache.kv], 1))
     return torch.cat(out)
 
@@ -109,20 +113,21 @@ def probe_seed(folder: Path, types=None, stages=None) -> dict:
     if not probed:
         raise ValueError(f"{folder}: no finished VoCo-LLaMA stage (voco_k<K>/eval.json); give a seed's folder of "
                          f"python -m nanovoco.repro, e.g. runs/repro/seed0")
-    train = load_stage(folder / probed[0][0], folder / "data" / "train")[1]  # its images (one tokenizer per seed)
-    train_index = images(train)[:N_FIT + N_VAL]
+    # the images, read once: every stage of a seed compresses the same ones (and shares its tokenizer)
+    train = load_stage(folder / probed[0][0], folder / "data" / "train")[1]
+    held_out = load_stage(folder / probed[0][0], folder / "data" / "eval")[1]
+    train_index, test_index = images(train)[:N_FIT + N_VAL], images(held_out)
     n_fit = round(len(train_index) * N_FIT / (N_FIT + N_VAL))
     n_val = len(train_index) - n_fit
+    pixels = torch.cat([pixel_values(train, train_index), pixel_values(held_out, test_index)])
+    scenes = [train.records[i]["scene"] for i in train_index] + [held_out.records[i]["scene"] for i in test_index]
     result = {}
     for stage, labels in tqdm(probed, desc=f"cache probe {folder.name}", unit="stage"):
-        vlm, held_out = load_stage(folder / stage, folder / "data" / "eval")
-        test_index = images(held_out)
-        scenes = [train.records[i]["scene"] for i in train_index] + [held_out.records[i]["scene"] for i in test_index]
+        vlm = load_stage(folder / stage, folder / "data" / "eval")[0]
         evaluation = json.loads((folder / stage / "eval.json").read_text())
         for label, k in labels:
             with torch.no_grad():
-                x = torch.cat([cache_features(vlm, train, train_index, k),
-                               cache_features(vlm, held_out, test_index, k)]).double()
+                x = cache_features(vlm, train.tokenizer, pixels, k).double()
             mean, std = x[:len(train_index)].mean(0), x[:len(train_index)].std(0) + 1e-6  # training images' only
             x = (x - mean) / std
             kernel = x @ x.T
@@ -154,6 +159,7 @@ def markdown(per_seed: dict) -> str:
 
     lines = ["| stage | K | " + " | ".join(types) + " |", "|---|---:|" + "---:|" * len(types)]
     lines += [f"| {label} | {k} | " + " | ".join(cell(label, t) for t in types) + " |" for label, k in stages.items()]
+
     def no_image(qtype):  # a seed's stages share its images: one value per seed
         values = [next(row["by_type"][qtype]["no_image"] for row in r.values() if qtype in row["by_type"])
                   for r in per_seed.values() if any(qtype in row["by_type"] for row in r.values())]
@@ -173,6 +179,7 @@ def main(argv=None):
             p.exit(2, f"{folder}: no data/train/data.json and data/eval there; give a seed's folder of "
                       f"python -m nanovoco.repro, e.g. runs/repro/seed0\n")
     try:
+        a.out = a.out and files.output_file(a.out, "--out")  # writable, before minutes of work
         per_seed = {folder.name: probe_seed(folder) for folder in a.folders}
     except ValueError as e:
         p.exit(2, f"{e}\n")

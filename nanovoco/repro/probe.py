@@ -129,6 +129,10 @@ def main(argv=None):
     if a.vision is not None and not (a.vision / "config.json").is_file():
         p.exit(2, f"--vision {a.vision}: no config.json there; give a folder written by "
                   f"nanovoco.repro.vision_pretrain\n")
+    try:
+        a.out = a.out and files.output_file(a.out, "--out")  # writable, before the probes' work
+    except ValueError as e:
+        p.exit(2, f"{e}\n")
     with tempfile.TemporaryDirectory() as tmp:
         if a.vision is None:
             a.vision = Path(tmp)
